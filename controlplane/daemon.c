@@ -1,0 +1,1043 @@
+#include "daemon.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <limits.h>
+#include <netdb.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "jsonline.h"
+#include "migrate.h"
+#include "qmp.h"
+
+#define REQ_TIMEOUT_MS   30000
+#define QMP_TIMEOUT_MS   10000
+#define MAX_ENTRIES      256
+#define REGION_MAX_BYTES (64ull << 30)
+
+/* A destination-side session and what belongs to it. */
+struct dst_entry {
+	uint32_t id;
+	struct ferry_session *sess;
+	struct ferry_qmp *qmp;   /* migrations: the destination QEMU */
+	uint8_t *region;
+	size_t region_len;
+	char sock_path[PATH_MAX];
+	bool unlink_sock;
+};
+
+/* A source-side tunnel opened from the admin socket. */
+struct src_tunnel {
+	uint32_t id;
+	struct ferry_session *sess;
+	struct ferry_jl ctl;
+	char listen[PATH_MAX];
+};
+
+struct mig_entry {
+	uint32_t id;
+	struct ferry_migration *m;
+};
+
+struct daemon {
+	const struct ferry_daemon_config *cfg;
+	char run_dir[PATH_MAX];
+	char allow[FERRY_MAX_ALLOW_DIRS + 1][PATH_MAX];
+	unsigned nallow;
+	struct ferry_dp *dp;
+	char endpoint[FERRY_DP_ENDPOINT_MAX];
+	pthread_mutex_t lock;
+	struct dst_entry *dst[MAX_ENTRIES];
+	struct src_tunnel *tun[MAX_ENTRIES];
+	struct mig_entry mig[MAX_ENTRIES];
+	uint32_t next_id;
+	unsigned active_conns;
+};
+
+struct conn {
+	struct daemon *d;
+	int fd;
+	bool admin;
+};
+
+static void logf_(struct daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void logf_(struct daemon *d, const char *fmt, ...)
+{
+	va_list ap;
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	char line[1024];
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "ferryd[%ld.%03ld]: %s\n", (long)ts.tv_sec, ts.tv_nsec / 1000000, line);
+	(void)d;
+}
+
+static uint32_t new_id(struct daemon *d)
+{
+	uint32_t r;
+	if (getrandom(&r, sizeof(r), 0) != sizeof(r))
+		r = 0;
+	pthread_mutex_lock(&d->lock);
+	/* Random high bits keep ids of two daemons (or restarts) apart. */
+	uint32_t id = (r & 0xffff0000u) | (++d->next_id & 0xffffu);
+	pthread_mutex_unlock(&d->lock);
+	return id;
+}
+
+/* ---- paths a peer may name ---------------------------------------------- */
+
+static bool under(const char *path, const char *dir)
+{
+	size_t n = strlen(dir);
+	return strncmp(path, dir, n) == 0 && (path[n] == '/' || path[n] == '\0');
+}
+
+/* Resolve a peer-supplied socket path: a bare name means run_dir/name; an
+ * absolute path must lie (after resolving links) inside run_dir or an allowed
+ * dir. Nothing a peer sends can point this host elsewhere. */
+static int resolve_peer_path(struct daemon *d, const char *in, char *out, size_t outlen, struct ferry_err *err)
+{
+	if (!in || !in[0])
+		return ferry_err_set(err, EINVAL, "empty socket path");
+	if (strlen(in) >= PATH_MAX)
+		return ferry_err_set(err, ENAMETOOLONG, "socket path too long");
+	if (in[0] != '/') {
+		if (strchr(in, '/') || strcmp(in, ".") == 0 || strcmp(in, "..") == 0)
+			return ferry_err_set(err, EPERM, "socket name '%s' must be a plain name or an absolute path", in);
+		if ((size_t)snprintf(out, outlen, "%s/%s", d->run_dir, in) >= outlen)
+			return ferry_err_set(err, ENAMETOOLONG, "socket path too long");
+		return 0;
+	}
+	char dirbuf[PATH_MAX], real[PATH_MAX];
+	strcpy(dirbuf, in);
+	char *dir = dirname(dirbuf);
+	if (!realpath(dir, real))
+		return ferry_err_set(err, errno, "socket directory of '%s': %s", in, strerror(errno));
+	for (unsigned i = 0; i < d->nallow; i++) {
+		if (under(real, d->allow[i])) {
+			const char *base = strrchr(in, '/') + 1;
+			if (!base[0] || strcmp(base, "..") == 0 || strcmp(base, ".") == 0)
+				break;
+			if ((size_t)snprintf(out, outlen, "%s/%s", real, base) >= outlen)
+				return ferry_err_set(err, ENAMETOOLONG, "socket path too long");
+			return 0;
+		}
+	}
+	return ferry_err_set(err, EPERM, "'%s' is outside the directories this daemon serves (%s and --allow-dir)",
+			     in, d->run_dir);
+}
+
+/* ---- replies ------------------------------------------------------------- */
+
+static json_t *reply_ok(void)
+{
+	return json_pack("{s:b}", "ok", 1);
+}
+
+static json_t *reply_err(const char *msg)
+{
+	return json_pack("{s:b, s:s}", "ok", 0, "error", msg);
+}
+
+static const char *req_str(json_t *req, const char *key)
+{
+	return json_string_value(json_object_get(req, key));
+}
+
+static int req_uint(json_t *req, const char *key, unsigned def, unsigned max, unsigned *out, struct ferry_err *err)
+{
+	json_t *v = json_object_get(req, key);
+	if (!v) {
+		*out = def;
+		return 0;
+	}
+	if (!json_is_integer(v) || json_integer_value(v) < 0 || (json_int_t)max < json_integer_value(v))
+		return ferry_err_set(err, EINVAL, "\"%s\" must be an integer from 0 to %u", key, max);
+	*out = (unsigned)json_integer_value(v);
+	return 0;
+}
+
+static int req_u64(json_t *req, const char *key, uint64_t *out, struct ferry_err *err)
+{
+	json_t *v = json_object_get(req, key);
+	if (!json_is_integer(v) || json_integer_value(v) < 0)
+		return ferry_err_set(err, EINVAL, "\"%s\" must be a non-negative integer", key);
+	*out = (uint64_t)json_integer_value(v);
+	return 0;
+}
+
+static void hex(const uint8_t *in, size_t n, char *out)
+{
+	for (size_t i = 0; i < n; i++)
+		sprintf(out + 2 * i, "%02x", in[i]);
+}
+
+static json_t *session_stats_json(struct ferry_session *s)
+{
+	struct ferry_session_stats st;
+	ferry_session_stats(s, &st);
+	static const char *const names[] = { "connecting", "active", "failed", "closed" };
+	json_t *lanes = json_array();
+	for (unsigned i = 0; i < st.lanes; i++)
+		json_array_append_new(lanes, json_pack("{s:I, s:I, s:I, s:I, s:f}", "tx_bytes", (json_int_t)st.lane[i].tx_bytes,
+						       "rx_bytes", (json_int_t)st.lane[i].rx_bytes, "tx_frames",
+						       (json_int_t)st.lane[i].tx_frames, "rx_frames",
+						       (json_int_t)st.lane[i].rx_frames, "idle_pct", st.lane[i].idle_pct));
+	return json_pack("{s:s, s:i, s:i, s:i, s:i, s:I, s:I, s:s, s:o}", "state", names[st.state], "lanes", (int)st.lanes,
+			 "lanes_up", (int)st.lanes_up, "streams_opened", (int)st.streams_opened, "streams_closed",
+			 (int)st.streams_closed, "tx_bytes", (json_int_t)st.tx_bytes, "rx_bytes",
+			 (json_int_t)st.rx_bytes, "error", st.error, "lane", lanes);
+}
+
+/* ---- destination side --------------------------------------------------- */
+
+static void dst_free(struct dst_entry *e)
+{
+	if (!e)
+		return;
+	ferry_session_close(e->sess);
+	ferry_qmp_close(e->qmp);
+	if (e->region)
+		munmap(e->region, e->region_len);
+	if (e->unlink_sock)
+		unlink(e->sock_path);
+	free(e);
+}
+
+static int dst_insert(struct daemon *d, struct dst_entry *e, struct ferry_err *err)
+{
+	pthread_mutex_lock(&d->lock);
+	for (unsigned i = 0; i < MAX_ENTRIES; i++) {
+		if (!d->dst[i]) {
+			d->dst[i] = e;
+			pthread_mutex_unlock(&d->lock);
+			return 0;
+		}
+	}
+	pthread_mutex_unlock(&d->lock);
+	return ferry_err_set(err, ENOSPC, "too many sessions on this daemon");
+}
+
+static struct dst_entry *dst_take(struct daemon *d, uint32_t id)
+{
+	pthread_mutex_lock(&d->lock);
+	for (unsigned i = 0; i < MAX_ENTRIES; i++) {
+		if (d->dst[i] && d->dst[i]->id == id) {
+			struct dst_entry *e = d->dst[i];
+			d->dst[i] = NULL;
+			pthread_mutex_unlock(&d->lock);
+			return e;
+		}
+	}
+	pthread_mutex_unlock(&d->lock);
+	return NULL;
+}
+
+static json_t *session_reply(struct daemon *d, struct dst_entry *e, const uint8_t *token)
+{
+	char tok[2 * FERRY_TOKEN_LEN + 1];
+	hex(token, FERRY_TOKEN_LEN, tok);
+	return json_pack("{s:b, s:I, s:s, s:s}", "ok", 1, "session", (json_int_t)e->id, "token", tok, "endpoint",
+			 d->endpoint);
+}
+
+/* target NULL: a migration stream socket in the run dir, named after the session. */
+static int new_dst_session(struct daemon *d, struct dst_entry *e, unsigned lanes, unsigned streams,
+			   const char *target, uint8_t *token, struct ferry_err *err)
+{
+	if (getrandom(token, FERRY_TOKEN_LEN, 0) != FERRY_TOKEN_LEN)
+		return ferry_err_set(err, EIO, "no randomness for the session token");
+	e->id = new_id(d);
+	if (!target) {
+		if ((size_t)snprintf(e->sock_path, sizeof(e->sock_path), "%s/mig-%u-dst.sock", d->run_dir, e->id) >=
+		    sizeof(e->sock_path))
+			return ferry_err_set(err, ENAMETOOLONG, "run directory path too long");
+		target = e->sock_path;
+	}
+	struct ferry_session_params sp = { .id = e->id, .lanes = lanes ? lanes : streams, .max_streams = streams,
+					   .unix_path = target[0] ? target : NULL, .timeout_ms = 10000 };
+	memcpy(sp.token, token, FERRY_TOKEN_LEN);
+	return ferry_session_create_dst(d->dp, &sp, &e->sess, err);
+}
+
+/* A generic tunnel: streams to a socket named by the source side. */
+static json_t *peer_session_open(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	unsigned streams, lanes;
+	uint64_t region_bytes = 0;
+	if (req_uint(req, "streams", 1, FERRY_MAX_STREAMS, &streams, err) ||
+	    req_uint(req, "lanes", 0, FERRY_MAX_LANES, &lanes, err))
+		return NULL;
+	if (json_object_get(req, "region_bytes") && req_u64(req, "region_bytes", &region_bytes, err))
+		return NULL;
+	if (streams == 0) {
+		ferry_err_set(err, EINVAL, "\"streams\" must be at least 1");
+		return NULL;
+	}
+	if (region_bytes > REGION_MAX_BYTES) {
+		ferry_err_set(err, EINVAL, "region of %" PRIu64 " bytes is over the %llu byte limit", region_bytes,
+			      (unsigned long long)REGION_MAX_BYTES);
+		return NULL;
+	}
+	struct dst_entry *e = calloc(1, sizeof(*e));
+	if (!e) {
+		ferry_err_set(err, ENOMEM, "out of memory");
+		return NULL;
+	}
+	const char *target = req_str(req, "target");
+	if (target && resolve_peer_path(d, target, e->sock_path, sizeof(e->sock_path), err))
+		goto fail;
+	uint8_t token[FERRY_TOKEN_LEN];
+	if (!target && !region_bytes) {
+		ferry_err_set(err, EINVAL, "session-open needs a \"target\" socket or a region");
+		goto fail;
+	}
+	if (new_dst_session(d, e, lanes, streams, target ? e->sock_path : "", token, err))
+		goto fail;
+	if (region_bytes) {
+		/* Populate now: first touch of fresh memory would otherwise be timed. */
+		e->region = mmap(NULL, region_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+		if (e->region == MAP_FAILED) {
+			e->region = NULL;
+			ferry_err_set(err, errno, "cannot allocate a %" PRIu64 " byte region: %s", region_bytes, strerror(errno));
+			goto fail;
+		}
+		e->region_len = region_bytes;
+		if (ferry_region_add(e->sess, 0, e->region, e->region_len, err))
+			goto fail;
+	}
+	if (dst_insert(d, e, err))
+		goto fail;
+	return session_reply(d, e, token);
+fail:
+	dst_free(e);
+	return NULL;
+}
+
+static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	unsigned channels, lanes;
+	if (req_uint(req, "channels", 0, FERRY_MAX_STREAMS - 1, &channels, err) ||
+	    req_uint(req, "lanes", 0, FERRY_MAX_LANES, &lanes, err))
+		return NULL;
+	char qmp_path[PATH_MAX];
+	if (resolve_peer_path(d, req_str(req, "qmp"), qmp_path, sizeof(qmp_path), err)) {
+		ferry_err_prefix(err, "destination QMP socket");
+		return NULL;
+	}
+	struct dst_entry *e = calloc(1, sizeof(*e));
+	if (!e) {
+		ferry_err_set(err, ENOMEM, "out of memory");
+		return NULL;
+	}
+	if (ferry_qmp_connect(qmp_path, QMP_TIMEOUT_MS, &e->qmp, err)) {
+		ferry_err_prefix(err, "destination QEMU monitor %s", qmp_path);
+		goto fail;
+	}
+	json_t *st = NULL;
+	if (ferry_qmp_execute(e->qmp, "query-status", NULL, &st, err))
+		goto fail;
+	const char *status = json_string_value(json_object_get(st, "status"));
+	if (!status || strcmp(status, "inmigrate") != 0) {
+		ferry_err_set(err, EINVAL, "the destination QEMU is '%s', not waiting for a migration (start it with -incoming defer)",
+			      status ? status : "?");
+		json_decref(st);
+		goto fail;
+	}
+	json_decref(st);
+	if (channels > 0) {
+		if (ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
+				       "capability", "multifd", "state", 1) ||
+		    ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-parameters", "{s:i}", "multifd-channels",
+				       (int)channels))
+			goto fail;
+	}
+	uint8_t token[FERRY_TOKEN_LEN];
+	/* The stream socket is ours, in our run dir, named after the session. */
+	if (new_dst_session(d, e, lanes, channels + 1, NULL, token, err))
+		goto fail;
+	uint32_t id = e->id;
+	unlink(e->sock_path);
+	char uri[PATH_MAX + 8];
+	snprintf(uri, sizeof(uri), "unix:%s", e->sock_path);
+	if (ferry_qmp_executef(e->qmp, NULL, err, "migrate-incoming", "{s:s}", "uri", uri))
+		goto fail;
+	e->unlink_sock = true;
+	if (dst_insert(d, e, err))
+		goto fail;
+	logf_(d, "session %u: destination QEMU %s listens on %s (%u multifd channels)", id, qmp_path, e->sock_path,
+	      channels);
+	return session_reply(d, e, token);
+fail:
+	dst_free(e);
+	return NULL;
+}
+
+static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	uint64_t id;
+	if (req_u64(req, "session", &id, err))
+		return NULL;
+	struct dst_entry *e = dst_take(d, (uint32_t)id);
+	if (!e || !e->qmp) {
+		ferry_err_set(err, ENOENT, "no migration session %" PRIu64 " here", id);
+		if (e)
+			dst_insert(d, e, err);
+		return NULL;
+	}
+	/* The source has sent everything; wait for the destination to load it. */
+	const char *status = NULL;
+	json_t *info = NULL;
+	for (int i = 0; i < 1200; i++) {
+		json_decref(info);
+		info = NULL;
+		if (ferry_qmp_execute(e->qmp, "query-migrate", NULL, &info, err))
+			break;
+		status = json_string_value(json_object_get(info, "status"));
+		if (status && (strcmp(status, "completed") == 0 || strcmp(status, "failed") == 0))
+			break;
+		struct ferry_session_stats ss;
+		ferry_session_stats(e->sess, &ss);
+		if (ss.state == FERRY_SESSION_FAILED && (!status || strcmp(status, "active") != 0)) {
+			ferry_err_set(err, EIO, "transport failed: %s", ss.error);
+			break;
+		}
+		usleep(100000);
+	}
+	json_t *r = NULL;
+	if (status && !err->code) {
+		json_t *vs = NULL;
+		struct ferry_err e2 = { 0 };
+		const char *vm = "?";
+		if (ferry_qmp_execute(e->qmp, "query-status", NULL, &vs, &e2) == 0)
+			vm = json_string_value(json_object_get(vs, "status"));
+		r = json_pack("{s:b, s:s, s:s}", "ok", 1, "status", status, "vm_status", vm ? vm : "?");
+		logf_(d, "session %u: destination migration %s, VM %s", e->id, status, vm ? vm : "?");
+		json_decref(vs);
+	} else if (!err->code) {
+		ferry_err_set(err, ETIMEDOUT, "destination QEMU did not finish loading in time");
+	}
+	json_decref(info);
+	dst_free(e);
+	return r;
+}
+
+static json_t *peer_session_close(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	uint64_t id;
+	if (req_u64(req, "session", &id, err))
+		return NULL;
+	struct dst_entry *e = dst_take(d, (uint32_t)id);
+	if (!e) {
+		ferry_err_set(err, ENOENT, "no session %" PRIu64 " here", id);
+		return NULL;
+	}
+	json_t *r = reply_ok();
+	json_object_set_new(r, "stats", session_stats_json(e->sess));
+	if (e->region && json_is_true(json_object_get(req, "crc")))
+		json_object_set_new(r, "crc", json_integer(ferry_dp_checksum(0, e->region, e->region_len)));
+	dst_free(e);
+	return r;
+}
+
+/* ---- source side: tunnels ------------------------------------------------ */
+
+static int open_src_session(struct daemon *d, struct ferry_jl *ctl, json_t *open_req, unsigned lanes,
+			    unsigned streams, const char *listen, struct ferry_session **out, uint32_t *sid,
+			    struct ferry_err *err)
+{
+	json_t *rep = NULL;
+	if (ferry_jl_call(ctl, open_req, REQ_TIMEOUT_MS, &rep, err))
+		return ferry_err_prefix(err, "peer refused the session");
+	json_t *jid = json_object_get(rep, "session");
+	const char *tok = json_string_value(json_object_get(rep, "token"));
+	const char *ep = json_string_value(json_object_get(rep, "endpoint"));
+	int rc = 0;
+	struct ferry_session_params sp = { .lanes = lanes ? lanes : streams, .max_streams = streams,
+					   .unix_path = listen, .timeout_ms = 10000 };
+	if (!json_is_integer(jid) || !tok || strlen(tok) != 2 * FERRY_TOKEN_LEN || !ep) {
+		rc = ferry_err_set(err, EPROTO, "peer's session reply lacks session, token or endpoint");
+		goto out;
+	}
+	sp.id = (uint32_t)json_integer_value(jid);
+	for (unsigned i = 0; i < FERRY_TOKEN_LEN; i++) {
+		unsigned v;
+		if (sscanf(tok + 2 * i, "%2x", &v) != 1) {
+			rc = ferry_err_set(err, EPROTO, "peer sent a malformed token");
+			goto out;
+		}
+		sp.token[i] = (uint8_t)v;
+	}
+	rc = ferry_session_create_src(d->dp, &sp, ep, out, err);
+	*sid = sp.id;
+out:
+	json_decref(rep);
+	return rc;
+}
+
+static json_t *admin_tunnel_open(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	const char *peer = req_str(req, "peer");
+	const char *listen = req_str(req, "listen");
+	const char *target = req_str(req, "target");
+	unsigned streams, lanes;
+	if (!peer || !listen || !target) {
+		ferry_err_set(err, EINVAL, "tunnel-open needs \"peer\", \"listen\" and \"target\"");
+		return NULL;
+	}
+	if (req_uint(req, "streams", 1, FERRY_MAX_STREAMS, &streams, err) ||
+	    req_uint(req, "lanes", 0, FERRY_MAX_LANES, &lanes, err))
+		return NULL;
+	if (streams == 0) {
+		ferry_err_set(err, EINVAL, "\"streams\" must be at least 1");
+		return NULL;
+	}
+	struct src_tunnel *t = calloc(1, sizeof(*t));
+	if (!t) {
+		ferry_err_set(err, ENOMEM, "out of memory");
+		return NULL;
+	}
+	t->ctl.fd = -1;
+	if (resolve_peer_path(d, listen, t->listen, sizeof(t->listen), err))
+		goto fail;
+	if (ferry_jl_connect_tcp(peer, REQ_TIMEOUT_MS, &t->ctl, err))
+		goto fail;
+	json_t *oreq = json_pack("{s:s, s:s, s:i, s:i}", "cmd", "session-open", "target", target, "streams",
+				 (int)streams, "lanes", (int)lanes);
+	int rc = open_src_session(d, &t->ctl, oreq, lanes, streams, t->listen, &t->sess, &t->id, err);
+	json_decref(oreq);
+	if (rc)
+		goto fail;
+	pthread_mutex_lock(&d->lock);
+	unsigned i;
+	for (i = 0; i < MAX_ENTRIES && d->tun[i]; i++)
+		;
+	if (i < MAX_ENTRIES)
+		d->tun[i] = t;
+	pthread_mutex_unlock(&d->lock);
+	if (i == MAX_ENTRIES) {
+		ferry_err_set(err, ENOSPC, "too many tunnels");
+		goto fail;
+	}
+	logf_(d, "tunnel %u: %s -> %s:%s (%u streams)", t->id, t->listen, peer, target, streams);
+	return json_pack("{s:b, s:I, s:s}", "ok", 1, "tunnel", (json_int_t)t->id, "listen", t->listen);
+fail:
+	ferry_session_close(t->sess);
+	ferry_jl_close(&t->ctl);
+	free(t);
+	return NULL;
+}
+
+static struct src_tunnel *tunnel_find(struct daemon *d, uint32_t id, bool take)
+{
+	pthread_mutex_lock(&d->lock);
+	struct src_tunnel *t = NULL;
+	for (unsigned i = 0; i < MAX_ENTRIES; i++) {
+		if (d->tun[i] && d->tun[i]->id == id) {
+			t = d->tun[i];
+			if (take)
+				d->tun[i] = NULL;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&d->lock);
+	return t;
+}
+
+static void tunnel_free(struct src_tunnel *t)
+{
+	struct ferry_err e = { 0 };
+	json_t *req = json_pack("{s:s, s:I}", "cmd", "session-close", "session", (json_int_t)t->id);
+	if (t->ctl.fd >= 0 && req)
+		(void)ferry_jl_call(&t->ctl, req, 5000, NULL, &e);
+	json_decref(req);
+	ferry_session_close(t->sess);
+	ferry_jl_close(&t->ctl);
+	free(t);
+}
+
+static json_t *admin_tunnel_status(struct daemon *d, json_t *req, bool close_it, struct ferry_err *err)
+{
+	uint64_t id;
+	if (req_u64(req, "tunnel", &id, err))
+		return NULL;
+	/* Closing takes it out of the table first, so nobody else uses it. */
+	struct src_tunnel *t = tunnel_find(d, (uint32_t)id, close_it);
+	if (!t) {
+		ferry_err_set(err, ENOENT, "no tunnel %" PRIu64, id);
+		return NULL;
+	}
+	json_t *r = reply_ok();
+	json_object_set_new(r, "stats", session_stats_json(t->sess));
+	if (close_it)
+		tunnel_free(t);
+	return r;
+}
+
+/* ---- source side: raw region benchmark ---------------------------------- */
+
+static json_t *admin_perf_region(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	const char *peer = req_str(req, "peer");
+	uint64_t bytes;
+	unsigned lanes;
+	if (!peer) {
+		ferry_err_set(err, EINVAL, "perf-region needs \"peer\"");
+		return NULL;
+	}
+	if (req_u64(req, "bytes", &bytes, err) || req_uint(req, "lanes", 1, FERRY_MAX_LANES, &lanes, err))
+		return NULL;
+	if (bytes == 0 || bytes > REGION_MAX_BYTES || lanes == 0) {
+		ferry_err_set(err, EINVAL, "bytes must be 1..%llu and lanes at least 1", (unsigned long long)REGION_MAX_BYTES);
+		return NULL;
+	}
+	struct ferry_jl ctl = { .fd = -1 };
+	struct ferry_session *s = NULL;
+	uint8_t *buf = NULL;
+	json_t *r = NULL;
+	uint32_t sid = 0;
+	if (ferry_jl_connect_tcp(peer, REQ_TIMEOUT_MS, &ctl, err))
+		return NULL;
+	buf = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+	if (buf == MAP_FAILED) {
+		buf = NULL;
+		ferry_err_set(err, errno, "cannot allocate %" PRIu64 " bytes: %s", bytes, strerror(errno));
+		goto out;
+	}
+	uint64_t x = 0x9e3779b97f4a7c15ull ^ (uint64_t)time(NULL);
+	for (uint64_t i = 0; i + 8 <= bytes; i += 8) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		memcpy(buf + i, &x, 8);
+	}
+	json_t *oreq = json_pack("{s:s, s:i, s:i, s:I}", "cmd", "session-open", "streams", 1, "lanes", (int)lanes,
+				 "region_bytes", (json_int_t)bytes);
+	int rc = open_src_session(d, &ctl, oreq, lanes, 1, NULL, &s, &sid, err);
+	json_decref(oreq);
+	if (rc || ferry_region_add(s, 0, buf, bytes, err))
+		goto out;
+	struct rusage ru0, ru1;
+	getrusage(RUSAGE_SELF, &ru0);
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	if (ferry_region_write(s, 0, 0, bytes, err) || ferry_region_fence(s, 600000, err))
+		goto out;
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	getrusage(RUSAGE_SELF, &ru1);
+	double secs = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+	double cpu = (double)(ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec) +
+		     (double)(ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec + ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec) / 1e6;
+	json_t *creq = json_pack("{s:s, s:I, s:b}", "cmd", "session-close", "session", (json_int_t)sid, "crc", 1);
+	json_t *crep = NULL;
+	rc = ferry_jl_call(&ctl, creq, REQ_TIMEOUT_MS, &crep, err);
+	json_decref(creq);
+	if (rc)
+		goto out;
+	uint32_t want = ferry_dp_checksum(0, buf, bytes);
+	json_t *jc = json_object_get(crep, "crc");
+	bool match = json_is_integer(jc) && (uint32_t)json_integer_value(jc) == want;
+	json_decref(crep);
+	r = json_pack("{s:b, s:I, s:f, s:f, s:f, s:b}", "ok", 1, "bytes", (json_int_t)bytes, "seconds", secs, "gbs",
+		      (double)bytes / secs / 1e9, "src_cpu_s", cpu, "verified", match);
+out:
+	ferry_session_close(s);
+	ferry_jl_close(&ctl);
+	if (buf)
+		munmap(buf, bytes);
+	return r;
+}
+
+/* ---- source side: migrations -------------------------------------------- */
+
+static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	struct ferry_migration_params p = {
+		.src_qmp = req_str(req, "src_qmp"),
+		.dst_qmp = req_str(req, "dst_qmp"),
+		.peer = req_str(req, "peer"),
+		.run_dir = d->run_dir,
+	};
+	unsigned stall;
+	if (req_uint(req, "channels", 0, FERRY_MAX_STREAMS - 1, &p.channels, err) ||
+	    req_uint(req, "lanes", 0, FERRY_MAX_LANES, &p.lanes, err) ||
+	    req_uint(req, "stall_timeout", 0, 86400, &stall, err))
+		return NULL;
+	p.stall_timeout_s = (int)stall;
+	uint32_t id = new_id(d);
+	pthread_mutex_lock(&d->lock);
+	unsigned i;
+	for (i = 0; i < MAX_ENTRIES && d->mig[i].m; i++)
+		;
+	pthread_mutex_unlock(&d->lock);
+	if (i == MAX_ENTRIES) {
+		ferry_err_set(err, ENOSPC, "too many migrations recorded; restart the daemon");
+		return NULL;
+	}
+	struct ferry_migration *m = NULL;
+	if (ferry_migration_start(d->dp, &p, id, &m, err))
+		return NULL;
+	pthread_mutex_lock(&d->lock);
+	d->mig[i].id = id;
+	d->mig[i].m = m;
+	pthread_mutex_unlock(&d->lock);
+	logf_(d, "migration %u: %s -> %s (%s), %u multifd channels", id, p.src_qmp, p.peer, p.dst_qmp, p.channels);
+	return json_pack("{s:b, s:I}", "ok", 1, "migration", (json_int_t)id);
+}
+
+static struct ferry_migration *mig_find(struct daemon *d, uint32_t id)
+{
+	pthread_mutex_lock(&d->lock);
+	struct ferry_migration *m = NULL;
+	for (unsigned i = 0; i < MAX_ENTRIES; i++)
+		if (d->mig[i].m && d->mig[i].id == id)
+			m = d->mig[i].m;
+	pthread_mutex_unlock(&d->lock);
+	return m;
+}
+
+static json_t *admin_migrate_status(struct daemon *d, json_t *req, bool cancel, struct ferry_err *err)
+{
+	uint64_t id;
+	if (req_u64(req, "migration", &id, err))
+		return NULL;
+	struct ferry_migration *m = mig_find(d, (uint32_t)id);
+	if (!m) {
+		ferry_err_set(err, ENOENT, "no migration %" PRIu64, id);
+		return NULL;
+	}
+	if (cancel) {
+		ferry_migration_cancel(m);
+		logf_(d, "migration %" PRIu64 ": cancel requested", id);
+	}
+	struct ferry_migration_progress p;
+	ferry_migration_progress(m, &p);
+	return json_pack("{s:b, s:s, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:f, s:f, s:f, s:s, s:s, s:s}", "ok", 1,
+			 "state", ferry_migration_state_name(p.state), "qemu_status", p.qemu_status, "ram_total",
+			 (json_int_t)p.ram_total, "ram_transferred", (json_int_t)p.ram_transferred, "ram_remaining",
+			 (json_int_t)p.ram_remaining, "throughput_gbs", p.throughput_gbs, "dirty_rate_bps",
+			 p.dirty_rate_bps, "elapsed_s", p.elapsed_s, "setup_s", p.setup_s, "total_s", p.total_s,
+			 "downtime_ms", p.downtime_ms, "src_vm_status", p.src_vm_status, "dst_status", p.dst_status,
+			 "error", p.error);
+}
+
+/* ---- dispatch ------------------------------------------------------------ */
+
+static json_t *handle(struct daemon *d, bool admin, json_t *req, struct ferry_err *err)
+{
+	const char *cmd = req_str(req, "cmd");
+	if (!cmd) {
+		ferry_err_set(err, EINVAL, "request has no \"cmd\" string");
+		return NULL;
+	}
+	if (strcmp(cmd, "ping") == 0 || strcmp(cmd, "hello") == 0) {
+		json_t *r = json_pack("{s:b, s:s, s:s, s:s, s:s}", "ok", 1, "version", "0.1.0", "driver",
+				      ferry_dp_driver_name(d->dp), "endpoint", d->endpoint, "run_dir", d->run_dir);
+		if (admin)
+			json_object_set_new(r, "listen", json_string(d->cfg->listen));
+		return r;
+	}
+	if (strcmp(cmd, "stats") == 0) {
+		struct rusage ru;
+		getrusage(RUSAGE_SELF, &ru);
+		double cpu = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+			     (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+		return json_pack("{s:b, s:f, s:I}", "ok", 1, "cpu_s", cpu, "rejected_lanes",
+				 (json_int_t)ferry_dp_rejected_lanes(d->dp));
+	}
+	if (!admin) {
+		if (strcmp(cmd, "session-open") == 0)
+			return peer_session_open(d, req, err);
+		if (strcmp(cmd, "session-close") == 0)
+			return peer_session_close(d, req, err);
+		if (strcmp(cmd, "migrate-prepare") == 0)
+			return peer_migrate_prepare(d, req, err);
+		if (strcmp(cmd, "migrate-finish") == 0)
+			return peer_migrate_finish(d, req, err);
+		if (strcmp(cmd, "migrate-abort") == 0) {
+			uint64_t id;
+			if (req_u64(req, "session", &id, err))
+				return NULL;
+			struct dst_entry *e = dst_take(d, (uint32_t)id);
+			if (e)
+				logf_(d, "session %u: aborted by the source", e->id);
+			dst_free(e);
+			return reply_ok();
+		}
+	} else {
+		if (strcmp(cmd, "migrate") == 0)
+			return admin_migrate(d, req, err);
+		if (strcmp(cmd, "migrate-status") == 0)
+			return admin_migrate_status(d, req, false, err);
+		if (strcmp(cmd, "migrate-cancel") == 0)
+			return admin_migrate_status(d, req, true, err);
+		if (strcmp(cmd, "tunnel-open") == 0)
+			return admin_tunnel_open(d, req, err);
+		if (strcmp(cmd, "tunnel-status") == 0)
+			return admin_tunnel_status(d, req, false, err);
+		if (strcmp(cmd, "tunnel-close") == 0)
+			return admin_tunnel_status(d, req, true, err);
+		if (strcmp(cmd, "perf-region") == 0)
+			return admin_perf_region(d, req, err);
+	}
+	ferry_err_set(err, EINVAL, "unknown command '%s'", cmd);
+	return NULL;
+}
+
+static void *conn_main(void *arg)
+{
+	struct conn *c = arg;
+	struct daemon *d = c->d;
+	struct ferry_jl jl;
+	ferry_jl_init(&jl, c->fd);
+	for (;;) {
+		struct ferry_err err = { 0 };
+		json_t *req = NULL;
+		/* Peers keep their control connection open for a whole migration. */
+		int rc = ferry_jl_recv(&jl, -1, &req, &err);
+		if (rc == -ECONNRESET)
+			break;
+		json_t *rep;
+		if (rc) {
+			logf_(d, "%s connection: %s", c->admin ? "admin" : "peer", err.msg);
+			rep = reply_err(err.msg);
+			ferry_jl_send(&jl, rep, 1000, &err);
+			json_decref(rep);
+			break; /* framing is lost: drop the connection */
+		}
+		rep = handle(d, c->admin, req, &err);
+		if (!rep) {
+			logf_(d, "%s request '%s' failed: %s", c->admin ? "admin" : "peer",
+			      req_str(req, "cmd") ? req_str(req, "cmd") : "?", err.msg);
+			rep = reply_err(err.msg[0] ? err.msg : "request failed");
+		}
+		json_decref(req);
+		struct ferry_err serr = { 0 };
+		rc = ferry_jl_send(&jl, rep, REQ_TIMEOUT_MS, &serr);
+		json_decref(rep);
+		if (rc)
+			break;
+	}
+	ferry_jl_close(&jl);
+	pthread_mutex_lock(&d->lock);
+	d->active_conns--;
+	pthread_mutex_unlock(&d->lock);
+	free(c);
+	return NULL;
+}
+
+static int listen_admin(const char *path, struct ferry_err *err)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	if (strlen(path) >= sizeof(sa.sun_path))
+		return ferry_err_set(err, ENAMETOOLONG, "admin socket path too long: %s", path);
+	strcpy(sa.sun_path, path);
+	struct stat st;
+	if (lstat(path, &st) == 0) {
+		if (!S_ISSOCK(st.st_mode))
+			return ferry_err_set(err, EEXIST, "%s exists and is not a socket", path);
+		/* A live daemon answers; a stale socket file refuses. */
+		int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (probe >= 0 && connect(probe, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
+			close(probe);
+			return ferry_err_set(err, EADDRINUSE, "another ferryd is serving %s", path);
+		}
+		if (probe >= 0)
+			close(probe);
+		unlink(path);
+	}
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return ferry_err_set(err, errno, "socket: %s", strerror(errno));
+	mode_t old = umask(0077); /* owner only: the admin socket can start migrations */
+	int rc = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+	umask(old);
+	if (rc || listen(fd, 16)) {
+		rc = ferry_err_set(err, errno, "cannot listen on %s: %s", path, strerror(errno));
+		close(fd);
+		return rc;
+	}
+	return fd;
+}
+
+static int listen_peer(const char *hostport, struct ferry_err *err)
+{
+	char host[256];
+	const char *colon = strrchr(hostport, ':');
+	if (!colon || (size_t)(colon - hostport) >= sizeof(host) || !colon[1])
+		return ferry_err_set(err, EINVAL, "--listen '%s' is not HOST:PORT", hostport);
+	memcpy(host, hostport, (size_t)(colon - hostport));
+	host[colon - hostport] = '\0';
+	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE }, *res = NULL;
+	int g = getaddrinfo(host[0] ? host : NULL, colon + 1, &hints, &res);
+	if (g)
+		return ferry_err_set(err, EINVAL, "--listen %s: %s", hostport, gai_strerror(g));
+	int fd = -1;
+	for (struct addrinfo *ai = res; ai && fd < 0; ai = ai->ai_next) {
+		fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd < 0)
+			continue;
+		int one = 1;
+		(void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+		if (bind(fd, ai->ai_addr, ai->ai_addrlen) || listen(fd, 64)) {
+			ferry_err_set(err, errno, "cannot listen on %s: %s", hostport, strerror(errno));
+			close(fd);
+			fd = -1;
+		}
+	}
+	freeaddrinfo(res);
+	if (fd < 0)
+		return err && err->code ? -err->code : -EADDRNOTAVAIL;
+	return fd;
+}
+
+static void spawn_conn(struct daemon *d, int lfd, bool admin)
+{
+	int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	if (fd < 0)
+		return;
+	struct conn *c = malloc(sizeof(*c));
+	if (!c) {
+		close(fd);
+		return;
+	}
+	c->d = d;
+	c->fd = fd;
+	c->admin = admin;
+	pthread_attr_t a;
+	pthread_attr_init(&a);
+	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+	pthread_mutex_lock(&d->lock);
+	d->active_conns++;
+	pthread_mutex_unlock(&d->lock);
+	pthread_t t;
+	if (pthread_create(&t, &a, conn_main, c)) {
+		close(fd);
+		free(c);
+		pthread_mutex_lock(&d->lock);
+		d->active_conns--;
+		pthread_mutex_unlock(&d->lock);
+	}
+	pthread_attr_destroy(&a);
+}
+
+int ferry_daemon_run(const struct ferry_daemon_config *cfg, volatile sig_atomic_t *stop, struct ferry_err *err)
+{
+	struct daemon *d = calloc(1, sizeof(*d));
+	if (!d)
+		return ferry_err_set(err, ENOMEM, "out of memory");
+	d->cfg = cfg;
+	pthread_mutex_init(&d->lock, NULL);
+	int afd = -1, pfd = -1, rc = 0;
+
+	char tmp[PATH_MAX];
+	if (!cfg->admin_path || !cfg->listen) {
+		rc = ferry_err_set(err, EINVAL, "ferryd needs --admin PATH and --listen HOST:PORT");
+		goto out;
+	}
+	snprintf(tmp, sizeof(tmp), "%s", cfg->run_dir ? cfg->run_dir : cfg->admin_path);
+	const char *rd = cfg->run_dir ? tmp : dirname(tmp);
+	if (!realpath(rd, d->run_dir)) {
+		rc = ferry_err_set(err, errno, "run directory %s: %s", rd, strerror(errno));
+		goto out;
+	}
+	strcpy(d->allow[d->nallow++], d->run_dir);
+	for (unsigned i = 0; i < FERRY_MAX_ALLOW_DIRS && cfg->allow_dirs[i]; i++) {
+		if (!realpath(cfg->allow_dirs[i], d->allow[d->nallow])) {
+			rc = ferry_err_set(err, errno, "--allow-dir %s: %s", cfg->allow_dirs[i], strerror(errno));
+			goto out;
+		}
+		d->nallow++;
+	}
+	if ((rc = ferry_dp_open(&cfg->dp, &d->dp, err)))
+		goto out;
+	if ((rc = ferry_dp_endpoint(d->dp, d->endpoint, sizeof(d->endpoint), err)))
+		goto out;
+	if ((afd = listen_admin(cfg->admin_path, err)) < 0) {
+		rc = afd;
+		goto out;
+	}
+	if ((pfd = listen_peer(cfg->listen, err)) < 0) {
+		rc = pfd;
+		goto out;
+	}
+	logf_(d, "ready: admin %s, control %s, data %s (%s driver, %s polling), run dir %s", cfg->admin_path,
+	      cfg->listen, d->endpoint, ferry_dp_driver_name(d->dp),
+	      cfg->dp.poll_mode == FERRY_POLL_BUSY ? "busy" : "adaptive", d->run_dir);
+
+	while (!*stop) {
+		struct pollfd p[2] = { { .fd = afd, .events = POLLIN }, { .fd = pfd, .events = POLLIN } };
+		int r = poll(p, 2, 250);
+		if (r < 0 && errno != EINTR) {
+			rc = ferry_err_set(err, errno, "poll: %s", strerror(errno));
+			break;
+		}
+		if (r > 0 && (p[0].revents & POLLIN))
+			spawn_conn(d, afd, true);
+		if (r > 0 && (p[1].revents & POLLIN))
+			spawn_conn(d, pfd, false);
+	}
+	logf_(d, "shutting down");
+
+	/* Stop migrations first: each resumes its source VM if it must. */
+	for (unsigned i = 0; i < MAX_ENTRIES; i++)
+		if (d->mig[i].m)
+			ferry_migration_cancel(d->mig[i].m);
+	for (unsigned i = 0; i < MAX_ENTRIES; i++) {
+		ferry_migration_free(d->mig[i].m);
+		d->mig[i].m = NULL;
+	}
+out:
+	if (afd >= 0) {
+		close(afd);
+		unlink(cfg->admin_path);
+	}
+	if (pfd >= 0)
+		close(pfd);
+	/* Connection threads may still be inside a request; wait a little. */
+	for (int i = 0; i < 100; i++) {
+		pthread_mutex_lock(&d->lock);
+		unsigned n = d->active_conns;
+		pthread_mutex_unlock(&d->lock);
+		if (n == 0)
+			break;
+		usleep(20000);
+	}
+	pthread_mutex_lock(&d->lock);
+	for (unsigned i = 0; i < MAX_ENTRIES; i++) {
+		if (d->tun[i]) {
+			ferry_session_close(d->tun[i]->sess);
+			ferry_jl_close(&d->tun[i]->ctl);
+			free(d->tun[i]);
+			d->tun[i] = NULL;
+		}
+		dst_free(d->dst[i]);
+		d->dst[i] = NULL;
+	}
+	bool conns_left = d->active_conns > 0;
+	pthread_mutex_unlock(&d->lock);
+	ferry_dp_close(d->dp);
+	if (!conns_left) {
+		pthread_mutex_destroy(&d->lock);
+		free(d);
+	}
+	/* else: a connection thread still holds d; the process is exiting anyway. */
+	return rc;
+}

@@ -1,0 +1,26 @@
+/* ferryd's core: the admin socket (ferryctl's JSON requests), the control
+ * listener for peer daemons, and the sessions, tunnels and migrations they
+ * create. The ferryd binary only parses options and calls this. */
+#ifndef FERRY_DAEMON_H
+#define FERRY_DAEMON_H
+
+#include <signal.h>
+
+#include "../dataplane/dataplane.h"
+#include "../drivers/err.h"
+
+#define FERRY_MAX_ALLOW_DIRS 8
+
+struct ferry_daemon_config {
+	const char *admin_path;        /* unix socket for ferryctl (mode 0600) */
+	const char *listen;            /* HOST:PORT for peer daemons' control connections */
+	const char *run_dir;           /* stream sockets live here; default: the admin socket's directory */
+	const char *allow_dirs[FERRY_MAX_ALLOW_DIRS]; /* further dirs peers may name (QMP sockets, tunnel targets) */
+	struct ferry_dp_config dp;
+	int verbose;
+};
+
+/* Runs until *stop becomes non-zero (set it from a signal handler). */
+int ferry_daemon_run(const struct ferry_daemon_config *cfg, volatile sig_atomic_t *stop, struct ferry_err *err);
+
+#endif

@@ -1,0 +1,402 @@
+/* ferryctl: the command line for ferryd. Thin: it sends JSON requests to the
+ * daemon's admin socket and renders the answers. */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "jsonline.h"
+#include "qmp.h"
+
+#define EXIT_FAILED 1
+#define EXIT_USAGE 2
+#define EXIT_UNREACHABLE 3
+
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig)
+{
+	(void)sig;
+	interrupted++;
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: ferryctl [--admin PATH] COMMAND [options]\n"
+		"commands:\n"
+		"  migrate --src-qmp PATH --dst-qmp PATH --to HOST:PORT [--channels N] [--lanes N]\n"
+		"          [--stall-timeout S] [--json] [--quiet]\n"
+		"        live-migrate the VM behind --src-qmp into the QEMU behind --dst-qmp (started with\n"
+		"        -incoming defer) on the host whose ferryd listens at --to; exits 0 only when both\n"
+		"        QEMUs report the migration completed. Ctrl-C cancels (the source VM keeps running).\n"
+		"  status ID [--json]      progress of migration ID\n"
+		"  cancel ID               cancel migration ID\n"
+		"  tunnel-open --to HOST:PORT --listen PATH --target PATH [--streams N] [--lanes N]\n"
+		"  tunnel-status ID | tunnel-close ID\n"
+		"  perf-region --to HOST:PORT --bytes N [--lanes N]\n"
+		"  ping | stats            daemon liveness and counters (JSON)\n"
+		"  qmp SOCKET COMMAND [ARGS-JSON]   run one QMP command on a QEMU monitor\n"
+		"--admin defaults to $FERRY_ADMIN or /run/ferry/ferryd.sock\n"
+		"exit status: 0 done, 1 failed or cancelled, 2 usage, 3 daemon unreachable\n");
+}
+
+static int call(const char *admin, json_t *req, json_t **reply)
+{
+	struct ferry_jl jl;
+	struct ferry_err err = { 0 };
+	if (!req) {
+		fprintf(stderr, "ferryctl: out of memory\n");
+		return EXIT_FAILED;
+	}
+	if (ferry_jl_connect_unix(admin, 5000, &jl, &err)) {
+		fprintf(stderr, "ferryctl: cannot reach ferryd at %s: %s\n", admin, err.msg);
+		json_decref(req);
+		return EXIT_UNREACHABLE;
+	}
+	int rc = ferry_jl_call(&jl, req, 600000, reply, &err);
+	ferry_jl_close(&jl);
+	json_decref(req);
+	if (rc) {
+		fprintf(stderr, "ferryctl: %s\n", err.msg);
+		return rc == -EREMOTEIO ? EXIT_FAILED : EXIT_UNREACHABLE;
+	}
+	return 0;
+}
+
+static void print_json(json_t *j)
+{
+	json_object_del(j, "ok");
+	char *s = json_dumps(j, JSON_INDENT(2) | JSON_SORT_KEYS);
+	if (s) {
+		puts(s);
+		free(s);
+	}
+}
+
+static int parse_uint(const char *s, const char *what, unsigned long long max, unsigned long long *out)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno || !*s || *end || s[0] == '-' || v > max) {
+		fprintf(stderr, "ferryctl: %s '%s' is not a number from 0 to %llu\n", what, s, max);
+		return -1;
+	}
+	*out = v;
+	return 0;
+}
+
+static double num(json_t *o, const char *k)
+{
+	json_t *v = json_object_get(o, k);
+	return json_is_number(v) ? json_number_value(v) : 0.0;
+}
+
+static const char *str(json_t *o, const char *k)
+{
+	const char *s = json_string_value(json_object_get(o, k));
+	return s ? s : "";
+}
+
+static void human_bytes(double b, char *out, size_t n)
+{
+	if (b >= 1024.0 * 1024 * 1024)
+		snprintf(out, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
+	else
+		snprintf(out, n, "%.1f MiB", b / (1024.0 * 1024));
+}
+
+static void progress_line(json_t *st, bool tty)
+{
+	double total = num(st, "ram_total"), rem = num(st, "ram_remaining");
+	double pct = total > 0 ? 100.0 * (total - rem) / total : 0.0;
+	if (pct < 0)
+		pct = 0;
+	char rb[32];
+	human_bytes(rem, rb, sizeof(rb));
+	fprintf(stderr, "%s%5.1f%%  %5.2f GB/s  remaining %s  dirty %.1f MB/s  %.1fs  [%s/%s]%s", tty ? "\r\033[K" : "",
+		pct, num(st, "throughput_gbs"), rb, num(st, "dirty_rate_bps") / 1e6, num(st, "elapsed_s"),
+		str(st, "state"), str(st, "qemu_status"), tty ? "" : "\n");
+	fflush(stderr);
+}
+
+static int cmd_migrate(const char *admin, int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "src-qmp", required_argument, NULL, 's' }, { "dst-qmp", required_argument, NULL, 'd' },
+		{ "to", required_argument, NULL, 't' },      { "channels", required_argument, NULL, 'c' },
+		{ "lanes", required_argument, NULL, 'l' },   { "stall-timeout", required_argument, NULL, 'S' },
+		{ "json", no_argument, NULL, 'j' },          { "quiet", no_argument, NULL, 'q' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *src = NULL, *dst = NULL, *to = NULL;
+	unsigned long long channels = 0, lanes = 0, stall = 0;
+	bool json = false, quiet = false;
+	int c;
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (c) {
+		case 's': src = optarg; break;
+		case 'd': dst = optarg; break;
+		case 't': to = optarg; break;
+		case 'c': if (parse_uint(optarg, "--channels", 63, &channels)) return EXIT_USAGE; break;
+		case 'l': if (parse_uint(optarg, "--lanes", 64, &lanes)) return EXIT_USAGE; break;
+		case 'S': if (parse_uint(optarg, "--stall-timeout", 86400, &stall)) return EXIT_USAGE; break;
+		case 'j': json = true; break;
+		case 'q': quiet = true; break;
+		default: usage(stderr); return EXIT_USAGE;
+		}
+	}
+	if (!src || !dst || !to || optind < argc) {
+		fprintf(stderr, "ferryctl migrate: needs --src-qmp, --dst-qmp and --to (and nothing else)\n");
+		return EXIT_USAGE;
+	}
+	json_t *rep = NULL;
+	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I}", "cmd", "migrate", "src_qmp", src, "dst_qmp",
+				       dst, "peer", to, "channels", (json_int_t)channels, "lanes", (json_int_t)lanes,
+				       "stall_timeout", (json_int_t)stall), &rep);
+	if (rc)
+		return rc;
+	json_int_t id = json_integer_value(json_object_get(rep, "migration"));
+	json_decref(rep);
+
+	struct sigaction sa = { .sa_handler = on_sigint };
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	bool tty = isatty(STDERR_FILENO) && !json;
+	int cancel_sent = 0;
+	time_t last_line = 0;
+	for (;;) {
+		if (interrupted && cancel_sent < interrupted) {
+			cancel_sent = interrupted;
+			if (!quiet)
+				fprintf(stderr, "%sferryctl: cancelling migration %lld ...\n", tty ? "\n" : "", (long long)id);
+			json_t *cr = NULL;
+			if (call(admin, json_pack("{s:s, s:I}", "cmd", "migrate-cancel", "migration", id), &cr) == 0)
+				json_decref(cr);
+		}
+		json_t *st = NULL;
+		rc = call(admin, json_pack("{s:s, s:I}", "cmd", "migrate-status", "migration", id), &st);
+		if (rc)
+			return rc;
+		const char *state = str(st, "state");
+		bool done = strcmp(state, "completed") == 0 || strcmp(state, "failed") == 0 ||
+			    strcmp(state, "cancelled") == 0;
+		if (!quiet && !json && (tty || time(NULL) != last_line || done)) {
+			progress_line(st, tty);
+			last_line = time(NULL);
+		}
+		if (done) {
+			if (tty && !quiet)
+				fputc('\n', stderr);
+			bool ok = strcmp(state, "completed") == 0;
+			if (json) {
+				json_object_set_new(st, "migration", json_integer(id));
+				print_json(st);
+			} else if (ok) {
+				char tb[32];
+				human_bytes(num(st, "ram_transferred"), tb, sizeof(tb));
+				printf("migration %lld completed: %s in %.2f s (%.2f GB/s after %.2f s set-up), downtime %.0f ms; destination %s\n",
+				       (long long)id, tb, num(st, "total_s"), num(st, "throughput_gbs"), num(st, "setup_s"),
+				       num(st, "downtime_ms"), str(st, "dst_status"));
+			} else {
+				fprintf(stderr, "ferryctl: migration %lld %s: %s\n", (long long)id, state, str(st, "error"));
+				const char *vm = str(st, "src_vm_status");
+				fprintf(stderr, "ferryctl: source VM is %s%s\n", vm[0] ? vm : "in an unknown state",
+					strcmp(vm, "running") == 0 ? " (nothing was lost)" : "");
+			}
+			json_decref(st);
+			return ok ? 0 : EXIT_FAILED;
+		}
+		json_decref(st);
+		usleep(tty ? 200000 : 250000);
+	}
+}
+
+static int cmd_id(const char *admin, const char *cmd, const char *key, int argc, char **argv)
+{
+	unsigned long long id;
+	if (argc < 2 || parse_uint(argv[1], "ID", 0xffffffffull, &id)) {
+		fprintf(stderr, "ferryctl: %s needs an ID\n", argv[0]);
+		return EXIT_USAGE;
+	}
+	json_t *rep = NULL;
+	int rc = call(admin, json_pack("{s:s, s:I}", "cmd", cmd, key, (json_int_t)id), &rep);
+	if (rc)
+		return rc;
+	print_json(rep);
+	json_decref(rep);
+	return 0;
+}
+
+static int cmd_tunnel_open(const char *admin, int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "to", required_argument, NULL, 't' },      { "listen", required_argument, NULL, 'L' },
+		{ "target", required_argument, NULL, 'T' },  { "streams", required_argument, NULL, 's' },
+		{ "lanes", required_argument, NULL, 'l' },   { NULL, 0, NULL, 0 },
+	};
+	const char *to = NULL, *listen = NULL, *target = NULL;
+	unsigned long long streams = 1, lanes = 0;
+	int c;
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (c) {
+		case 't': to = optarg; break;
+		case 'L': listen = optarg; break;
+		case 'T': target = optarg; break;
+		case 's': if (parse_uint(optarg, "--streams", 64, &streams)) return EXIT_USAGE; break;
+		case 'l': if (parse_uint(optarg, "--lanes", 64, &lanes)) return EXIT_USAGE; break;
+		default: usage(stderr); return EXIT_USAGE;
+		}
+	}
+	if (!to || !listen || !target) {
+		fprintf(stderr, "ferryctl tunnel-open: needs --to, --listen and --target\n");
+		return EXIT_USAGE;
+	}
+	json_t *rep = NULL;
+	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I}", "cmd", "tunnel-open", "peer", to, "listen",
+				       listen, "target", target, "streams", (json_int_t)streams, "lanes", (json_int_t)lanes),
+		      &rep);
+	if (rc)
+		return rc;
+	print_json(rep);
+	json_decref(rep);
+	return 0;
+}
+
+static int cmd_perf_region(const char *admin, int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "to", required_argument, NULL, 't' }, { "bytes", required_argument, NULL, 'b' },
+		{ "lanes", required_argument, NULL, 'l' }, { NULL, 0, NULL, 0 },
+	};
+	const char *to = NULL;
+	unsigned long long bytes = 0, lanes = 1;
+	int c;
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (c) {
+		case 't': to = optarg; break;
+		case 'b': if (parse_uint(optarg, "--bytes", 1ull << 36, &bytes)) return EXIT_USAGE; break;
+		case 'l': if (parse_uint(optarg, "--lanes", 64, &lanes)) return EXIT_USAGE; break;
+		default: usage(stderr); return EXIT_USAGE;
+		}
+	}
+	if (!to || !bytes) {
+		fprintf(stderr, "ferryctl perf-region: needs --to and --bytes\n");
+		return EXIT_USAGE;
+	}
+	json_t *rep = NULL;
+	int rc = call(admin, json_pack("{s:s, s:s, s:I, s:I}", "cmd", "perf-region", "peer", to, "bytes",
+				       (json_int_t)bytes, "lanes", (json_int_t)lanes), &rep);
+	if (rc)
+		return rc;
+	print_json(rep);
+	json_decref(rep);
+	return 0;
+}
+
+static int cmd_qmp(int argc, char **argv)
+{
+	if (argc < 3 || argc > 4) {
+		fprintf(stderr, "ferryctl qmp: needs SOCKET COMMAND [ARGS-JSON]\n");
+		return EXIT_USAGE;
+	}
+	json_t *args = NULL;
+	if (argc == 4) {
+		json_error_t je;
+		args = json_loads(argv[3], 0, &je);
+		if (!json_is_object(args)) {
+			fprintf(stderr, "ferryctl qmp: arguments must be a JSON object (%s)\n", args ? "not an object" : je.text);
+			json_decref(args);
+			return EXIT_USAGE;
+		}
+	}
+	struct ferry_err err = { 0 };
+	struct ferry_qmp *q = NULL;
+	json_t *res = NULL;
+	int rc = ferry_qmp_connect(argv[1], 10000, &q, &err);
+	if (rc == 0)
+		rc = ferry_qmp_execute(q, argv[2], args, &res, &err);
+	json_decref(args);
+	ferry_qmp_close(q);
+	if (rc) {
+		fprintf(stderr, "ferryctl qmp: %s\n", err.msg);
+		return EXIT_FAILED;
+	}
+	char *s = json_dumps(res, JSON_COMPACT | JSON_ENCODE_ANY);
+	if (s) {
+		puts(s);
+		free(s);
+	}
+	json_decref(res);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	const char *admin = getenv("FERRY_ADMIN");
+	if (!admin)
+		admin = "/run/ferry/ferryd.sock";
+	int i = 1;
+	while (i < argc && argv[i][0] == '-') {
+		if (strcmp(argv[i], "--admin") == 0 && i + 1 < argc) {
+			admin = argv[i + 1];
+			i += 2;
+		} else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+			usage(stdout);
+			return 0;
+		} else if (strcmp(argv[i], "--version") == 0) {
+			printf("ferryctl 0.1.0\n");
+			return 0;
+		} else {
+			fprintf(stderr, "ferryctl: unknown option '%s'\n", argv[i]);
+			usage(stderr);
+			return EXIT_USAGE;
+		}
+	}
+	if (i >= argc) {
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	signal(SIGPIPE, SIG_IGN);
+	const char *cmd = argv[i];
+	int sub_argc = argc - i;
+	char **sub_argv = argv + i;
+	if (strcmp(cmd, "migrate") == 0)
+		return cmd_migrate(admin, sub_argc, sub_argv);
+	if (strcmp(cmd, "status") == 0)
+		return cmd_id(admin, "migrate-status", "migration", sub_argc, sub_argv);
+	if (strcmp(cmd, "cancel") == 0)
+		return cmd_id(admin, "migrate-cancel", "migration", sub_argc, sub_argv);
+	if (strcmp(cmd, "tunnel-open") == 0)
+		return cmd_tunnel_open(admin, sub_argc, sub_argv);
+	if (strcmp(cmd, "tunnel-status") == 0)
+		return cmd_id(admin, "tunnel-status", "tunnel", sub_argc, sub_argv);
+	if (strcmp(cmd, "tunnel-close") == 0)
+		return cmd_id(admin, "tunnel-close", "tunnel", sub_argc, sub_argv);
+	if (strcmp(cmd, "perf-region") == 0)
+		return cmd_perf_region(admin, sub_argc, sub_argv);
+	if (strcmp(cmd, "qmp") == 0)
+		return cmd_qmp(sub_argc, sub_argv);
+	if (strcmp(cmd, "ping") == 0 || strcmp(cmd, "stats") == 0) {
+		json_t *rep = NULL;
+		int rc = call(admin, json_pack("{s:s}", "cmd", cmd), &rep);
+		if (rc)
+			return rc;
+		print_json(rep);
+		json_decref(rep);
+		return 0;
+	}
+	fprintf(stderr, "ferryctl: unknown command '%s'\n", cmd);
+	usage(stderr);
+	return EXIT_USAGE;
+}

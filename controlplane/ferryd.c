@@ -1,0 +1,148 @@
+/* ferryd: the ferry daemon. Options in, ferry_daemon_run out. */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "daemon.h"
+
+static volatile sig_atomic_t stop_flag;
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	stop_flag = 1;
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: ferryd [options]\n"
+		"  --admin PATH        admin socket for ferryctl (default /run/ferry/ferryd.sock)\n"
+		"  --listen HOST:PORT  control listener for peer daemons (default 127.0.0.1:7470)\n"
+		"  --driver NAME       data-plane driver: tcp (default tcp)\n"
+		"  --data HOST:PORT    where the driver listens for data lanes (default: --listen's host, any port)\n"
+		"  --driver-opt K=V    driver option, repeatable\n"
+		"  --poll MODE         adaptive (default: spin, yield, then sleep) or busy\n"
+		"  --spin-us N         adaptive spin budget after work, microseconds (default 50)\n"
+		"  --no-splice         copy stream bytes through user space even where the driver splices\n"
+		"  --window BYTES      per-stream flow-control window (default 4194304)\n"
+		"  --run-dir DIR       where stream sockets are made (default: the admin socket's directory)\n"
+		"  --allow-dir DIR     a further directory peers may name sockets in, repeatable\n"
+		"  --version, --help\n");
+}
+
+static int parse_uint(const char *s, const char *what, unsigned long long max, unsigned long long *out)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno || !*s || *end || s[0] == '-' || v > max) {
+		fprintf(stderr, "ferryd: %s '%s' is not a number from 0 to %llu\n", what, s, max);
+		return -1;
+	}
+	*out = v;
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "admin", required_argument, NULL, 'a' },   { "listen", required_argument, NULL, 'l' },
+		{ "driver", required_argument, NULL, 'd' },  { "data", required_argument, NULL, 'D' },
+		{ "driver-opt", required_argument, NULL, 'o' }, { "poll", required_argument, NULL, 'p' },
+		{ "spin-us", required_argument, NULL, 's' }, { "no-splice", no_argument, NULL, 'n' },
+		{ "window", required_argument, NULL, 'w' },  { "run-dir", required_argument, NULL, 'r' },
+		{ "allow-dir", required_argument, NULL, 'A' }, { "version", no_argument, NULL, 'V' },
+		{ "help", no_argument, NULL, 'h' },          { NULL, 0, NULL, 0 },
+	};
+	struct ferry_daemon_config cfg = { .admin_path = "/run/ferry/ferryd.sock", .listen = "127.0.0.1:7470" };
+	const char *dopts[18] = { 0 };
+	unsigned ndopts = 0, nallow = 0;
+	const char *data = NULL;
+	static char bindopt[300];
+	unsigned long long v;
+	int c;
+	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (c) {
+		case 'a': cfg.admin_path = optarg; break;
+		case 'l': cfg.listen = optarg; break;
+		case 'd': cfg.dp.driver = optarg; break;
+		case 'D': data = optarg; break;
+		case 'o':
+			if (ndopts >= 16 || !strchr(optarg, '=')) {
+				fprintf(stderr, "ferryd: --driver-opt wants KEY=VALUE (at most 16)\n");
+				return 2;
+			}
+			dopts[ndopts++] = optarg;
+			break;
+		case 'p':
+			if (strcmp(optarg, "adaptive") == 0)
+				cfg.dp.poll_mode = FERRY_POLL_ADAPTIVE;
+			else if (strcmp(optarg, "busy") == 0)
+				cfg.dp.poll_mode = FERRY_POLL_BUSY;
+			else {
+				fprintf(stderr, "ferryd: --poll must be 'adaptive' or 'busy', not '%s'\n", optarg);
+				return 2;
+			}
+			break;
+		case 's':
+			if (parse_uint(optarg, "--spin-us", 1000000, &v))
+				return 2;
+			cfg.dp.spin_us = (unsigned)v;
+			break;
+		case 'n': cfg.dp.no_splice = true; break;
+		case 'w':
+			if (parse_uint(optarg, "--window", 1ull << 30, &v) || v < 65536) {
+				fprintf(stderr, "ferryd: --window must be 65536 .. 1073741824 bytes\n");
+				return 2;
+			}
+			cfg.dp.window = (size_t)v;
+			break;
+		case 'r': cfg.run_dir = optarg; break;
+		case 'A':
+			if (nallow >= FERRY_MAX_ALLOW_DIRS) {
+				fprintf(stderr, "ferryd: at most %d --allow-dir\n", FERRY_MAX_ALLOW_DIRS);
+				return 2;
+			}
+			cfg.allow_dirs[nallow++] = optarg;
+			break;
+		case 'V': printf("ferryd 0.1.0\n"); return 0;
+		case 'h': usage(stdout); return 0;
+		default: usage(stderr); return 2;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "ferryd: unexpected argument '%s'\n", argv[optind]);
+		usage(stderr);
+		return 2;
+	}
+	if (!data) {
+		/* Data lanes listen on the control address's host, any free port. */
+		const char *colon = strrchr(cfg.listen, ':');
+		if (!colon) {
+			fprintf(stderr, "ferryd: --listen '%s' is not HOST:PORT\n", cfg.listen);
+			return 2;
+		}
+		snprintf(bindopt, sizeof(bindopt), "bind=%.*s:0", (int)(colon - cfg.listen), cfg.listen);
+	} else {
+		snprintf(bindopt, sizeof(bindopt), "bind=%s", data);
+	}
+	dopts[ndopts++] = bindopt;
+	cfg.dp.driver_options = dopts;
+
+	struct sigaction sa = { .sa_handler = on_signal };
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGTERM, &sa, NULL);
+	signal(SIGPIPE, SIG_IGN);
+
+	struct ferry_err err = { 0 };
+	if (ferry_daemon_run(&cfg, &stop_flag, &err)) {
+		fprintf(stderr, "ferryd: %s\n", err.msg);
+		return 1;
+	}
+	return 0;
+}

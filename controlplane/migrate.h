@@ -1,0 +1,56 @@
+/* Source-side migration driver: runs one QEMU migration through a ferry
+ * session, talking to the source QEMU over QMP and to the destination daemon
+ * over the control channel (which drives the destination QEMU). */
+#ifndef FERRY_MIGRATE_H
+#define FERRY_MIGRATE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "../dataplane/dataplane.h"
+#include "../drivers/err.h"
+
+struct ferry_migration_params {
+	const char *src_qmp;      /* source QEMU's QMP unix socket */
+	const char *dst_qmp;      /* destination QEMU's QMP socket, as the destination daemon sees it */
+	const char *peer;         /* destination daemon, HOST:PORT */
+	const char *run_dir;      /* where this daemon puts the source-side stream socket */
+	unsigned channels;        /* multifd channels; 0 = single stream */
+	unsigned lanes;           /* 0 = one lane per stream */
+	int stall_timeout_s;      /* fail when no byte moves for this long; 0 = 120 */
+};
+
+enum ferry_migration_state {
+	FERRY_MIG_SETUP = 0,
+	FERRY_MIG_ACTIVE,
+	FERRY_MIG_COMPLETED,
+	FERRY_MIG_FAILED,
+	FERRY_MIG_CANCELLED,
+};
+
+struct ferry_migration_progress {
+	enum ferry_migration_state state;
+	char qemu_status[32];       /* the source QEMU's migration status */
+	uint64_t ram_total, ram_transferred, ram_remaining;
+	double throughput_gbs;      /* GB/s over the last interval */
+	double dirty_rate_bps;      /* bytes/s the guest dirties */
+	double elapsed_s;
+	double setup_s, total_s, downtime_ms;  /* from QEMU once completed */
+	char src_vm_status[32];     /* after a failure: what the source VM is doing */
+	char dst_status[32];
+	char error[FERRY_ERR_MSG_MAX];
+};
+
+struct ferry_migration;
+
+int ferry_migration_start(struct ferry_dp *dp, const struct ferry_migration_params *p, uint32_t id,
+			  struct ferry_migration **out, struct ferry_err *err);
+void ferry_migration_progress(struct ferry_migration *m, struct ferry_migration_progress *out);
+void ferry_migration_cancel(struct ferry_migration *m);
+bool ferry_migration_done(struct ferry_migration *m);
+/* Joins the worker (cancel first to hurry it). */
+void ferry_migration_free(struct ferry_migration *m);
+
+const char *ferry_migration_state_name(enum ferry_migration_state s);
+
+#endif

@@ -1,0 +1,112 @@
+/* ferry data plane: sessions of streams and regions carried over lanes.
+ *
+ * A data plane instance owns one driver device. A session joins two data
+ * planes (source and destination) over N lanes; each lane is a driver queue
+ * owned by one poller thread. Streams are ordered, reliable, bidirectional
+ * byte streams between a local unix socket on each side (one per QEMU
+ * migration channel); stream k rides lane k % lanes. Regions are registered
+ * memory areas written by offset (the raw page path).
+ *
+ * Source side: QEMU connects to the session's listening unix path; the n-th
+ * accepted connection becomes stream n. Destination side: stream n is
+ * connected to the target unix path only after streams 0..n-1 are connected,
+ * so the destination QEMU sees the source's order (it names channels by
+ * arrival order). */
+#ifndef FERRY_DATAPLANE_H
+#define FERRY_DATAPLANE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../drivers/err.h"
+
+#define FERRY_TOKEN_LEN 16
+#define FERRY_MAX_LANES 64
+#define FERRY_MAX_STREAMS 64
+#define FERRY_DP_ENDPOINT_MAX 256   /* an endpoint description, e.g. "tcp:10.0.0.2:7471" */
+
+enum ferry_poll_mode {
+	FERRY_POLL_ADAPTIVE = 0, /* spin for a short budget after work, then yield, then sleep on the wakeup fds */
+	FERRY_POLL_BUSY,         /* never sleep: lowest latency, one core per lane */
+};
+
+struct ferry_dp_config {
+	const char *driver;                 /* "tcp" */
+	const char *const *driver_options;  /* NULL-terminated "key=value" */
+	enum ferry_poll_mode poll_mode;
+	unsigned spin_us;                   /* adaptive spin budget; 0 = default 50 us */
+	bool no_splice;                     /* force the copy path even where the driver splices */
+	size_t window;                      /* per-stream flow-control window; 0 = default 4 MiB */
+};
+
+struct ferry_dp;
+struct ferry_session;
+
+int ferry_dp_open(const struct ferry_dp_config *cfg, struct ferry_dp **out, struct ferry_err *err);
+void ferry_dp_close(struct ferry_dp *dp);
+int ferry_dp_endpoint(struct ferry_dp *dp, char *buf, size_t len, struct ferry_err *err);
+const char *ferry_dp_driver_name(const struct ferry_dp *dp);
+/* Frames that arrived for no established session (bad HELLOs), for stats. */
+uint64_t ferry_dp_rejected_lanes(const struct ferry_dp *dp);
+/* CRC32C (hardware-assisted where the CPU has it), for verifying transfers;
+ * pass 0 to start, the previous result to continue over more bytes. */
+uint32_t ferry_dp_checksum(uint32_t crc, const void *buf, size_t len);
+
+struct ferry_session_params {
+	uint32_t id;
+	uint8_t token[FERRY_TOKEN_LEN];  /* per-session secret, agreed over the control channel */
+	unsigned lanes;                  /* 1..FERRY_MAX_LANES */
+	unsigned max_streams;            /* 1..FERRY_MAX_STREAMS */
+	uint64_t window;                 /* 0 = the data plane's default; must match on both sides */
+	const char *unix_path;           /* source: path to listen on; destination: path to connect to (may be NULL for region-only sessions) */
+	int timeout_ms;                  /* lane set-up and stream-order waits */
+};
+
+/* Destination: register a session; its lanes arrive through the device's
+ * listener and are attached once their HELLO carries this id and token. */
+int ferry_session_create_dst(struct ferry_dp *dp, const struct ferry_session_params *p,
+			     struct ferry_session **out, struct ferry_err *err);
+/* Source: connect the lanes to the peer's endpoint, then listen on unix_path. */
+int ferry_session_create_src(struct ferry_dp *dp, const struct ferry_session_params *p,
+			     const char *peer_endpoint, struct ferry_session **out, struct ferry_err *err);
+/* Stop all threads, close all sockets, free. Safe on a failed session. */
+void ferry_session_close(struct ferry_session *s);
+/* Fail the session on purpose (cancel): tells the peer, closes local ends. */
+void ferry_session_abort(struct ferry_session *s, const char *reason);
+
+enum ferry_session_state {
+	FERRY_SESSION_CONNECTING = 0, /* lanes not all up yet */
+	FERRY_SESSION_ACTIVE,
+	FERRY_SESSION_FAILED,
+	FERRY_SESSION_CLOSED,
+};
+
+struct ferry_lane_stats {
+	uint64_t tx_bytes, rx_bytes, tx_frames, rx_frames;
+	double idle_pct;   /* share of wall time the poller slept since the lane started */
+};
+
+struct ferry_session_stats {
+	enum ferry_session_state state;
+	unsigned lanes, lanes_up;
+	unsigned streams_opened, streams_closed;
+	uint64_t tx_bytes, rx_bytes;       /* stream payload bytes */
+	struct ferry_lane_stats lane[FERRY_MAX_LANES];
+	char error[FERRY_ERR_MSG_MAX];     /* why it failed */
+};
+
+void ferry_session_stats(struct ferry_session *s, struct ferry_session_stats *st);
+/* Wait until the session is ACTIVE (all lanes up) or failed. */
+int ferry_session_wait_active(struct ferry_session *s, int timeout_ms, struct ferry_err *err);
+
+/* Regions: both sides add a region under the same id; the source then
+ * writes [offset, offset+len) of its region into the same range of the
+ * peer's. Writes are spread over the lanes; fence waits until every write
+ * issued before it has landed in the peer's memory. */
+int ferry_region_add(struct ferry_session *s, uint32_t id, void *base, size_t len, struct ferry_err *err);
+int ferry_region_write(struct ferry_session *s, uint32_t id, uint64_t offset, size_t len,
+		       struct ferry_err *err);
+int ferry_region_fence(struct ferry_session *s, int timeout_ms, struct ferry_err *err);
+
+#endif

@@ -1,0 +1,35 @@
+#include "driver.h"
+
+#include <string.h>
+
+#include "tcp/tcp.h"
+
+static const struct ferry_driver_ops *const drivers[] = {
+	&ferry_tcp_driver,
+};
+
+static const char *const names[] = { "tcp", NULL };
+
+const struct ferry_driver_ops *ferry_driver_find(const char *name)
+{
+	for (size_t i = 0; i < sizeof(drivers) / sizeof(drivers[0]); i++)
+		if (strcmp(drivers[i]->name, name) == 0)
+			return drivers[i];
+	return NULL;
+}
+
+const char *const *ferry_driver_names(void)
+{
+	return names;
+}
+
+const char *ferry_driver_option(const struct ferry_driver_config *cfg, const char *key)
+{
+	size_t klen = strlen(key);
+	if (!cfg || !cfg->options)
+		return NULL;
+	for (const char *const *o = cfg->options; *o; o++)
+		if (strncmp(*o, key, klen) == 0 && (*o)[klen] == '=')
+			return *o + klen + 1;
+	return NULL;
+}

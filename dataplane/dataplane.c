@@ -1073,8 +1073,9 @@ static int start_lane_threads(struct ferry_session *s, struct ferry_err *err)
 		if (rc)
 			return ferry_err_set(err, rc, "cannot start lane %u's poller: %s", i, strerror(rc));
 		l->thread_started = true;
-		char name[16];
+		char name[32];
 		snprintf(name, sizeof(name), "ferry-lane%u", i);
+		name[15] = '\0'; /* the kernel keeps 15 characters */
 		pthread_setname_np(l->thread, name);
 	}
 	return 0;
@@ -1364,8 +1365,8 @@ static void accept_one_lane(struct ferry_dp *dp)
 		return;
 	struct ferry_rx_frame f;
 	if (lane_recv_blocking(dp, drv, &f, HELLO_TIMEOUT_MS, &err)) {
-		__atomic_add_fetch(&dp->rejected, 1, __ATOMIC_RELAXED);
-		dp->ops->lane_close(drv);
+		/* Say why: an operator reading the peer's log learns more than "reset". */
+		refuse_lane(dp, drv, 0, err.msg);
 		return;
 	}
 	if (f.hdr.type != FERRY_FT_HELLO || f.hdr.length != FERRY_TOKEN_LEN) {

@@ -312,7 +312,8 @@ static int tcp_tx_burst(struct ferry_lane_drv *lane, const struct ferry_tx_frame
 		struct tx_entry *e = &lane->txq[(lane->tx_head + lane->tx_count) % TXQ_DEPTH];
 		memset(e, 0, sizeof(*e));
 		ferry_wire_encode(&f->hdr, NULL, e->hdr);
-		memcpy(e->iov, f->iov, f->iovcnt * sizeof(struct iovec));
+		if (f->iovcnt)
+			memcpy(e->iov, f->iov, f->iovcnt * sizeof(struct iovec));
 		e->iovcnt = f->iovcnt;
 		e->pipe_fd = -1;
 		e->payload_len = total;

@@ -729,6 +729,28 @@ static int lane_tx_ctrl(struct lane *l, struct ferry_err *err)
 	return progress;
 }
 
+/* Push what the driver holds; a full wire pauses the producers until it drains. */
+static int lane_push(struct lane *l, struct ferry_err *err)
+{
+	int rc = l->s->dp->ops->tx_flush(l->drv, err);
+	if (rc == -EAGAIN) {
+		l->tx_blocked = true;
+		return 0;
+	}
+	if (rc == 0)
+		l->tx_blocked = false;
+	return rc;
+}
+
+/* n stream bytes were handed to the driver as one DATA frame. */
+static void stream_framed(struct lane *l, struct stream *st, size_t n)
+{
+	st->tx_off += n;
+	ferry_credit_tx_sent(&st->txc, n);
+	l->tx_bytes += n;
+	l->tx_frames++;
+}
+
 static int stream_tx_splice(struct lane *l, struct stream *st, struct ferry_err *err)
 {
 	const struct ferry_driver_ops *ops = l->s->dp->ops;
@@ -762,17 +784,11 @@ static int stream_tx_splice(struct lane *l, struct stream *st, struct ferry_err 
 			break;
 		if (rc)
 			return rc;
-		st->tx_off += st->unframed;
-		ferry_credit_tx_sent(&st->txc, st->unframed);
-		l->tx_bytes += st->unframed;
-		l->tx_frames++;
+		stream_framed(l, st, st->unframed);
 		st->unframed = 0;
 		progress = 1;
 		/* Hand the frame to the wire now so the pipe drains for the next. */
-		rc = ops->tx_flush(l->drv, err);
-		if (rc == -EAGAIN)
-			l->tx_blocked = true;
-		else if (rc)
+		if ((rc = lane_push(l, err)))
 			return rc;
 	}
 	return progress;
@@ -815,15 +831,10 @@ static int stream_tx_copy(struct lane *l, struct stream *st, struct ferry_err *e
 			return ferry_err_set(err, EIO, "stream %u: driver refused a frame after a read", st->id);
 		}
 		ch->busy = true;
-		st->tx_off += (uint64_t)r;
-		ferry_credit_tx_sent(&st->txc, (uint64_t)r);
-		l->tx_bytes += (uint64_t)r;
-		l->tx_frames++;
+		stream_framed(l, st, (size_t)r);
 		progress = 1;
-		int rc = ops->tx_flush(l->drv, err);
-		if (rc == -EAGAIN)
-			l->tx_blocked = true;
-		else if (rc)
+		int rc = lane_push(l, err);
+		if (rc)
 			return rc;
 	}
 	return progress;
@@ -878,10 +889,8 @@ static int lane_tx_regions(struct lane *l, struct ferry_err *err)
 			l->job_count--;
 		}
 		pthread_mutex_unlock(&l->lock);
-		int rc = ops->tx_flush(l->drv, err);
-		if (rc == -EAGAIN)
-			l->tx_blocked = true;
-		else if (rc)
+		int rc = lane_push(l, err);
+		if (rc)
 			return rc;
 	}
 	return progress;
@@ -892,14 +901,9 @@ static int lane_tx(struct lane *l, struct ferry_err *err)
 	const struct ferry_driver_ops *ops = l->s->dp->ops;
 	int progress = 0;
 
-	int rc = ops->tx_flush(l->drv, err);
-	if (rc == 0) {
-		l->tx_blocked = false;
-	} else if (rc == -EAGAIN) {
-		l->tx_blocked = true;
-	} else {
+	int rc = lane_push(l, err);
+	if (rc)
 		return rc;
-	}
 	void *done[64];
 	int nd;
 	while ((nd = ops->poll_completions(l->drv, done, 64)) > 0) {

@@ -214,6 +214,30 @@ static void recover_source(struct ferry_migration *m, struct ferry_qmp *q, bool 
 	json_decref(st);
 }
 
+/* The source finished sending but the destination's fate is unknown: it may
+ * be running the VM. Resuming the source could run the VM twice, so leave it
+ * paused and say so. */
+static void report_unknown_outcome(struct ferry_migration *m, struct ferry_qmp *q, struct ferry_err *err)
+{
+	struct ferry_err e = { 0 };
+	json_t *st = NULL;
+	char status[32] = "unknown";
+	if (q && ferry_qmp_execute(q, "query-status", NULL, &st, &e) == 0)
+		snprintf(status, sizeof(status), "%s", json_string_value(json_object_get(st, "status")) ?
+			 json_string_value(json_object_get(st, "status")) : "?");
+	json_decref(st);
+	char why[FERRY_ERR_MSG_MAX];
+	snprintf(why, sizeof(why), "%s", err->msg);
+	ferry_err_clear(err);
+	ferry_err_set(err, EIO, "the source QEMU completed but the destination's outcome is unknown (%.300s); "
+		      "the source VM was left %s and NOT resumed because the destination may be running it: "
+		      "check the destination, and resume the source (QMP 'cont') only if the destination VM is not running",
+		      why, status);
+	pthread_mutex_lock(&m->lock);
+	snprintf(m->prog.src_vm_status, sizeof(m->prog.src_vm_status), "%s", status);
+	pthread_mutex_unlock(&m->lock);
+}
+
 static void *migration_main(void *arg)
 {
 	struct ferry_migration *m = arg;
@@ -222,6 +246,9 @@ static void *migration_main(void *arg)
 	struct ferry_jl jl = { .fd = -1 };
 	struct ferry_session *sess = NULL;
 	bool was_running = false, prepared = false;
+	/* Once the source QEMU completed, the destination may already run the
+	 * VM: from then on the source must never be resumed by us. */
+	bool src_completed = false;
 	enum ferry_migration_state final = FERRY_MIG_FAILED;
 	char endpoint[FERRY_DP_ENDPOINT_MAX];
 	char path[512];
@@ -297,6 +324,7 @@ static void *migration_main(void *arg)
 		const char *status = json_string_value(json_object_get(info, "status"));
 		if (status && strcmp(status, "completed") == 0) {
 			json_decref(info);
+			src_completed = true;
 			break;
 		}
 		if (status && (strcmp(status, "failed") == 0 || strcmp(status, "cancelled") == 0)) {
@@ -347,6 +375,10 @@ static void *migration_main(void *arg)
 	pthread_mutex_unlock(&m->lock);
 	if (!dst_status || strcmp(dst_status, "completed") != 0) {
 		rc = ferry_err_set(&err, EIO, "destination QEMU reports '%s'", dst_status ? dst_status : "?");
+		/* A destination that positively failed cannot run the VM: the
+		 * source may take it back. */
+		if (dst_status && strcmp(dst_status, "failed") == 0)
+			src_completed = false;
 		json_decref(fin);
 		goto out;
 	}
@@ -366,7 +398,18 @@ out:
 		}
 		if (sess)
 			ferry_session_abort(sess, err.msg[0] ? err.msg : "migration failed");
-		recover_source(m, q, was_running);
+		/* The transport may have failed just as the source completed. */
+		json_t *info = NULL;
+		struct ferry_err e3 = { 0 };
+		if (!src_completed && q && ferry_qmp_execute(q, "query-migrate", NULL, &info, &e3) == 0) {
+			const char *now = json_string_value(json_object_get(info, "status"));
+			src_completed = now && strcmp(now, "completed") == 0;
+		}
+		json_decref(info);
+		if (src_completed)
+			report_unknown_outcome(m, q, &err);
+		else
+			recover_source(m, q, was_running);
 	}
 	ferry_session_close(sess);
 	ferry_jl_close(&jl);

@@ -25,6 +25,7 @@
 #define DEFAULT_WINDOW   (4u << 20)
 #define DEFAULT_SPIN_US  50
 #define PIPE_BYTES       (1u << 20)
+#define LOCAL_SNDBUF     (2 << 20)
 #define TX_CHUNKS        4
 #define TX_CHUNK_BYTES   (256u << 10)
 #define YIELDS_BEFORE_SLEEP 8
@@ -32,6 +33,8 @@
 #define REGION_FRAME     (1u << 20)
 #define REGION_JOBS      64
 #define HELLO_TIMEOUT_MS 5000
+#define HELLO_TIMEOUT_TEXT "5000 ms"
+#define PENDING_LANES    64
 
 struct region {
 	uint32_t id;
@@ -282,6 +285,11 @@ static struct stream *stream_new(struct ferry_session *s, uint32_t id, int fd, s
 		if (!st->ring)
 			goto nomem;
 	}
+	/* A unix stream socket queues at most the writer's send buffer: a larger
+	 * one lets each splice toward QEMU move more per call. Best effort. */
+	int sndbuf = LOCAL_SNDBUF;
+	if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof(sndbuf)))
+		(void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
 	int fl = fcntl(fd, F_GETFL);
 	if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
 		ferry_err_set(err, errno, "stream %u: cannot make the socket non-blocking: %s", id, strerror(errno));
@@ -1361,46 +1369,38 @@ static void refuse_lane(struct ferry_dp *dp, struct ferry_lane_drv *drv, uint32_
 	dp->ops->lane_close(drv);
 }
 
-static void accept_one_lane(struct ferry_dp *dp)
+/* A lane's first frame arrived: attach it to its session or refuse it. */
+static void handle_hello(struct ferry_dp *dp, struct ferry_lane_drv *drv, const struct ferry_rx_frame *f)
 {
 	struct ferry_err err = { 0 };
-	struct ferry_lane_drv *drv = NULL;
-	if (dp->ops->lane_accept(dp->dev, &drv, &err))
-		return;
-	struct ferry_rx_frame f;
-	if (lane_recv_blocking(dp, drv, &f, HELLO_TIMEOUT_MS, &err)) {
-		/* Say why: an operator reading the peer's log learns more than "reset". */
-		refuse_lane(dp, drv, 0, err.msg);
-		return;
-	}
-	if (f.hdr.type != FERRY_FT_HELLO || f.hdr.length != FERRY_TOKEN_LEN) {
-		refuse_lane(dp, drv, f.hdr.session, "expected a HELLO frame");
+	if (f->hdr.type != FERRY_FT_HELLO || f->hdr.length != FERRY_TOKEN_LEN || !f->payload) {
+		refuse_lane(dp, drv, f->hdr.session, "expected a HELLO frame");
 		return;
 	}
 	pthread_mutex_lock(&dp->lock);
 	struct ferry_session *s = dp->sessions;
-	while (s && (s->is_src || s->id != f.hdr.session))
+	while (s && (s->is_src || s->id != f->hdr.session))
 		s = s->next;
 	/* Compare the whole token regardless of where it differs. */
 	unsigned diff = 0;
 	if (s)
 		for (unsigned i = 0; i < FERRY_TOKEN_LEN; i++)
-			diff |= (unsigned)(s->token[i] ^ ((uint8_t *)f.payload)[i]);
+			diff |= (unsigned)(s->token[i] ^ ((const uint8_t *)f->payload)[i]);
 	const char *why = NULL;
 	if (!s || diff)
 		why = "unknown session or wrong session token";
-	else if (f.hdr.seq != s->nlanes || f.hdr.stream >= s->nlanes)
+	else if (f->hdr.seq != s->nlanes || f->hdr.stream >= s->nlanes)
 		why = "lane number or count does not match the session";
-	else if (s->lanes[f.hdr.stream].drv)
+	else if (s->lanes[f->hdr.stream].drv)
 		why = "lane already attached";
 	else if (s->state != FERRY_SESSION_CONNECTING)
 		why = "session is not accepting lanes";
 	if (why) {
 		pthread_mutex_unlock(&dp->lock);
-		refuse_lane(dp, drv, f.hdr.session, why);
+		refuse_lane(dp, drv, f->hdr.session, why);
 		return;
 	}
-	unsigned idx = f.hdr.stream;
+	unsigned idx = f->hdr.stream;
 	struct ferry_tx_frame ack = { .hdr = { .type = FERRY_FT_HELLO_ACK, .session = s->id, .stream = idx } };
 	if (lane_send_blocking(dp, drv, &ack, 1000, &err)) {
 		pthread_mutex_unlock(&dp->lock);
@@ -1420,20 +1420,71 @@ static void accept_one_lane(struct ferry_dp *dp)
 	pthread_mutex_unlock(&dp->lock);
 }
 
+struct pending_lane {
+	struct ferry_lane_drv *drv;
+	uint64_t deadline_ns;
+};
+
+/* Accepts lanes and waits for their HELLOs, all at once: a peer that connects
+ * and stays silent costs one slot until its deadline, never other lanes' time. */
 static void *dp_acceptor_main(void *arg)
 {
 	struct ferry_dp *dp = arg;
+	struct pending_lane pend[PENDING_LANES];
+	unsigned np = 0;
 	for (;;) {
-		struct pollfd p[2] = { { .fd = dp->ops->listen_fd(dp->dev), .events = POLLIN },
-				       { .fd = dp->stop_evfd, .events = POLLIN } };
-		int r = poll(p, 2, -1);
+		struct pollfd p[2 + PENDING_LANES];
+		p[0] = (struct pollfd){ .fd = dp->ops->listen_fd(dp->dev), .events = POLLIN };
+		p[1] = (struct pollfd){ .fd = dp->stop_evfd, .events = POLLIN };
+		uint64_t now = now_ns(), next = UINT64_MAX;
+		for (unsigned i = 0; i < np; i++) {
+			short ev = 0;
+			p[2 + i].fd = dp->ops->wakeup_fd(pend[i].drv, &ev, false);
+			p[2 + i].events = ev;
+			p[2 + i].revents = 0;
+			if (pend[i].deadline_ns < next)
+				next = pend[i].deadline_ns;
+		}
+		int timeout = next == UINT64_MAX ? -1 : next <= now ? 0 : (int)((next - now) / 1000000 + 1);
+		int r = poll(p, 2 + np, timeout);
 		if (r < 0 && errno != EINTR)
 			break;
-		if (p[1].revents)
+		if (r > 0 && p[1].revents)
 			break;
-		if (p[0].revents & POLLIN)
-			accept_one_lane(dp);
+		now = now_ns();
+		for (unsigned i = 0; i < np;) {
+			struct ferry_err err = { 0 };
+			struct ferry_rx_frame f;
+			int n = p[2 + i].revents || now >= pend[i].deadline_ns ? dp->ops->rx_burst(pend[i].drv, &f, 1, &err) : 0;
+			if (n == 1)
+				handle_hello(dp, pend[i].drv, &f);
+			else if (n < 0)
+				refuse_lane(dp, pend[i].drv, 0, err.msg); /* say why: the peer's log shows it */
+			else if (now >= pend[i].deadline_ns)
+				refuse_lane(dp, pend[i].drv, 0, "no HELLO within " HELLO_TIMEOUT_TEXT);
+			if (n != 0 || now >= pend[i].deadline_ns) {
+				pend[i] = pend[--np];
+				p[2 + i] = p[2 + np];
+				continue;
+			}
+			i++;
+		}
+		if (r > 0 && (p[0].revents & POLLIN)) {
+			for (;;) {
+				struct ferry_err err = { 0 };
+				struct ferry_lane_drv *drv = NULL;
+				if (dp->ops->lane_accept(dp->dev, &drv, &err))
+					break;
+				if (np == PENDING_LANES) {
+					refuse_lane(dp, drv, 0, "too many lanes waiting for their handshake");
+					continue;
+				}
+				pend[np++] = (struct pending_lane){ drv, now + (uint64_t)HELLO_TIMEOUT_MS * 1000000ull };
+			}
+		}
 	}
+	for (unsigned i = 0; i < np; i++)
+		dp->ops->lane_close(pend[i].drv);
 	return NULL;
 }
 

@@ -69,11 +69,25 @@ struct daemon {
 	unsigned active_conns;
 };
 
+#define MAX_CONNS 128
+#define MAX_OWNED 64
+
 struct conn {
 	struct daemon *d;
 	int fd;
 	bool admin;
+	/* destination sessions this peer connection created: if the peer goes
+	 * away (its daemon died) they are torn down, never left behind */
+	uint32_t owned[MAX_OWNED];
+	unsigned nowned;
 };
+
+static void conn_own(struct conn *c, json_t *reply)
+{
+	json_t *id = json_object_get(reply, "session");
+	if (reply && json_is_integer(id) && c->nowned < MAX_OWNED)
+		c->owned[c->nowned++] = (uint32_t)json_integer_value(id);
+}
 
 static void logf_(struct daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void logf_(struct daemon *d, const char *fmt, ...)
@@ -740,8 +754,10 @@ static json_t *admin_migrate_status(struct daemon *d, json_t *req, bool cancel, 
 
 /* ---- dispatch ------------------------------------------------------------ */
 
-static json_t *handle(struct daemon *d, bool admin, json_t *req, struct ferry_err *err)
+static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 {
+	struct daemon *d = c->d;
+	bool admin = c->admin;
 	const char *cmd = req_str(req, "cmd");
 	if (!cmd) {
 		ferry_err_set(err, EINVAL, "request has no \"cmd\" string");
@@ -763,12 +779,18 @@ static json_t *handle(struct daemon *d, bool admin, json_t *req, struct ferry_er
 				 (json_int_t)ferry_dp_rejected_lanes(d->dp));
 	}
 	if (!admin) {
-		if (strcmp(cmd, "session-open") == 0)
-			return peer_session_open(d, req, err);
+		if (strcmp(cmd, "session-open") == 0) {
+			json_t *r = peer_session_open(d, req, err);
+			conn_own(c, r);
+			return r;
+		}
 		if (strcmp(cmd, "session-close") == 0)
 			return peer_session_close(d, req, err);
-		if (strcmp(cmd, "migrate-prepare") == 0)
-			return peer_migrate_prepare(d, req, err);
+		if (strcmp(cmd, "migrate-prepare") == 0) {
+			json_t *r = peer_migrate_prepare(d, req, err);
+			conn_own(c, r);
+			return r;
+		}
 		if (strcmp(cmd, "migrate-finish") == 0)
 			return peer_migrate_finish(d, req, err);
 		if (strcmp(cmd, "migrate-abort") == 0) {
@@ -822,7 +844,7 @@ static void *conn_main(void *arg)
 			json_decref(rep);
 			break; /* framing is lost: drop the connection */
 		}
-		rep = handle(d, c->admin, req, &err);
+		rep = handle(c, req, &err);
 		if (!rep) {
 			logf_(d, "%s request '%s' failed: %s", c->admin ? "admin" : "peer",
 			      req_str(req, "cmd") ? req_str(req, "cmd") : "?", err.msg);
@@ -836,6 +858,13 @@ static void *conn_main(void *arg)
 			break;
 	}
 	ferry_jl_close(&jl);
+	for (unsigned i = 0; i < c->nowned; i++) {
+		struct dst_entry *e = dst_take(d, c->owned[i]);
+		if (e) {
+			logf_(d, "session %u: the source daemon went away; tearing the session down", e->id);
+			dst_free(e);
+		}
+	}
 	pthread_mutex_lock(&d->lock);
 	d->active_conns--;
 	pthread_mutex_unlock(&d->lock);
@@ -913,7 +942,16 @@ static void spawn_conn(struct daemon *d, int lfd, bool admin)
 	int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
 	if (fd < 0)
 		return;
-	struct conn *c = malloc(sizeof(*c));
+	pthread_mutex_lock(&d->lock);
+	bool full = d->active_conns >= MAX_CONNS;
+	pthread_mutex_unlock(&d->lock);
+	if (full) {
+		/* Bounded threads: idle connections cannot exhaust the daemon. */
+		logf_(d, "refusing a %s connection: %d connections open", admin ? "admin" : "peer", MAX_CONNS);
+		close(fd);
+		return;
+	}
+	struct conn *c = calloc(1, sizeof(*c));
 	if (!c) {
 		close(fd);
 		return;

@@ -165,6 +165,9 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		return rc;
 	json_int_t id = json_integer_value(json_object_get(rep, "migration"));
 	json_decref(rep);
+	if (!quiet)
+		fprintf(stderr, "ferryctl: migration %lld started (ferryctl cancel %lld, or Ctrl-C, cancels it)\n",
+			(long long)id, (long long)id);
 
 	struct sigaction sa = { .sa_handler = on_sigint };
 	sigemptyset(&sa.sa_mask);

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# dest-dies.sh [KIND:CHANNELS...] - the destination side dies in the middle
+# of a live migration through ferry; the source VM must not lose anything.
+# KIND is "qemu" (the destination QEMU gets SIGKILL) or "ferryd" (the
+# destination ferry daemon gets SIGKILL). Default: qemu:0 ferryd:2 (the
+# other pairings: `dest-dies.sh qemu:0 qemu:2 ferryd:0 ferryd:2`, ~2x the time).
+#
+# Per run: a RUNNING dirty.bin TCG guest (512 MiB) migrates with CHANNELS
+# multifd channels. To keep the migration from completing before the kill,
+# the source gets downtime-limit=1 ms before ferryctl starts (a guest that
+# rewrites 32 MiB over and over can then never converge), and once the
+# migration is active (and the destination is receiving) max-bandwidth is
+# lowered to 64 MiB/s through a second QMP monitor (ferry sets max-bandwidth
+# itself when it starts; the lower rate only saves CPU). Then the kill.
+# Checks: ferryctl exits 1 within KILL_DETECT_LIMIT s (default 20) of the
+# kill, prints "migration N failed: REASON" and "source VM is running";
+# the source QEMU is running, its query-migrate says failed/cancelled, the
+# guest's heartbeat keeps advancing on the source, and after `stop` its RAM
+# passes `ramcheck pattern`; daemon a (and b, when only QEMU died) still
+# answers ping; the destination VM does not run. Then the same source is
+# migrated again (default downtime-limit) to a fresh destination through a
+# (restarted) daemon b and must complete, with the destination running.
+#
+# Exit: 0 pass, 1 fail, 77 skip, 2 usage. Environment: tests/lib/ferry.sh;
+# RUN_RAM (default 512M), KILL_DETECT_LIMIT (default 20 s).
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=../lib/ferry.sh
+. "$here/../lib/ferry.sh"
+
+runs=("$@")
+[ ${#runs[@]} -gt 0 ] || runs=(qemu:0 ferryd:2)
+for r in "${runs[@]}"; do
+	[[ $r =~ ^(qemu|ferryd):[0-9]+$ ]] || { echo "usage: $0 [qemu|ferryd:CHANNELS ...]" >&2; exit 2; }
+done
+RAM=${RUN_RAM:-512M}
+DETECT=${KILL_DETECT_LIMIT:-20}
+SLOW_BW=$((64 * 1024 * 1024))
+
+ram_bytes=$(size_bytes "$RAM") || exit 2
+# source + killed destination + retry destination
+ferry_init --shm $((3 * ram_bytes)) --timeout $((30 + 45 * ${#runs[@]}))
+ferry_need_ramcheck
+ferry_need_dirty_bin
+ferry_start_daemons || ferry_fail "starting the ferry daemons failed"
+
+declare -a REPORT=()
+n=0
+
+run_one() {
+	local kind=$1 ch=$2 tag src dst dst2 srcram st out t_kill t_exit w1 w2
+	n=$((n + 1))
+	tag="$kind:$ch"
+	src=src$n dst=dst$n dst2=dst${n}r
+	ferry_ping b 2>/dev/null || ferry_start_daemon b || ferry_fail "restarting ferryd b failed"
+	FERRY_TO=${FERRY_LISTEN[b]}
+	# shellcheck disable=SC2046
+	qemu_start "$src" --ram "$RAM" --boot "$DIRTY_BIN" -- $(side_qmp_args "$src") || ferry_fail "starting $src failed"
+	# shellcheck disable=SC2046
+	qemu_start "$dst" --ram "$RAM" --boot "$DIRTY_BIN" --prealloc --incoming -- $(side_qmp_args "$dst") ||
+		ferry_fail "starting $dst failed"
+	srcram=$(qemu_ramfile "$src")
+	wait_heartbeat "$srcram" 3 60 >/dev/null || ferry_fail "guest on $src does not run (no heartbeat)"
+	qmp "$(qemu_sock "$src")" '{"execute":"migrate-set-parameters","arguments":{"downtime-limit":1}}' >/dev/null ||
+		ferry_fail "$tag: setting downtime-limit on $src failed"
+
+	ferry_migrate_start "$src" "$dst" --channels "$ch"
+	out=$(wait_mig_active "$(side_sock "$src")" 20 $((16 * 1024 * 1024))) || {
+		ferry_migrate_wait 1
+		ferry_mig_report
+		ferry_fail "$tag: the migration did not become active with data flowing"
+	}
+	qmp "$(side_sock "$src")" "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"max-bandwidth\":$SLOW_BW}}" >/dev/null ||
+		ferry_fail "$tag: lowering max-bandwidth on $src failed"
+	# the destination QEMU must be loading data
+	st=$(mig_field "$(side_sock "$dst")" status)
+	[ "$st" = active ] || ferry_fail "$tag: destination query-migrate status '$st', expected active"
+	sleep 1
+	st=$(mig_field "$(side_sock "$src")" status)
+	kill -0 "$FERRY_MIG_PID" 2>/dev/null && [ "$st" = active ] ||
+		{ ferry_mig_report; ferry_fail "$tag: migration is no longer active before the kill (source: $st)"; }
+	local moved
+	moved=$(mig_field "$(side_sock "$src")" ram.transferred)
+
+	t_kill=$(now_ms)
+	case $kind in
+	qemu) qemu_kill "$dst" KILL || ferry_fail "$tag: cannot kill the destination QEMU" ;;
+	ferryd) ferry_kill_daemon b KILL || ferry_fail "$tag: cannot kill ferryd b" ;;
+	esac
+	ferry_migrate_wait "$DETECT"
+	t_exit=$(($(now_ms) - t_kill))
+	[ "$FERRY_MIG_RC" -eq 1 ] || { ferry_mig_report; ferry_fail "$tag: ferryctl exited $FERRY_MIG_RC after the kill, expected 1"; }
+	grep -q "ferryctl: migration [0-9]* failed: ." "$FERRY_MIG_ERR" ||
+		{ ferry_mig_report; ferry_fail "$tag: ferryctl did not say why the migration failed"; }
+	grep -q "ferryctl: source VM is running" "$FERRY_MIG_ERR" ||
+		{ ferry_mig_report; ferry_fail "$tag: ferryctl does not report the source VM running"; }
+	local reason
+	reason=$(sed -n 's/^ferryctl: migration [0-9]* failed: //p' "$FERRY_MIG_ERR" | head -n 1)
+
+	# the source: running, migration failed/cancelled, guest alive and intact
+	st=$(qmp_get "$(qemu_sock "$src")" query-status status)
+	[ "$st" = running ] || ferry_fail "$tag: source VM is '$st' after the failed migration, expected running"
+	st=$(mig_field "$(qemu_sock "$src")" status)
+	case $st in failed | cancelled) ;; *) ferry_fail "$tag: source query-migrate status '$st', expected failed/cancelled" ;; esac
+	w1=$(heartbeat_words "$srcram") || ferry_fail "no heartbeat in $srcram"
+	sleep 1
+	w2=$(heartbeat_words "$srcram") || ferry_fail "no heartbeat in $srcram"
+	[ "$w2" -gt "$w1" ] || ferry_fail "$tag: guest on the source makes no progress after the failure ($w1 -> $w2)"
+	qmp "$(qemu_sock "$src")" stop >/dev/null || ferry_fail "stop on $src failed"
+	wait_status "$(qemu_sock "$src")" paused 10 || ferry_fail "$src did not pause"
+	out=$("$RAMCHECK" pattern "$srcram") || { echo "$out" >&2; ferry_fail "$tag: pattern broken on the source RAM"; }
+	qmp "$(qemu_sock "$src")" cont >/dev/null || ferry_fail "cont on $src failed"
+
+	# the destination must not run the guest
+	if [ "$kind" = ferryd ] && qemu_alive "$dst"; then
+		st=$(qmp_get "$(side_sock "$dst")" query-status status 2>/dev/null) || st="(no answer)"
+		[ "$st" != running ] || ferry_fail "$tag: the destination VM is running after the failure: VM running twice"
+	fi
+	ferry_ping a || ferry_fail "$tag: ferryd a does not answer ping after the failure"
+	if [ "$kind" = qemu ]; then
+		ferry_ping b || ferry_fail "$tag: ferryd b does not answer ping after its QEMU died"
+	else
+		ferry_stop_daemon b 1
+		ferry_start_daemon b || ferry_fail "$tag: restarting ferryd b failed"
+		FERRY_TO=${FERRY_LISTEN[b]}
+	fi
+	qemu_stop "$dst"
+	qemu_rm_ram "$dst"
+
+	# nothing lost: the same source migrates fine now
+	qmp "$(qemu_sock "$src")" '{"execute":"migrate-set-parameters","arguments":{"downtime-limit":300}}' >/dev/null ||
+		ferry_fail "restoring downtime-limit on $src failed"
+	qemu_start "$dst2" --ram "$RAM" --boot "$DIRTY_BIN" --prealloc --incoming || ferry_fail "starting $dst2 failed"
+	ferry_migrate "$src" "$dst2" 60 --channels "$ch"
+	[ "$FERRY_MIG_RC" -eq 0 ] || { ferry_mig_report; ferry_fail "$tag: migrating the source again after the failure exited $FERRY_MIG_RC"; }
+	local retry_ms=$FERRY_MIG_MS
+	wait_status "$(qemu_sock "$dst2")" running 10 || ferry_fail "$tag: $dst2 is not running after the retry"
+	st=$(qmp_get "$(qemu_sock "$src")" query-status status)
+	[ "$st" = postmigrate ] || ferry_fail "$tag: source status '$st' after the retry, expected postmigrate"
+	qemu_stop "$src"
+	qemu_stop "$dst2"
+	qemu_rm_ram "$src"
+	qemu_rm_ram "$dst2"
+	REPORT+=("$tag: killed after $((moved / 1048576)) MiB sent; ferryctl exit 1 after ${t_exit}ms: \"$reason\"; retry ${retry_ms}ms")
+}
+
+for r in "${runs[@]}"; do
+	run_one "${r%%:*}" "${r##*:}"
+done
+echo "PASS dest-dies ($RAM TCG guest) in $(ferry_elapsed)s"
+for r in "${REPORT[@]}"; do echo "  $r"; done
+exit 0

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# migrate-stopped.sh CHANNELS - a stopped (-S) guest with 1 GiB of random RAM
+# (memory-backend-file filled before QEMU starts) is migrated through two
+# ferry daemons into a destination started with --prealloc and -incoming
+# defer, with CHANNELS multifd channels (0 = a single migration stream).
+#
+# Checks: ferryctl exits 0 and its --json report says completed (destination
+# completed); both QEMUs' query-migrate say "completed"; the source QEMU used
+# the requested multifd setting; source is postmigrate, destination paused
+# (prelaunch); both daemons still answer ping and left no stream sockets
+# behind; `ramcheck compare` finds the two RAM files byte-identical.
+#
+# Exit: 0 pass, 1 fail, 77 skip (no QEMU, no /dev/shm space), 2 usage.
+# Environment: see tests/lib/ferry.sh; STOPPED_RAM (default 1G),
+# STOPPED_ACCEL (tcg|kvm, default tcg), MIG_TIMEOUT (default 60 s).
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=../lib/ferry.sh
+. "$here/../lib/ferry.sh"
+
+if [ $# -ne 1 ] || ! [[ $1 =~ ^[0-9]+$ ]]; then
+	echo "usage: $0 CHANNELS   (0 = single stream, N = multifd with N channels)" >&2
+	exit 2
+fi
+CHANNELS=$1
+RAM=${STOPPED_RAM:-1G}
+ACCEL=${STOPPED_ACCEL:-tcg}
+MIG_TIMEOUT=${MIG_TIMEOUT:-60}
+
+ram_bytes=$(size_bytes "$RAM") || exit 2
+ferry_init --shm $((2 * ram_bytes)) --timeout 150
+ferry_need_ramcheck
+
+srcram=$QEMU_RAM_DIR/ferry-e2e-$$-src.ram
+dstram=$QEMU_RAM_DIR/ferry-e2e-$$-dst.ram
+QEMU_CLEANUP_FILES+=("$srcram" "$dstram")
+
+t=$(now_ms)
+fill_random "$srcram" "$RAM" || ferry_fail "fill_random $srcram $RAM failed"
+tfill=$(($(now_ms) - t))
+
+ferry_start_daemons || ferry_fail "starting the ferry daemons failed"
+t=$(now_ms)
+qemu_start src --ram "$RAM" --ram-file "$srcram" --stopped --accel "$ACCEL" ||
+	ferry_fail "starting the source QEMU failed"
+qemu_start dst --ram "$RAM" --ram-file "$dstram" --stopped --prealloc --incoming --accel "$ACCEL" ||
+	ferry_fail "starting the destination QEMU failed"
+tstart=$(($(now_ms) - t))
+
+ferry_migrate src dst "$MIG_TIMEOUT" --channels "$CHANNELS" --json
+rc=$FERRY_MIG_RC
+[ "$rc" -eq 0 ] || { ferry_mig_report; ferry_fail "ferryctl migrate --channels $CHANNELS exited $rc, expected 0"; }
+state=$(json_field state <"$FERRY_MIG_OUT")
+dst_status=$(json_field dst_status <"$FERRY_MIG_OUT")
+[ "$state" = completed ] && [ "$dst_status" = completed ] || {
+	ferry_mig_report
+	ferry_fail "ferryctl --json says state '$state', dst_status '$dst_status'; expected completed/completed"
+}
+
+src_sock=$(qemu_sock src)
+dst_sock=$(qemu_sock dst)
+st=$(mig_field "$src_sock" status)
+[ "$st" = completed ] || ferry_fail "source query-migrate status '$st', expected completed"
+st=$(mig_field "$dst_sock" status)
+[ "$st" = completed ] || ferry_fail "destination query-migrate status '$st', expected completed"
+summary=$(wait_migration "$src_sock" 5) || ferry_fail "cannot read the source migration summary"
+
+# ferry must have set up what was asked: multifd on iff CHANNELS > 0
+caps=$(qmp "$src_sock" query-migrate-capabilities) || ferry_fail "query-migrate-capabilities failed"
+multifd=$(python3 -c 'import json,sys; print(next((str(c["state"]).lower() for c in json.loads(sys.argv[1]) if c["capability"]=="multifd"), "absent"))' "$caps")
+if [ "$CHANNELS" -gt 0 ]; then
+	[ "$multifd" = true ] || ferry_fail "source multifd capability is '$multifd' with --channels $CHANNELS"
+	n=$(qmp_get "$src_sock" query-migrate-parameters multifd-channels)
+	[ "$n" = "$CHANNELS" ] || ferry_fail "source multifd-channels is '$n', expected $CHANNELS"
+	n=$(qmp_get "$dst_sock" query-migrate-parameters multifd-channels)
+	[ "$n" = "$CHANNELS" ] || ferry_fail "destination multifd-channels is '$n', expected $CHANNELS"
+else
+	[ "$multifd" = false ] || [ "$multifd" = absent ] ||
+		ferry_fail "source multifd capability is '$multifd' with --channels 0"
+fi
+
+st=$(qmp_get "$src_sock" query-status status)
+[ "$st" = postmigrate ] || ferry_fail "source VM status '$st' after the migration, expected postmigrate"
+st=$(qmp_get "$dst_sock" query-status status)
+case $st in paused | prelaunch) ;; *) ferry_fail "destination VM status '$st', expected paused/prelaunch (-S)" ;; esac
+
+for d in a b; do
+	ferry_ping "$d" || ferry_fail "ferryd $d does not answer ping after the migration"
+done
+left=$(find "$QEMU_DIR" -maxdepth 1 -name 'mig-*.sock' 2>/dev/null)
+[ -z "$left" ] || ferry_fail "stream sockets left in the run dir after the migration: $left"
+
+qemu_stop src
+qemu_stop dst
+t=$(now_ms)
+out=$("$RAMCHECK" compare "$srcram" "$dstram") || { echo "$out" >&2; ferry_fail "destination RAM differs from the source RAM"; }
+tcmp=$(($(now_ms) - t))
+
+echo "PASS migrate-stopped channels=$CHANNELS ($RAM, $ACCEL): fill ${tfill}ms, qemu start ${tstart}ms," \
+	"ferryctl ${FERRY_MIG_MS}ms, compare ${tcmp}ms, total $(ferry_elapsed)s; src: $summary"
+exit 0

@@ -124,6 +124,7 @@ struct ferry_session {
 	unsigned max_streams;
 	uint64_t window;
 	int timeout_ms;
+	bool handoff;
 	char unix_path[108];
 	struct lane lanes[FERRY_MAX_LANES];
 	struct region regions[MAX_REGIONS];
@@ -1108,11 +1109,17 @@ static struct ferry_session *session_alloc(struct ferry_dp *dp, const struct fer
 		ferry_err_set(err, ENAMETOOLONG, "unix socket path too long: %s", p->unix_path);
 		return NULL;
 	}
+	if (p->handoff && (p->lanes != 1 || p->unix_path || !(dp->ops->caps & FERRY_DRV_HANDOFF))) {
+		ferry_err_set(err, EINVAL, "a handoff session has exactly one lane, no local socket, and a driver that can hand over (%s cannot)",
+			      dp->ops->name);
+		return NULL;
+	}
 	struct ferry_session *s = calloc(1, sizeof(*s));
 	if (!s) {
 		ferry_err_set(err, ENOMEM, "session: out of memory");
 		return NULL;
 	}
+	s->handoff = p->handoff;
 	s->dp = dp;
 	s->is_src = is_src;
 	s->id = p->id;
@@ -1244,8 +1251,8 @@ int ferry_session_create_src(struct ferry_dp *dp, const struct ferry_session_par
 			goto fail;
 		struct iovec iov = { .iov_base = s->token, .iov_len = FERRY_TOKEN_LEN };
 		struct ferry_tx_frame hello = {
-			.hdr = { .type = FERRY_FT_HELLO, .session = s->id, .stream = i, .seq = s->nlanes,
-				 .length = FERRY_TOKEN_LEN },
+			.hdr = { .type = FERRY_FT_HELLO, .flags = s->handoff ? FERRY_FF_HANDOFF : 0, .session = s->id,
+				 .stream = i, .seq = s->nlanes, .length = FERRY_TOKEN_LEN },
 			.iov = &iov, .iovcnt = 1,
 		};
 		rc = lane_send_blocking(dp, l->drv, &hello, s->timeout_ms, err);
@@ -1294,7 +1301,8 @@ fail_lane:
 			goto fail;
 		}
 	}
-	rc = start_lane_threads(s, err);
+	/* A handoff lane is QEMU's, not a poller's. */
+	rc = s->handoff ? 0 : start_lane_threads(s, err);
 	if (rc)
 		goto fail;
 	if (s->listen_fd >= 0) {
@@ -1395,6 +1403,8 @@ static void handle_hello(struct ferry_dp *dp, struct ferry_lane_drv *drv, const 
 		why = "lane already attached";
 	else if (s->state != FERRY_SESSION_CONNECTING)
 		why = "session is not accepting lanes";
+	else if (!(f->hdr.flags & FERRY_FF_HANDOFF) != !s->handoff)
+		why = "handoff mode does not match the session";
 	if (why) {
 		pthread_mutex_unlock(&dp->lock);
 		refuse_lane(dp, drv, f->hdr.session, why);
@@ -1415,7 +1425,7 @@ static void handle_hello(struct ferry_dp *dp, struct ferry_lane_drv *drv, const 
 		s->state = FERRY_SESSION_ACTIVE;
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
-	if (all && start_lane_threads(s, &err))
+	if (all && !s->handoff && start_lane_threads(s, &err))
 		session_fail(s, true, "%s", err.msg);
 	pthread_mutex_unlock(&dp->lock);
 }
@@ -1663,6 +1673,33 @@ int ferry_session_wait_active(struct ferry_session *s, int timeout_ms, struct fe
 		rc = ferry_err_set(err, EIO, "session %u failed: %s", s->id, s->error);
 	pthread_mutex_unlock(&s->lock);
 	return rc;
+}
+
+bool ferry_dp_can_handoff(const struct ferry_dp *dp)
+{
+	return (dp->ops->caps & FERRY_DRV_HANDOFF) && dp->ops->lane_detach_fd;
+}
+
+int ferry_session_take_fd(struct ferry_session *s, int timeout_ms, struct ferry_err *err)
+{
+	if (!s->handoff)
+		return ferry_err_set(err, EINVAL, "session %u is not a handoff session", s->id);
+	int rc = ferry_session_wait_active(s, timeout_ms, err);
+	if (rc)
+		return rc;
+	/* The acceptor attaches lanes under dp->lock; take it so the lane is ours. */
+	pthread_mutex_lock(&s->dp->lock);
+	struct ferry_lane_drv *drv = s->lanes[0].drv;
+	s->lanes[0].drv = NULL;
+	pthread_mutex_unlock(&s->dp->lock);
+	if (!drv)
+		return ferry_err_set(err, EALREADY, "session %u's connection was already handed over", s->id);
+	int fd = s->dp->ops->lane_detach_fd(drv, err);
+	if (fd < 0) {
+		s->dp->ops->lane_close(drv);
+		return fd;
+	}
+	return fd;
 }
 
 /* ---- public: regions ----------------------------------------------------- */

@@ -61,6 +61,7 @@ struct ferry_session_params {
 	uint64_t window;                 /* 0 = the data plane's default; must match on both sides */
 	const char *unix_path;           /* source: path to listen on; destination: path to connect to (may be NULL for region-only sessions) */
 	int timeout_ms;                  /* lane set-up and stream-order waits */
+	bool handoff;                    /* one lane, authenticated, then given to QEMU whole (see ferry_session_take_fd) */
 };
 
 /* Destination: register a session; its lanes arrive through the device's
@@ -70,6 +71,14 @@ int ferry_session_create_dst(struct ferry_dp *dp, const struct ferry_session_par
 /* Source: connect the lanes to the peer's endpoint, then listen on unix_path. */
 int ferry_session_create_src(struct ferry_dp *dp, const struct ferry_session_params *p,
 			     const char *peer_endpoint, struct ferry_session **out, struct ferry_err *err);
+/* Handoff sessions: once the lane is up (waits up to timeout_ms), detach its
+ * connected kernel socket and return it; the caller owns the fd. The data then
+ * flows QEMU to QEMU over the connection ferry authenticated, with no copy or
+ * thread of ferry's in the path. */
+int ferry_session_take_fd(struct ferry_session *s, int timeout_ms, struct ferry_err *err);
+/* Whether this data plane's driver can hand a lane's socket to QEMU. */
+bool ferry_dp_can_handoff(const struct ferry_dp *dp);
+
 /* Stop all threads, close all sockets, free. Safe on a failed session. */
 void ferry_session_close(struct ferry_session *s);
 /* Fail the session on purpose (cancel): tells the peer, closes local ends. */

@@ -29,6 +29,7 @@
 #define FERRY_DRV_RELIABLE  0x1u /* frames arrive once, in order, or the lane fails */
 #define FERRY_DRV_SPLICE    0x2u /* tx_splice / rx_splice move payload kernel-side */
 #define FERRY_DRV_ONESIDED  0x4u /* write_remote places bytes in a peer region */
+#define FERRY_DRV_HANDOFF   0x8u /* lane_detach_fd gives the lane's kernel socket away */
 
 struct ferry_device;
 struct ferry_lane_drv;
@@ -125,6 +126,11 @@ struct ferry_driver_ops {
 	int (*write_remote)(struct ferry_lane_drv *lane, const struct ferry_mr *local, size_t local_off,
 			    uint64_t rkey, uint64_t remote_off, size_t len, uint32_t imm, void *cookie,
 			    struct ferry_err *err);
+
+	/* FERRY_DRV_HANDOFF only: end the lane and return its connected kernel
+	 * socket, with no byte of the peer's consumed beyond the last frame
+	 * received. The caller owns the fd (QEMU gets it). */
+	int (*lane_detach_fd)(struct ferry_lane_drv *lane, struct ferry_err *err);
 
 	/* An fd to poll() when idle: readable when rx may have work; with
 	 * want_tx, also writable when tx_flush may progress. */

@@ -156,6 +156,9 @@ int ferry_wire_decode(const uint8_t in[FERRY_WIRE_HDR_LEN], struct ferry_frame_h
 	if (hdr->flags & ~FERRY_FF_KNOWN)
 		return ferry_err_set(err, EPROTO, "%s frame has unknown flags 0x%04x",
 				     ferry_wire_type_name(hdr->type), hdr->flags & ~FERRY_FF_KNOWN);
+	if ((hdr->flags & FERRY_FF_HANDOFF) && hdr->type != FERRY_FT_HELLO)
+		return ferry_err_set(err, EPROTO, "%s frame carries the HELLO-only handoff flag",
+				     ferry_wire_type_name(hdr->type));
 	uint32_t max = max_len_for(hdr->type);
 	if (hdr->length > max)
 		return ferry_err_set(err, EMSGSIZE, "%s frame length %u exceeds the limit %u",

@@ -35,7 +35,8 @@ enum ferry_frame_type {
 
 /* flags */
 #define FERRY_FF_PAYLOAD_CRC 0x0001u /* header check also covers the payload (datagram drivers) */
-#define FERRY_FF_KNOWN       FERRY_FF_PAYLOAD_CRC
+#define FERRY_FF_HANDOFF     0x0002u /* HELLO only: after the handshake the connection is handed to QEMU */
+#define FERRY_FF_KNOWN       (FERRY_FF_PAYLOAD_CRC | FERRY_FF_HANDOFF)
 
 struct ferry_frame_hdr {
 	uint8_t type;

@@ -584,6 +584,19 @@ static void tcp_rx_release(struct ferry_lane_drv *lane, struct ferry_rx_frame *f
 {
 }
 
+static int tcp_lane_detach_fd(struct ferry_lane_drv *lane, struct ferry_err *err)
+{
+	if (lane->tx_count > 0 || lane->rx_hdr_got > 0 || lane->rx_pending > 0)
+		return ferry_err_set(err, EBUSY, "tcp lane still has frames in flight; cannot hand it over");
+	int fd = lane->fd;
+	/* QEMU expects a blocking socket it drives itself. */
+	int fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0)
+		return ferry_err_set(err, errno, "tcp lane: cannot make the socket blocking: %s", strerror(errno));
+	free(lane);
+	return fd;
+}
+
 static int tcp_wakeup_fd(struct ferry_lane_drv *lane, short *events, bool want_tx)
 {
 	*events = POLLIN;
@@ -594,7 +607,7 @@ static int tcp_wakeup_fd(struct ferry_lane_drv *lane, short *events, bool want_t
 
 const struct ferry_driver_ops ferry_tcp_driver = {
 	.name = "tcp",
-	.caps = FERRY_DRV_RELIABLE | FERRY_DRV_SPLICE,
+	.caps = FERRY_DRV_RELIABLE | FERRY_DRV_SPLICE | FERRY_DRV_HANDOFF,
 	.open = tcp_open,
 	.close = tcp_close,
 	.local_endpoint = tcp_local_endpoint,
@@ -612,5 +625,6 @@ const struct ferry_driver_ops ferry_tcp_driver = {
 	.rx_release = tcp_rx_release,
 	.tx_splice = tcp_tx_splice,
 	.rx_splice = tcp_rx_splice,
+	.lane_detach_fd = tcp_lane_detach_fd,
 	.wakeup_fd = tcp_wakeup_fd,
 };

@@ -487,6 +487,49 @@ static void test_peer_vanishes(struct ferry_dp *sdp, struct ferry_dp *ddp)
 	close_pair(&sp);
 }
 
+/* --- handoff: ferry authenticates the connection, then gives it away ------ */
+
+static void test_handoff(struct ferry_dp *sdp, struct ferry_dp *ddp)
+{
+	struct ferry_err err = { 0 };
+	CHECK(ferry_dp_can_handoff(sdp), "the tcp driver can hand a connection over");
+	uint32_t id = next_session++;
+	struct ferry_session_params p = { .id = id, .lanes = 1, .max_streams = 1, .timeout_ms = 5000, .handoff = true };
+	for (int i = 0; i < FERRY_TOKEN_LEN; i++)
+		p.token[i] = (uint8_t)(0x55 ^ i);
+	struct ferry_session *d = NULL, *s = NULL;
+	char ep[FERRY_DP_ENDPOINT_MAX];
+	ferry_dp_endpoint(ddp, ep, sizeof(ep), &err);
+	CHECK(ferry_session_create_dst(ddp, &p, &d, &err) == 0, "handoff destination session");
+	CHECK(ferry_session_create_src(sdp, &p, ep, &s, &err) == 0, "handoff source session: HELLO accepted (%s)", err.msg);
+	int sfd = ferry_session_take_fd(s, 5000, &err);
+	int dfd = ferry_session_take_fd(d, 5000, &err);
+	CHECK(sfd >= 0 && dfd >= 0, "both ends take their connected socket (%s)", err.msg);
+	CHECK(ferry_session_take_fd(s, 100, &err) == -EALREADY, "a connection is handed over only once");
+	char msg[] = "QEMU-to-QEMU bytes, no ferry in between", got[64] = { 0 };
+	CHECK(write(sfd, msg, sizeof(msg)) == (ssize_t)sizeof(msg) &&
+	      recv(dfd, got, sizeof(msg), MSG_WAITALL) == (ssize_t)sizeof(msg) && memcmp(msg, got, sizeof(msg)) == 0,
+	      "bytes written on one handed-over socket arrive intact on the other");
+	CHECK(write(dfd, "r", 1) == 1 && recv(sfd, got, 1, MSG_WAITALL) == 1 && got[0] == 'r', "and the return path works");
+	close(sfd);
+	close(dfd);
+	ferry_session_close(s);
+	ferry_session_close(d);
+
+	/* a relay source cannot join a handoff destination (nor the reverse) */
+	p.id = next_session++;
+	CHECK(ferry_session_create_dst(ddp, &p, &d, &err) == 0, "another handoff destination");
+	p.handoff = false;
+	ferry_err_clear(&err);
+	CHECK(ferry_session_create_src(sdp, &p, ep, &s, &err) == -ECONNREFUSED, "a relay lane is refused by a handoff session");
+	CHECK_MSG(err, "handoff mode does not match", "message: %s", err.msg);
+	ferry_session_close(d);
+	p.handoff = true;
+	p.unix_path = "/tmp/x.sock";
+	ferry_err_clear(&err);
+	CHECK(ferry_session_create_src(sdp, &p, ep, &s, &err) == -EINVAL, "a handoff session with a local socket is refused");
+}
+
 int main(void)
 {
 	snprintf(tmpdir, sizeof(tmpdir), "/tmp/ferry-dp-test.XXXXXX");
@@ -504,6 +547,7 @@ int main(void)
 	test_regions(sdp, ddp);
 	test_hostile(sdp, ddp);
 	test_peer_vanishes(sdp, ddp);
+	test_handoff(sdp, ddp);
 	ferry_dp_close(sdp);
 	ferry_dp_close(ddp);
 	char cmd[128];

@@ -102,6 +102,16 @@ int main(void)
 	payload[50] ^= 4;
 	CHECK(ferry_wire_check_payload(t, payload, sizeof(payload), &err) == -EBADMSG, "corrupted payload detected");
 
+	struct ferry_frame_hdr ho = { .type = FERRY_FT_HELLO, .flags = FERRY_FF_HANDOFF, .session = 3, .length = 16 };
+	ferry_wire_encode(&ho, NULL, t);
+	ferry_err_clear(&err);
+	CHECK(ferry_wire_decode(t, &out, &err) == 0 && (out.flags & FERRY_FF_HANDOFF), "HELLO may carry the handoff flag");
+	ho.type = FERRY_FT_DATA;
+	ferry_wire_encode(&ho, NULL, t);
+	ferry_err_clear(&err);
+	CHECK(ferry_wire_decode(t, &out, &err) == -EPROTO, "the handoff flag on any other frame is rejected");
+	CHECK_MSG(err, "HELLO-only", "message: %s", err.msg);
+
 	CHECK(strcmp(ferry_wire_type_name(FERRY_FT_REGION_WRITE), "REGION_WRITE") == 0, "type names");
 	CHECK(strcmp(ferry_wire_type_name(250), "UNKNOWN") == 0, "unknown type name");
 	CHECK_DONE();

@@ -103,6 +103,13 @@ static void logf_(struct daemon *d, const char *fmt, ...)
 	(void)d;
 }
 
+static double cpu_seconds(void)
+{
+	struct rusage ru;
+	getrusage(RUSAGE_SELF, &ru);
+	return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
 static uint32_t new_id(struct daemon *d)
 {
 	uint32_t r;
@@ -274,19 +281,22 @@ static json_t *session_reply(struct daemon *d, struct dst_entry *e, const uint8_
 
 /* target NULL: a migration stream socket in the run dir, named after the session. */
 static int new_dst_session(struct daemon *d, struct dst_entry *e, unsigned lanes, unsigned streams,
-			   const char *target, uint8_t *token, struct ferry_err *err)
+			   const char *target, bool handoff, uint8_t *token, struct ferry_err *err)
 {
 	if (getrandom(token, FERRY_TOKEN_LEN, 0) != FERRY_TOKEN_LEN)
 		return ferry_err_set(err, EIO, "no randomness for the session token");
 	e->id = new_id(d);
-	if (!target) {
+	if (handoff) {
+		target = "";
+		lanes = 1;
+	} else if (!target) {
 		if ((size_t)snprintf(e->sock_path, sizeof(e->sock_path), "%s/mig-%u-dst.sock", d->run_dir, e->id) >=
 		    sizeof(e->sock_path))
 			return ferry_err_set(err, ENAMETOOLONG, "run directory path too long");
 		target = e->sock_path;
 	}
 	struct ferry_session_params sp = { .id = e->id, .lanes = lanes ? lanes : streams, .max_streams = streams,
-					   .unix_path = target[0] ? target : NULL, .timeout_ms = 10000 };
+					   .unix_path = target[0] ? target : NULL, .timeout_ms = 10000, .handoff = handoff };
 	memcpy(sp.token, token, FERRY_TOKEN_LEN);
 	return ferry_session_create_dst(d->dp, &sp, &e->sess, err);
 }
@@ -323,7 +333,7 @@ static json_t *peer_session_open(struct daemon *d, json_t *req, struct ferry_err
 		ferry_err_set(err, EINVAL, "session-open needs a \"target\" socket or a region");
 		goto fail;
 	}
-	if (new_dst_session(d, e, lanes, streams, target ? e->sock_path : "", token, err))
+	if (new_dst_session(d, e, lanes, streams, target ? e->sock_path : "", false, token, err))
 		goto fail;
 	if (region_bytes) {
 		/* Populate now: first touch of fresh memory would otherwise be timed. */
@@ -339,7 +349,10 @@ static json_t *peer_session_open(struct daemon *d, json_t *req, struct ferry_err
 	}
 	if (dst_insert(d, e, err))
 		goto fail;
-	return session_reply(d, e, token);
+	json_t *r = session_reply(d, e, token);
+	/* CPU so far, so a benchmark can leave set-up (pre-faulting) out. */
+	json_object_set_new(r, "cpu_s", json_real(cpu_seconds()));
+	return r;
 fail:
 	dst_free(e);
 	return NULL;
@@ -383,21 +396,31 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 				       (int)channels))
 			goto fail;
 	}
+	bool handoff = json_is_true(json_object_get(req, "handoff"));
+	if (handoff && (channels > 0 || !ferry_dp_can_handoff(d->dp))) {
+		ferry_err_set(err, EINVAL, "handoff needs a single channel and a driver that can hand over");
+		goto fail;
+	}
 	uint8_t token[FERRY_TOKEN_LEN];
 	/* The stream socket is ours, in our run dir, named after the session. */
-	if (new_dst_session(d, e, lanes, channels + 1, NULL, token, err))
+	if (new_dst_session(d, e, lanes, channels + 1, NULL, handoff, token, err))
 		goto fail;
 	uint32_t id = e->id;
-	unlink(e->sock_path);
-	char uri[PATH_MAX + 8];
-	snprintf(uri, sizeof(uri), "unix:%s", e->sock_path);
-	if (ferry_qmp_executef(e->qmp, NULL, err, "migrate-incoming", "{s:s}", "uri", uri))
-		goto fail;
-	e->unlink_sock = true;
+	if (handoff) {
+		/* QEMU gets the authenticated connection in migrate-handoff. */
+		logf_(d, "session %u: destination QEMU %s waits for a handed-over connection", id, qmp_path);
+	} else {
+		unlink(e->sock_path);
+		char uri[PATH_MAX + 8];
+		snprintf(uri, sizeof(uri), "unix:%s", e->sock_path);
+		if (ferry_qmp_executef(e->qmp, NULL, err, "migrate-incoming", "{s:s}", "uri", uri))
+			goto fail;
+		e->unlink_sock = true;
+		logf_(d, "session %u: destination QEMU %s listens on %s (%u multifd channels)", id, qmp_path,
+		      e->sock_path, channels);
+	}
 	if (dst_insert(d, e, err))
 		goto fail;
-	logf_(d, "session %u: destination QEMU %s listens on %s (%u multifd channels)", id, qmp_path, e->sock_path,
-	      channels);
 	return session_reply(d, e, token);
 fail:
 	dst_free(e);
@@ -419,7 +442,7 @@ static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_e
 	/* The source has sent everything; wait for the destination to load it. */
 	const char *status = NULL;
 	json_t *info = NULL;
-	for (int i = 0; i < 1200; i++) {
+	for (int i = 0; i < 6000; i++) {
 		json_decref(info);
 		info = NULL;
 		if (ferry_qmp_execute(e->qmp, "query-migrate", NULL, &info, err))
@@ -433,7 +456,7 @@ static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_e
 			ferry_err_set(err, EIO, "transport failed: %s", ss.error);
 			break;
 		}
-		usleep(100000);
+		usleep(20000);
 	}
 	json_t *r = NULL;
 	if (status && !err->code) {
@@ -453,6 +476,40 @@ static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_e
 	return r;
 }
 
+/* The source's lane is up: give its socket to the destination QEMU. */
+static json_t *peer_migrate_handoff(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	uint64_t id;
+	if (req_u64(req, "session", &id, err))
+		return NULL;
+	struct dst_entry *e = dst_take(d, (uint32_t)id);
+	if (!e || !e->qmp) {
+		ferry_err_set(err, ENOENT, "no migration session %" PRIu64 " here", id);
+		if (e)
+			dst_insert(d, e, err);
+		return NULL;
+	}
+	json_t *r = NULL;
+	int fd = ferry_session_take_fd(e->sess, 10000, err);
+	if (fd >= 0) {
+		int rc = ferry_qmp_getfd(e->qmp, fd, "ferry-migration", err);
+		close(fd); /* QEMU holds its own copy now */
+		if (rc == 0 && ferry_qmp_executef(e->qmp, NULL, err, "migrate-incoming", "{s:s}", "uri",
+						  "fd:ferry-migration") == 0) {
+			r = reply_ok();
+			logf_(d, "session %u: connection handed to the destination QEMU", e->id);
+		}
+	}
+	struct ferry_err e2 = { 0 };
+	if (dst_insert(d, e, &e2)) {
+		dst_free(e);
+		json_decref(r);
+		ferry_err_set(err, e2.code, "%s", e2.msg);
+		return NULL;
+	}
+	return r;
+}
+
 static json_t *peer_session_close(struct daemon *d, json_t *req, struct ferry_err *err)
 {
 	uint64_t id;
@@ -464,6 +521,7 @@ static json_t *peer_session_close(struct daemon *d, json_t *req, struct ferry_er
 		return NULL;
 	}
 	json_t *r = reply_ok();
+	json_object_set_new(r, "cpu_s", json_real(cpu_seconds()));
 	json_object_set_new(r, "stats", session_stats_json(e->sess));
 	if (e->region && json_is_true(json_object_get(req, "crc")))
 		json_object_set_new(r, "crc", json_integer(ferry_dp_checksum(0, e->region, e->region_len)));
@@ -475,7 +533,7 @@ static json_t *peer_session_close(struct daemon *d, json_t *req, struct ferry_er
 
 static int open_src_session(struct daemon *d, struct ferry_jl *ctl, json_t *open_req, unsigned lanes,
 			    unsigned streams, const char *listen, struct ferry_session **out, uint32_t *sid,
-			    struct ferry_err *err)
+			    double *peer_cpu, struct ferry_err *err)
 {
 	json_t *rep = NULL;
 	if (ferry_jl_call(ctl, open_req, REQ_TIMEOUT_MS, &rep, err))
@@ -491,6 +549,8 @@ static int open_src_session(struct daemon *d, struct ferry_jl *ctl, json_t *open
 		goto out;
 	}
 	sp.id = (uint32_t)json_integer_value(jid);
+	if (peer_cpu)
+		*peer_cpu = json_number_value(json_object_get(rep, "cpu_s"));
 	for (unsigned i = 0; i < FERRY_TOKEN_LEN; i++) {
 		unsigned v;
 		if (sscanf(tok + 2 * i, "%2x", &v) != 1) {
@@ -535,7 +595,7 @@ static json_t *admin_tunnel_open(struct daemon *d, json_t *req, struct ferry_err
 		goto fail;
 	json_t *oreq = json_pack("{s:s, s:s, s:i, s:i}", "cmd", "session-open", "target", target, "streams",
 				 (int)streams, "lanes", (int)lanes);
-	int rc = open_src_session(d, &t->ctl, oreq, lanes, streams, t->listen, &t->sess, &t->id, err);
+	int rc = open_src_session(d, &t->ctl, oreq, lanes, streams, t->listen, &t->sess, &t->id, NULL, err);
 	json_decref(oreq);
 	if (rc)
 		goto fail;
@@ -644,7 +704,8 @@ static json_t *admin_perf_region(struct daemon *d, json_t *req, struct ferry_err
 	}
 	json_t *oreq = json_pack("{s:s, s:i, s:i, s:I}", "cmd", "session-open", "streams", 1, "lanes", (int)lanes,
 				 "region_bytes", (json_int_t)bytes);
-	int rc = open_src_session(d, &ctl, oreq, lanes, 1, NULL, &s, &sid, err);
+	double dst_cpu0 = 0;
+	int rc = open_src_session(d, &ctl, oreq, lanes, 1, NULL, &s, &sid, &dst_cpu0, err);
 	json_decref(oreq);
 	if (rc || ferry_region_add(s, 0, buf, bytes, err))
 		goto out;
@@ -668,9 +729,10 @@ static json_t *admin_perf_region(struct daemon *d, json_t *req, struct ferry_err
 	uint32_t want = ferry_dp_checksum(0, buf, bytes);
 	json_t *jc = json_object_get(crep, "crc");
 	bool match = json_is_integer(jc) && (uint32_t)json_integer_value(jc) == want;
+	double dst_cpu = json_number_value(json_object_get(crep, "cpu_s")) - dst_cpu0;
 	json_decref(crep);
-	r = json_pack("{s:b, s:I, s:f, s:f, s:f, s:b}", "ok", 1, "bytes", (json_int_t)bytes, "seconds", secs, "gbs",
-		      (double)bytes / secs / 1e9, "src_cpu_s", cpu, "verified", match);
+	r = json_pack("{s:b, s:I, s:f, s:f, s:f, s:f, s:b}", "ok", 1, "bytes", (json_int_t)bytes, "seconds", secs, "gbs",
+		      (double)bytes / secs / 1e9, "src_cpu_s", cpu, "dst_cpu_s", dst_cpu, "verified", match);
 out:
 	ferry_session_close(s);
 	ferry_jl_close(&ctl);
@@ -695,6 +757,7 @@ static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *er
 	    req_uint(req, "stall_timeout", 0, 86400, &stall, err))
 		return NULL;
 	p.stall_timeout_s = (int)stall;
+	p.no_handoff = json_is_false(json_object_get(req, "handoff"));
 	uint32_t id = new_id(d);
 	pthread_mutex_lock(&d->lock);
 	unsigned i;
@@ -743,8 +806,8 @@ static json_t *admin_migrate_status(struct daemon *d, json_t *req, bool cancel, 
 	}
 	struct ferry_migration_progress p;
 	ferry_migration_progress(m, &p);
-	return json_pack("{s:b, s:s, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:f, s:f, s:f, s:s, s:s, s:s}", "ok", 1,
-			 "state", ferry_migration_state_name(p.state), "qemu_status", p.qemu_status, "ram_total",
+	return json_pack("{s:b, s:s, s:s, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:f, s:f, s:f, s:s, s:s, s:s}", "ok", 1,
+			 "state", ferry_migration_state_name(p.state), "transport", p.transport, "qemu_status", p.qemu_status, "ram_total",
 			 (json_int_t)p.ram_total, "ram_transferred", (json_int_t)p.ram_transferred, "ram_remaining",
 			 (json_int_t)p.ram_remaining, "throughput_gbs", p.throughput_gbs, "dirty_rate_bps",
 			 p.dirty_rate_bps, "elapsed_s", p.elapsed_s, "setup_s", p.setup_s, "total_s", p.total_s,
@@ -764,18 +827,15 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 		return NULL;
 	}
 	if (strcmp(cmd, "ping") == 0 || strcmp(cmd, "hello") == 0) {
-		json_t *r = json_pack("{s:b, s:s, s:s, s:s, s:s}", "ok", 1, "version", "0.1.0", "driver",
-				      ferry_dp_driver_name(d->dp), "endpoint", d->endpoint, "run_dir", d->run_dir);
+		json_t *r = json_pack("{s:b, s:s, s:s, s:s, s:s, s:b}", "ok", 1, "version", "0.1.0", "driver",
+				      ferry_dp_driver_name(d->dp), "endpoint", d->endpoint, "run_dir", d->run_dir,
+				      "handoff", ferry_dp_can_handoff(d->dp));
 		if (admin)
 			json_object_set_new(r, "listen", json_string(d->cfg->listen));
 		return r;
 	}
 	if (strcmp(cmd, "stats") == 0) {
-		struct rusage ru;
-		getrusage(RUSAGE_SELF, &ru);
-		double cpu = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-			     (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
-		return json_pack("{s:b, s:f, s:I}", "ok", 1, "cpu_s", cpu, "rejected_lanes",
+		return json_pack("{s:b, s:f, s:I}", "ok", 1, "cpu_s", cpu_seconds(), "rejected_lanes",
 				 (json_int_t)ferry_dp_rejected_lanes(d->dp));
 	}
 	if (!admin) {
@@ -793,6 +853,8 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 		}
 		if (strcmp(cmd, "migrate-finish") == 0)
 			return peer_migrate_finish(d, req, err);
+		if (strcmp(cmd, "migrate-handoff") == 0)
+			return peer_migrate_handoff(d, req, err);
 		if (strcmp(cmd, "migrate-abort") == 0) {
 			uint64_t id;
 			if (req_u64(req, "session", &id, err))

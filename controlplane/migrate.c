@@ -2,7 +2,9 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <pthread.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,7 +16,7 @@
 
 #define QMP_TIMEOUT_MS   10000
 #define PEER_TIMEOUT_MS  15000
-#define POLL_INTERVAL_MS 200
+#define POLL_INTERVAL_MS 50
 #define FINISH_TIMEOUT_MS 120000
 #define FERRY_MIGRATE_MAX_BANDWIDTH (100ll * 1000 * 1000 * 1000) /* bytes/s: effectively unlimited */
 
@@ -24,6 +26,7 @@ struct ferry_migration {
 	char *src_qmp, *dst_qmp, *peer, *run_dir;
 	unsigned channels, lanes;
 	int stall_timeout_s;
+	bool no_handoff;
 
 	pthread_t thread;
 	pthread_mutex_t lock;
@@ -83,8 +86,8 @@ static double jd(json_t *o, const char *k)
 static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, struct ferry_session_params *sp,
 			char *endpoint, size_t eplen, struct ferry_err *err)
 {
-	json_t *req = json_pack("{s:s, s:s, s:i, s:i}", "cmd", "migrate-prepare", "qmp", m->dst_qmp,
-				"channels", (int)m->channels, "lanes", (int)sp->lanes);
+	json_t *req = json_pack("{s:s, s:s, s:i, s:i, s:b}", "cmd", "migrate-prepare", "qmp", m->dst_qmp,
+				"channels", (int)m->channels, "lanes", (int)sp->lanes, "handoff", sp->handoff);
 	if (!req)
 		return ferry_err_set(err, ENOMEM, "out of memory");
 	json_t *reply = NULL;
@@ -122,6 +125,29 @@ static int peer_simple(struct ferry_jl *jl, const char *cmd, uint32_t session, i
 	int rc = ferry_jl_call(jl, req, timeout_ms, reply, err);
 	json_decref(req);
 	return rc;
+}
+
+/* An older or differently built peer may lack handoff: then ferry relays. */
+static bool peer_can_handoff(struct ferry_jl *jl)
+{
+	struct ferry_err e = { 0 };
+	json_t *req = json_pack("{s:s}", "cmd", "hello"), *rep = NULL;
+	bool can = req && ferry_jl_call(jl, req, PEER_TIMEOUT_MS, &rep, &e) == 0 &&
+		   json_is_true(json_object_get(rep, "handoff"));
+	json_decref(req);
+	json_decref(rep);
+	return can;
+}
+
+/* The control connection to the destination daemon closed: nobody will
+ * finish the destination side, so the migration must not go on. */
+static bool peer_gone(struct ferry_jl *jl)
+{
+	struct pollfd p = { .fd = jl->fd, .events = POLLIN };
+	char c;
+	if (poll(&p, 1, 0) != 1)
+		return false;
+	return recv(jl->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0 || (p.revents & (POLLHUP | POLLERR));
 }
 
 static int set_source_caps(struct ferry_qmp *q, unsigned channels, struct ferry_err *err)
@@ -289,21 +315,54 @@ static void *migration_main(void *arg)
 		ferry_err_prefix(&err, "destination daemon");
 		goto out;
 	}
+	sp.handoff = m->channels == 0 && !m->no_handoff && ferry_dp_can_handoff(m->dp) && peer_can_handoff(&jl);
+	if (sp.handoff)
+		sp.lanes = 1;
+	pthread_mutex_lock(&m->lock);
+	if (sp.handoff)
+		snprintf(m->prog.transport, sizeof(m->prog.transport), "%s handoff", ferry_dp_driver_name(m->dp));
+	else
+		snprintf(m->prog.transport, sizeof(m->prog.transport), "%s relay, %u lane%s", ferry_dp_driver_name(m->dp),
+			 sp.lanes, sp.lanes == 1 ? "" : "s");
+	pthread_mutex_unlock(&m->lock);
 	if ((rc = peer_prepare(m, &jl, &sp, endpoint, sizeof(endpoint), &err)))
 		goto out;
 	prepared = true;
 	if (cancelled(m))
 		goto cancel;
 
-	snprintf(path, sizeof(path), "%s/mig-%u-src.sock", m->run_dir, m->id);
-	sp.unix_path = path;
-	rc = ferry_session_create_src(m->dp, &sp, endpoint, &sess, &err);
-	if (rc) {
-		ferry_err_prefix(&err, "cannot open the data lanes");
-		goto out;
-	}
 	char uri[600];
-	snprintf(uri, sizeof(uri), "unix:%s", path);
+	if (sp.handoff) {
+		rc = ferry_session_create_src(m->dp, &sp, endpoint, &sess, &err);
+		if (rc) {
+			ferry_err_prefix(&err, "cannot open the data connection");
+			goto out;
+		}
+		int fd = ferry_session_take_fd(sess, 10000, &err);
+		if (fd < 0) {
+			rc = fd;
+			goto out;
+		}
+		/* The destination QEMU takes its end first, then ours starts writing. */
+		rc = peer_simple(&jl, "migrate-handoff", sp.id, PEER_TIMEOUT_MS, NULL, &err);
+		if (rc == 0)
+			rc = ferry_qmp_getfd(q, fd, "ferry-migration", &err);
+		close(fd);
+		if (rc) {
+			ferry_err_prefix(&err, "handing the connection to QEMU");
+			goto out;
+		}
+		snprintf(uri, sizeof(uri), "fd:ferry-migration");
+	} else {
+		snprintf(path, sizeof(path), "%s/mig-%u-src.sock", m->run_dir, m->id);
+		sp.unix_path = path;
+		rc = ferry_session_create_src(m->dp, &sp, endpoint, &sess, &err);
+		if (rc) {
+			ferry_err_prefix(&err, "cannot open the data lanes");
+			goto out;
+		}
+		snprintf(uri, sizeof(uri), "unix:%s", path);
+	}
 	if ((rc = ferry_qmp_executef(q, NULL, &err, "migrate", "{s:s}", "uri", uri)))
 		goto out;
 	set_state(m, FERRY_MIG_ACTIVE);
@@ -323,6 +382,19 @@ static void *migration_main(void *arg)
 		update_progress(m, info, &last_bytes, &last_t);
 		const char *status = json_string_value(json_object_get(info, "status"));
 		if (status && strcmp(status, "completed") == 0) {
+			/* QEMU 7.2 says completed a moment before it fills in its
+			 * timings: read them again until they are there. */
+			for (int i = 0; i < 25 && ju(info, "total-time") == 0; i++) {
+				json_t *again = NULL;
+				struct timespec ts = { 0, 20 * 1000000L };
+				nanosleep(&ts, NULL);
+				if (ferry_qmp_execute(q, "query-migrate", NULL, &again, &err))
+					break;
+				json_decref(info);
+				info = again;
+			}
+			ferry_err_clear(&err);
+			update_progress(m, info, &last_bytes, &last_t);
 			json_decref(info);
 			src_completed = true;
 			break;
@@ -348,8 +420,18 @@ static void *migration_main(void *arg)
 			goto out;
 		}
 		double now = since(&m->t0);
-		if (ss.tx_bytes != stall_bytes) {
-			stall_bytes = ss.tx_bytes;
+		if (peer_gone(&jl)) {
+			struct ferry_err e2 = { 0 };
+			(void)ferry_qmp_execute(q, "migrate_cancel", NULL, NULL, &e2);
+			rc = ferry_err_set(&err, ECONNRESET, "the destination daemon went away; migration cancelled");
+			goto out;
+		}
+		/* Handed-over connections move bytes ferry does not see: count QEMU's too. */
+		pthread_mutex_lock(&m->lock);
+		uint64_t moved = ss.tx_bytes + m->prog.ram_transferred;
+		pthread_mutex_unlock(&m->lock);
+		if (moved != stall_bytes) {
+			stall_bytes = moved;
 			stall_t = now;
 		} else if (now - stall_t > m->stall_timeout_s) {
 			struct ferry_err e2 = { 0 };
@@ -444,6 +526,7 @@ int ferry_migration_start(struct ferry_dp *dp, const struct ferry_migration_para
 	m->run_dir = strdup(p->run_dir);
 	m->channels = p->channels;
 	m->lanes = p->lanes;
+	m->no_handoff = p->no_handoff;
 	m->stall_timeout_s = p->stall_timeout_s > 0 ? p->stall_timeout_s : 120;
 	pthread_mutex_init(&m->lock, NULL);
 	clock_gettime(CLOCK_MONOTONIC, &m->t0);

@@ -18,6 +18,7 @@ struct ferry_migration_params {
 	unsigned channels;        /* multifd channels; 0 = single stream */
 	unsigned lanes;           /* 0 = one lane per stream */
 	int stall_timeout_s;      /* fail when no byte moves for this long; 0 = 120 */
+	bool no_handoff;          /* keep ferry in the data path even where it could hand the connection to QEMU */
 };
 
 enum ferry_migration_state {
@@ -31,6 +32,7 @@ enum ferry_migration_state {
 struct ferry_migration_progress {
 	enum ferry_migration_state state;
 	char qemu_status[32];       /* the source QEMU's migration status */
+	char transport[48];         /* e.g. "tcp handoff", "tcp relay, 5 lanes" */
 	uint64_t ram_total, ram_transferred, ram_remaining;
 	double throughput_gbs;      /* GB/s over the last interval */
 	double dirty_rate_bps;      /* bytes/s the guest dirties */

@@ -19,11 +19,14 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=../lib/ferry.sh
 . "$here/../lib/ferry.sh"
 
-if [ $# -ne 1 ] || ! [[ $1 =~ ^[0-9]+$ ]]; then
-	echo "usage: $0 CHANNELS   (0 = single stream, N = multifd with N channels)" >&2
+if [ $# -lt 1 ] || [ $# -gt 2 ] || ! [[ $1 =~ ^[0-9]+$ ]]; then
+	echo "usage: $0 CHANNELS [auto|relay]  (0 = single stream, N = multifd with N channels)" >&2
 	exit 2
 fi
 CHANNELS=$1
+# MODE: auto (ferry picks: handoff for one stream over tcp, relay for multifd) or relay (--no-handoff)
+MODE=${2:-auto}
+case "$MODE" in auto) mode_args=() ;; relay) mode_args=(--no-handoff) ;; *) echo "MODE must be auto or relay" >&2; exit 2 ;; esac
 RAM=${STOPPED_RAM:-1G}
 ACCEL=${STOPPED_ACCEL:-tcg}
 MIG_TIMEOUT=${MIG_TIMEOUT:-60}
@@ -48,7 +51,7 @@ qemu_start dst --ram "$RAM" --ram-file "$dstram" --stopped --prealloc --incoming
 	ferry_fail "starting the destination QEMU failed"
 tstart=$(($(now_ms) - t))
 
-ferry_migrate src dst "$MIG_TIMEOUT" --channels "$CHANNELS" --json
+ferry_migrate src dst "$MIG_TIMEOUT" --channels "$CHANNELS" "${mode_args[@]+"${mode_args[@]}"}" --json
 rc=$FERRY_MIG_RC
 [ "$rc" -eq 0 ] || { ferry_mig_report; ferry_fail "ferryctl migrate --channels $CHANNELS exited $rc, expected 0"; }
 state=$(json_field state <"$FERRY_MIG_OUT")
@@ -57,6 +60,11 @@ dst_status=$(json_field dst_status <"$FERRY_MIG_OUT")
 	ferry_mig_report
 	ferry_fail "ferryctl --json says state '$state', dst_status '$dst_status'; expected completed/completed"
 }
+
+# the data path must be the one expected for this mode
+transport=$(json_field transport <"$FERRY_MIG_OUT")
+if [ "$CHANNELS" = 0 ] && [ "$MODE" = auto ]; then want="tcp handoff"; else want="tcp relay"; fi
+case "$transport" in "$want"*) ;; *) ferry_fail "data path was '$transport', expected '$want'" ;; esac
 
 src_sock=$(qemu_sock src)
 dst_sock=$(qemu_sock dst)

@@ -92,10 +92,13 @@ if [ "$quick" = 0 ]; then
 	fi
 
 	echo "== tests: unit tests under valgrind"
+	rm -f build/meson-logs/valgrind*.json
 	meson test -C build --suite unit --num-processes 1 --print-errorlogs \
 		--wrapper 'valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --quiet' \
 		--logbase valgrind || true
-	count build/meson-logs/valgrind.json valgrind
+	# meson names the log <logbase>-<wrapper>.json; take whichever it wrote
+	vlog=$(ls -t build/meson-logs/valgrind*.json 2>/dev/null | head -1)
+	count "${vlog:-build/meson-logs/valgrind.json}" valgrind
 fi
 
 echo

@@ -427,7 +427,9 @@ fail:
 	return NULL;
 }
 
-static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_err *err)
+/* Take the migration session a request names out of the table (the caller
+ * puts it back or frees it); a tunnel session with that id stays where it is. */
+static struct dst_entry *take_migration(struct daemon *d, json_t *req, struct ferry_err *err)
 {
 	uint64_t id;
 	if (req_u64(req, "session", &id, err))
@@ -439,6 +441,14 @@ static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_e
 			dst_insert(d, e, err);
 		return NULL;
 	}
+	return e;
+}
+
+static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	struct dst_entry *e = take_migration(d, req, err);
+	if (!e)
+		return NULL;
 	/* The source has sent everything; wait for the destination to load it. */
 	const char *status = NULL;
 	json_t *info = NULL;
@@ -479,16 +489,9 @@ static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_e
 /* The source's lane is up: give its socket to the destination QEMU. */
 static json_t *peer_migrate_handoff(struct daemon *d, json_t *req, struct ferry_err *err)
 {
-	uint64_t id;
-	if (req_u64(req, "session", &id, err))
+	struct dst_entry *e = take_migration(d, req, err);
+	if (!e)
 		return NULL;
-	struct dst_entry *e = dst_take(d, (uint32_t)id);
-	if (!e || !e->qmp) {
-		ferry_err_set(err, ENOENT, "no migration session %" PRIu64 " here", id);
-		if (e)
-			dst_insert(d, e, err);
-		return NULL;
-	}
 	json_t *r = NULL;
 	int fd = ferry_session_take_fd(e->sess, 10000, err);
 	if (fd >= 0) {

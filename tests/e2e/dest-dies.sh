@@ -129,19 +129,8 @@ run_one() {
 	qemu_rm_ram "$dst"
 
 	# nothing lost: the same source migrates fine now
-	qmp "$(qemu_sock "$src")" '{"execute":"migrate-set-parameters","arguments":{"downtime-limit":300}}' >/dev/null ||
-		ferry_fail "restoring downtime-limit on $src failed"
-	qemu_start "$dst2" --ram "$RAM" --boot "$DIRTY_BIN" --prealloc --incoming || ferry_fail "starting $dst2 failed"
-	ferry_migrate "$src" "$dst2" 60 --channels "$ch"
-	[ "$FERRY_MIG_RC" -eq 0 ] || { ferry_mig_report; ferry_fail "$tag: migrating the source again after the failure exited $FERRY_MIG_RC"; }
+	ferry_retry_migration "$src" "$dst2" "$ch" "$tag"
 	local retry_ms=$FERRY_MIG_MS
-	wait_status "$(qemu_sock "$dst2")" running 10 || ferry_fail "$tag: $dst2 is not running after the retry"
-	st=$(qmp_get "$(qemu_sock "$src")" query-status status)
-	[ "$st" = postmigrate ] || ferry_fail "$tag: source status '$st' after the retry, expected postmigrate"
-	qemu_stop "$src"
-	qemu_stop "$dst2"
-	qemu_rm_ram "$src"
-	qemu_rm_ram "$dst2"
 	REPORT+=("$tag: killed after $((moved / 1048576)) MiB sent; ferryctl exit 1 after ${t_exit}ms: \"$reason\"; retry ${retry_ms}ms")
 }
 

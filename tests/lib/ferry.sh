@@ -674,3 +674,23 @@ wait_file_line() {
 		sleep 0.05
 	done
 }
+
+# ferry_retry_migration SRC DST2 CHANNELS TAG: after a failed or cancelled
+# migration, the same source must migrate cleanly to a fresh destination DST2
+# (the failure lost nothing). Restores the downtime limit the slow tests lower,
+# leaves FERRY_MIG_MS set, and stops and removes both guests afterwards.
+ferry_retry_migration() {
+	local src=$1 dst2=$2 ch=$3 tag=$4 st
+	qmp "$(qemu_sock "$src")" '{"execute":"migrate-set-parameters","arguments":{"downtime-limit":300}}' >/dev/null ||
+		ferry_fail "restoring downtime-limit on $src failed"
+	qemu_start "$dst2" --ram "$RAM" --boot "$DIRTY_BIN" --prealloc --incoming || ferry_fail "starting $dst2 failed"
+	ferry_migrate "$src" "$dst2" 60 --channels "$ch"
+	[ "$FERRY_MIG_RC" -eq 0 ] || { ferry_mig_report; ferry_fail "$tag: migrating the source again afterwards exited $FERRY_MIG_RC"; }
+	wait_status "$(qemu_sock "$dst2")" running 10 || ferry_fail "$tag: $dst2 is not running after the retry"
+	st=$(qmp_get "$(qemu_sock "$src")" query-status status)
+	[ "$st" = postmigrate ] || ferry_fail "$tag: source status '$st' after the retry, expected postmigrate"
+	qemu_stop "$src"
+	qemu_stop "$dst2"
+	qemu_rm_ram "$src"
+	qemu_rm_ram "$dst2"
+}

@@ -29,6 +29,7 @@
 #define QMP_TIMEOUT_MS   10000
 #define MAX_ENTRIES      256
 #define REGION_MAX_BYTES (64ull << 30)
+#define REGION_BUDGET_BYTES (64ull << 30) /* all peer regions of one daemon together */
 
 /* A destination-side session and what belongs to it. */
 struct dst_entry {
@@ -39,6 +40,9 @@ struct dst_entry {
 	size_t region_len;
 	char sock_path[PATH_MAX];
 	bool unlink_sock;
+	struct daemon *d;   /* set when region bytes were charged to its budget */
+	uint64_t charged;
+	uint64_t window;    /* flow-control window agreed with the source */
 };
 
 /* A source-side tunnel opened from the admin socket. */
@@ -66,10 +70,15 @@ struct daemon {
 	struct src_tunnel *tun[MAX_ENTRIES];
 	struct mig_entry mig[MAX_ENTRIES];
 	uint32_t next_id;
-	unsigned active_conns;
+	unsigned active_conns;     /* peer connections */
+	unsigned active_admin;     /* admin connections, counted apart so peers cannot lock admins out */
+	dev_t admin_dev;
+	ino_t admin_ino;
+	uint64_t region_bytes;     /* destination regions allocated for peers, bounded */
 };
 
 #define MAX_CONNS 128
+#define MAX_ADMIN_CONNS 32
 #define MAX_OWNED 64
 
 struct conn {
@@ -87,6 +96,19 @@ static void conn_own(struct conn *c, json_t *reply)
 	json_t *id = json_object_get(reply, "session");
 	if (reply && json_is_integer(id) && c->nowned < MAX_OWNED)
 		c->owned[c->nowned++] = (uint32_t)json_integer_value(id);
+}
+
+/* Session commands act only on sessions this connection created: ids are not
+ * secrets, and another peer must not finish or abort someone's migration. */
+static bool conn_owns(const struct conn *c, json_t *req)
+{
+	json_t *id = json_object_get(req, "session");
+	if (!json_is_integer(id))
+		return true; /* the handler reports the malformed id */
+	for (unsigned i = 0; i < c->nowned; i++)
+		if (c->owned[i] == (uint32_t)json_integer_value(id))
+			return true;
+	return false;
 }
 
 static void logf_(struct daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -130,39 +152,58 @@ static bool under(const char *path, const char *dir)
 	return strncmp(path, dir, n) == 0 && (path[n] == '/' || path[n] == '\0');
 }
 
-/* Resolve a peer-supplied socket path: a bare name means run_dir/name; an
- * absolute path must lie (after resolving links) inside run_dir or an allowed
- * dir. Nothing a peer sends can point this host elsewhere. */
-static int resolve_peer_path(struct daemon *d, const char *in, char *out, size_t outlen, struct ferry_err *err)
+/* Where a peer-named socket may be. QMP sockets of VMs being migrated may sit
+ * in the run dir or an --allow-dir; tunnel targets only in an --allow-dir,
+ * because the run dir also holds this daemon's own sockets. */
+enum path_scope { SCOPE_RUN_AND_ALLOWED, SCOPE_ALLOWED_ONLY };
+
+/* Resolve a peer-supplied socket path: a bare name means DIR/name (run dir,
+ * or the first --allow-dir for tunnel targets); an absolute path must lie
+ * (after resolving its directory) inside a permitted dir. The last component
+ * must not be a symbolic link, and never this daemon's admin socket: nothing
+ * a peer sends can point this host elsewhere. */
+static int resolve_peer_path(struct daemon *d, const char *in, enum path_scope scope, char *out, size_t outlen,
+			     struct ferry_err *err)
 {
+	unsigned first = scope == SCOPE_ALLOWED_ONLY ? 1 : 0; /* allow[0] is the run dir */
 	if (!in || !in[0])
 		return ferry_err_set(err, EINVAL, "empty socket path");
 	if (strlen(in) >= PATH_MAX)
 		return ferry_err_set(err, ENAMETOOLONG, "socket path too long");
+	if (first >= d->nallow)
+		return ferry_err_set(err, EPERM, "this daemon serves no --allow-dir, so a peer may not name sockets here");
+	char dirbuf[PATH_MAX], real[PATH_MAX];
+	const char *base;
 	if (in[0] != '/') {
 		if (strchr(in, '/') || strcmp(in, ".") == 0 || strcmp(in, "..") == 0)
 			return ferry_err_set(err, EPERM, "socket name '%s' must be a plain name or an absolute path", in);
-		if ((size_t)snprintf(out, outlen, "%s/%s", d->run_dir, in) >= outlen)
-			return ferry_err_set(err, ENAMETOOLONG, "socket path too long");
-		return 0;
+		strcpy(real, d->allow[first]);
+		base = in;
+	} else {
+		strcpy(dirbuf, in);
+		char *dir = dirname(dirbuf);
+		if (!realpath(dir, real))
+			return ferry_err_set(err, errno, "socket directory of '%s': %s", in, strerror(errno));
+		base = strrchr(in, '/') + 1;
+		if (!base[0] || strcmp(base, "..") == 0 || strcmp(base, ".") == 0)
+			return ferry_err_set(err, EPERM, "'%s' does not name a socket", in);
+		unsigned i;
+		for (i = first; i < d->nallow && !under(real, d->allow[i]); i++)
+			;
+		if (i == d->nallow)
+			return ferry_err_set(err, EPERM, "'%s' is outside the directories this daemon lets peers name%s",
+					     in, scope == SCOPE_ALLOWED_ONLY ? " (--allow-dir)" : " (its run dir and --allow-dir)");
 	}
-	char dirbuf[PATH_MAX], real[PATH_MAX];
-	strcpy(dirbuf, in);
-	char *dir = dirname(dirbuf);
-	if (!realpath(dir, real))
-		return ferry_err_set(err, errno, "socket directory of '%s': %s", in, strerror(errno));
-	for (unsigned i = 0; i < d->nallow; i++) {
-		if (under(real, d->allow[i])) {
-			const char *base = strrchr(in, '/') + 1;
-			if (!base[0] || strcmp(base, "..") == 0 || strcmp(base, ".") == 0)
-				break;
-			if ((size_t)snprintf(out, outlen, "%s/%s", real, base) >= outlen)
-				return ferry_err_set(err, ENAMETOOLONG, "socket path too long");
-			return 0;
-		}
+	if ((size_t)snprintf(out, outlen, "%s/%s", real, base) >= outlen)
+		return ferry_err_set(err, ENAMETOOLONG, "socket path too long");
+	struct stat st;
+	if (lstat(out, &st) == 0) {
+		if (S_ISLNK(st.st_mode))
+			return ferry_err_set(err, EPERM, "'%s' is a symbolic link; peers may not name links", in);
+		if (st.st_dev == d->admin_dev && st.st_ino == d->admin_ino)
+			return ferry_err_set(err, EPERM, "'%s' is this daemon's admin socket", in);
 	}
-	return ferry_err_set(err, EPERM, "'%s' is outside the directories this daemon serves (%s and --allow-dir)",
-			     in, d->run_dir);
+	return 0;
 }
 
 /* ---- replies ------------------------------------------------------------- */
@@ -237,6 +278,11 @@ static void dst_free(struct dst_entry *e)
 	ferry_qmp_close(e->qmp);
 	if (e->region)
 		munmap(e->region, e->region_len);
+	if (e->d && e->charged) {
+		pthread_mutex_lock(&e->d->lock);
+		e->d->region_bytes -= e->charged;
+		pthread_mutex_unlock(&e->d->lock);
+	}
 	if (e->unlink_sock)
 		unlink(e->sock_path);
 	free(e);
@@ -275,8 +321,18 @@ static json_t *session_reply(struct daemon *d, struct dst_entry *e, const uint8_
 {
 	char tok[2 * FERRY_TOKEN_LEN + 1];
 	hex(token, FERRY_TOKEN_LEN, tok);
-	return json_pack("{s:b, s:I, s:s, s:s}", "ok", 1, "session", (json_int_t)e->id, "token", tok, "endpoint",
-			 d->endpoint);
+	return json_pack("{s:b, s:I, s:s, s:s, s:I}", "ok", 1, "session", (json_int_t)e->id, "token", tok, "endpoint",
+			 d->endpoint, "window", (json_int_t)e->window);
+}
+
+/* Both sides must use one window: the smaller of the two daemons' settings. */
+static uint64_t agree_window(struct daemon *d, json_t *req)
+{
+	uint64_t mine = ferry_dp_window(d->dp);
+	json_t *w = json_object_get(req, "window");
+	if (json_is_integer(w) && json_integer_value(w) >= 65536 && (uint64_t)json_integer_value(w) < mine)
+		return (uint64_t)json_integer_value(w);
+	return mine;
 }
 
 /* target NULL: a migration stream socket in the run dir, named after the session. */
@@ -296,7 +352,8 @@ static int new_dst_session(struct daemon *d, struct dst_entry *e, unsigned lanes
 		target = e->sock_path;
 	}
 	struct ferry_session_params sp = { .id = e->id, .lanes = lanes ? lanes : streams, .max_streams = streams,
-					   .unix_path = target[0] ? target : NULL, .timeout_ms = 10000, .handoff = handoff };
+					   .unix_path = target[0] ? target : NULL, .timeout_ms = 10000, .handoff = handoff,
+					   .window = e->window };
 	memcpy(sp.token, token, FERRY_TOKEN_LEN);
 	return ferry_session_create_dst(d->dp, &sp, &e->sess, err);
 }
@@ -325,8 +382,9 @@ static json_t *peer_session_open(struct daemon *d, json_t *req, struct ferry_err
 		ferry_err_set(err, ENOMEM, "out of memory");
 		return NULL;
 	}
+	e->window = agree_window(d, req);
 	const char *target = req_str(req, "target");
-	if (target && resolve_peer_path(d, target, e->sock_path, sizeof(e->sock_path), err))
+	if (target && resolve_peer_path(d, target, SCOPE_ALLOWED_ONLY, e->sock_path, sizeof(e->sock_path), err))
 		goto fail;
 	uint8_t token[FERRY_TOKEN_LEN];
 	if (!target && !region_bytes) {
@@ -336,6 +394,18 @@ static json_t *peer_session_open(struct daemon *d, json_t *req, struct ferry_err
 	if (new_dst_session(d, e, lanes, streams, target ? e->sock_path : "", false, token, err))
 		goto fail;
 	if (region_bytes) {
+		pthread_mutex_lock(&d->lock);
+		bool over = d->region_bytes + region_bytes > REGION_BUDGET_BYTES;
+		if (!over)
+			d->region_bytes += region_bytes;
+		pthread_mutex_unlock(&d->lock);
+		if (over) {
+			ferry_err_set(err, ENOMEM, "region of %" PRIu64 " bytes is over this daemon's budget for peer regions (%llu bytes)",
+				      region_bytes, (unsigned long long)REGION_BUDGET_BYTES);
+			goto fail;
+		}
+		e->charged = region_bytes;
+		e->d = d;
 		/* Populate now: first touch of fresh memory would otherwise be timed. */
 		e->region = mmap(NULL, region_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
 		if (e->region == MAP_FAILED) {
@@ -365,7 +435,7 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 	    req_uint(req, "lanes", 0, FERRY_MAX_LANES, &lanes, err))
 		return NULL;
 	char qmp_path[PATH_MAX];
-	if (resolve_peer_path(d, req_str(req, "qmp"), qmp_path, sizeof(qmp_path), err)) {
+	if (resolve_peer_path(d, req_str(req, "qmp"), SCOPE_RUN_AND_ALLOWED, qmp_path, sizeof(qmp_path), err)) {
 		ferry_err_prefix(err, "destination QMP socket");
 		return NULL;
 	}
@@ -402,6 +472,7 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 		goto fail;
 	}
 	uint8_t token[FERRY_TOKEN_LEN];
+	e->window = agree_window(d, req);
 	/* The stream socket is ours, in our run dir, named after the session. */
 	if (new_dst_session(d, e, lanes, channels + 1, NULL, handoff, token, err))
 		goto fail;
@@ -539,6 +610,7 @@ static int open_src_session(struct daemon *d, struct ferry_jl *ctl, json_t *open
 			    double *peer_cpu, struct ferry_err *err)
 {
 	json_t *rep = NULL;
+	json_object_set_new(open_req, "window", json_integer((json_int_t)ferry_dp_window(d->dp)));
 	if (ferry_jl_call(ctl, open_req, REQ_TIMEOUT_MS, &rep, err))
 		return ferry_err_prefix(err, "peer refused the session");
 	json_t *jid = json_object_get(rep, "session");
@@ -552,6 +624,7 @@ static int open_src_session(struct daemon *d, struct ferry_jl *ctl, json_t *open
 		goto out;
 	}
 	sp.id = (uint32_t)json_integer_value(jid);
+	sp.window = agree_window(d, rep);
 	if (peer_cpu)
 		*peer_cpu = json_number_value(json_object_get(rep, "cpu_s"));
 	for (unsigned i = 0; i < FERRY_TOKEN_LEN; i++) {
@@ -592,7 +665,7 @@ static json_t *admin_tunnel_open(struct daemon *d, json_t *req, struct ferry_err
 		return NULL;
 	}
 	t->ctl.fd = -1;
-	if (resolve_peer_path(d, listen, t->listen, sizeof(t->listen), err))
+	if (resolve_peer_path(d, listen, SCOPE_RUN_AND_ALLOWED, t->listen, sizeof(t->listen), err))
 		goto fail;
 	if (ferry_jl_connect_tcp(peer, REQ_TIMEOUT_MS, &t->ctl, err))
 		goto fail;
@@ -622,15 +695,15 @@ fail:
 	return NULL;
 }
 
-static struct src_tunnel *tunnel_find(struct daemon *d, uint32_t id, bool take)
+/* Take a tunnel out of the table (the caller frees it). */
+static struct src_tunnel *tunnel_take(struct daemon *d, uint32_t id)
 {
 	pthread_mutex_lock(&d->lock);
 	struct src_tunnel *t = NULL;
 	for (unsigned i = 0; i < MAX_ENTRIES; i++) {
 		if (d->tun[i] && d->tun[i]->id == id) {
 			t = d->tun[i];
-			if (take)
-				d->tun[i] = NULL;
+			d->tun[i] = NULL;
 			break;
 		}
 	}
@@ -655,16 +728,27 @@ static json_t *admin_tunnel_status(struct daemon *d, json_t *req, bool close_it,
 	uint64_t id;
 	if (req_u64(req, "tunnel", &id, err))
 		return NULL;
-	/* Closing takes it out of the table first, so nobody else uses it. */
-	struct src_tunnel *t = tunnel_find(d, (uint32_t)id, close_it);
-	if (!t) {
+	json_t *r = reply_ok();
+	if (close_it) {
+		/* Closing takes it out of the table first, so nobody else uses it. */
+		struct src_tunnel *t = tunnel_take(d, (uint32_t)id);
+		if (t) {
+			json_object_set_new(r, "stats", session_stats_json(t->sess));
+			tunnel_free(t);
+		}
+	} else {
+		/* Read it under the table lock: a concurrent close cannot free it meanwhile. */
+		pthread_mutex_lock(&d->lock);
+		for (unsigned i = 0; i < MAX_ENTRIES; i++)
+			if (d->tun[i] && d->tun[i]->id == (uint32_t)id)
+				json_object_set_new(r, "stats", session_stats_json(d->tun[i]->sess));
+		pthread_mutex_unlock(&d->lock);
+	}
+	if (!json_object_get(r, "stats")) {
+		json_decref(r);
 		ferry_err_set(err, ENOENT, "no tunnel %" PRIu64, id);
 		return NULL;
 	}
-	json_t *r = reply_ok();
-	json_object_set_new(r, "stats", session_stats_json(t->sess));
-	if (close_it)
-		tunnel_free(t);
 	return r;
 }
 
@@ -762,22 +846,21 @@ static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *er
 	p.stall_timeout_s = (int)stall;
 	p.no_handoff = json_is_false(json_object_get(req, "handoff"));
 	uint32_t id = new_id(d);
+	/* Start and record under one lock so two requests never share a slot. */
 	pthread_mutex_lock(&d->lock);
 	unsigned i;
 	for (i = 0; i < MAX_ENTRIES && d->mig[i].m; i++)
 		;
-	pthread_mutex_unlock(&d->lock);
-	if (i == MAX_ENTRIES) {
-		ferry_err_set(err, ENOSPC, "too many migrations recorded; restart the daemon");
-		return NULL;
-	}
 	struct ferry_migration *m = NULL;
-	if (ferry_migration_start(d->dp, &p, id, &m, err))
-		return NULL;
-	pthread_mutex_lock(&d->lock);
-	d->mig[i].id = id;
-	d->mig[i].m = m;
+	int rc = i == MAX_ENTRIES ? ferry_err_set(err, ENOSPC, "too many migrations recorded; restart the daemon")
+				  : ferry_migration_start(d->dp, &p, id, &m, err);
+	if (rc == 0) {
+		d->mig[i].id = id;
+		d->mig[i].m = m;
+	}
 	pthread_mutex_unlock(&d->lock);
+	if (rc)
+		return NULL;
 	logf_(d, "migration %u: %s -> %s (%s), %u multifd channels", id, p.src_qmp, p.peer, p.dst_qmp, p.channels);
 	return json_pack("{s:b, s:I}", "ok", 1, "migration", (json_int_t)id);
 }
@@ -833,8 +916,13 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 		json_t *r = json_pack("{s:b, s:s, s:s, s:s, s:s, s:b}", "ok", 1, "version", "0.1.0", "driver",
 				      ferry_dp_driver_name(d->dp), "endpoint", d->endpoint, "run_dir", d->run_dir,
 				      "handoff", ferry_dp_can_handoff(d->dp));
-		if (admin)
+		if (admin) {
 			json_object_set_new(r, "listen", json_string(d->cfg->listen));
+			json_t *dirs = json_array();
+			for (unsigned i = 1; i < d->nallow; i++)
+				json_array_append_new(dirs, json_string(d->allow[i]));
+			json_object_set_new(r, "allow_dirs", dirs);
+		}
 		return r;
 	}
 	if (strcmp(cmd, "stats") == 0) {
@@ -842,6 +930,18 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 				 (json_int_t)ferry_dp_rejected_lanes(d->dp));
 	}
 	if (!admin) {
+		bool creates = strcmp(cmd, "session-open") == 0 || strcmp(cmd, "migrate-prepare") == 0;
+		if (creates && c->nowned >= MAX_OWNED) {
+			ferry_err_set(err, ENOSPC, "this connection already holds %d sessions", MAX_OWNED);
+			return NULL;
+		}
+		bool acts = strcmp(cmd, "session-close") == 0 || strcmp(cmd, "migrate-finish") == 0 ||
+			    strcmp(cmd, "migrate-abort") == 0 || strcmp(cmd, "migrate-handoff") == 0;
+		if (acts && !conn_owns(c, req)) {
+			ferry_err_set(err, EPERM, "session %lld was not opened on this connection",
+				      (long long)json_integer_value(json_object_get(req, "session")));
+			return NULL;
+		}
 		if (strcmp(cmd, "session-open") == 0) {
 			json_t *r = peer_session_open(d, req, err);
 			conn_own(c, r);
@@ -931,7 +1031,10 @@ static void *conn_main(void *arg)
 		}
 	}
 	pthread_mutex_lock(&d->lock);
-	d->active_conns--;
+	if (c->admin)
+		d->active_admin--;
+	else
+		d->active_conns--;
 	pthread_mutex_unlock(&d->lock);
 	free(c);
 	return NULL;
@@ -1005,14 +1108,18 @@ static int listen_peer(const char *hostport, struct ferry_err *err)
 static void spawn_conn(struct daemon *d, int lfd, bool admin)
 {
 	int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-	if (fd < 0)
+	if (fd < 0) {
+		/* Out of fds: the listener stays readable; back off, do not spin. */
+		if (errno == EMFILE || errno == ENFILE || errno == ENOMEM || errno == ENOBUFS)
+			usleep(100000);
 		return;
+	}
 	pthread_mutex_lock(&d->lock);
-	bool full = d->active_conns >= MAX_CONNS;
+	/* Bounded threads, counted apart: idle peers cannot lock the admin out. */
+	bool full = admin ? d->active_admin >= MAX_ADMIN_CONNS : d->active_conns >= MAX_CONNS;
 	pthread_mutex_unlock(&d->lock);
 	if (full) {
-		/* Bounded threads: idle connections cannot exhaust the daemon. */
-		logf_(d, "refusing a %s connection: %d connections open", admin ? "admin" : "peer", MAX_CONNS);
+		logf_(d, "refusing a %s connection: %d open", admin ? "admin" : "peer", admin ? MAX_ADMIN_CONNS : MAX_CONNS);
 		close(fd);
 		return;
 	}
@@ -1028,14 +1135,20 @@ static void spawn_conn(struct daemon *d, int lfd, bool admin)
 	pthread_attr_init(&a);
 	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
 	pthread_mutex_lock(&d->lock);
-	d->active_conns++;
+	if (admin)
+		d->active_admin++;
+	else
+		d->active_conns++;
 	pthread_mutex_unlock(&d->lock);
 	pthread_t t;
 	if (pthread_create(&t, &a, conn_main, c)) {
 		close(fd);
 		free(c);
 		pthread_mutex_lock(&d->lock);
-		d->active_conns--;
+		if (admin)
+			d->active_admin--;
+		else
+			d->active_conns--;
 		pthread_mutex_unlock(&d->lock);
 	}
 	pthread_attr_destroy(&a);
@@ -1077,6 +1190,11 @@ int ferry_daemon_run(const struct ferry_daemon_config *cfg, volatile sig_atomic_
 		rc = afd;
 		goto out;
 	}
+	struct stat ast;
+	if (stat(cfg->admin_path, &ast) == 0) {
+		d->admin_dev = ast.st_dev;
+		d->admin_ino = ast.st_ino;
+	}
 	if ((pfd = listen_peer(cfg->listen, err)) < 0) {
 		rc = pfd;
 		goto out;
@@ -1117,7 +1235,7 @@ out:
 	/* Connection threads may still be inside a request; wait a little. */
 	for (int i = 0; i < 100; i++) {
 		pthread_mutex_lock(&d->lock);
-		unsigned n = d->active_conns;
+		unsigned n = d->active_conns + d->active_admin;
 		pthread_mutex_unlock(&d->lock);
 		if (n == 0)
 			break;
@@ -1134,7 +1252,7 @@ out:
 		dst_free(d->dst[i]);
 		d->dst[i] = NULL;
 	}
-	bool conns_left = d->active_conns > 0;
+	bool conns_left = d->active_conns + d->active_admin > 0;
 	pthread_mutex_unlock(&d->lock);
 	ferry_dp_close(d->dp);
 	if (!conns_left) {

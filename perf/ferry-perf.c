@@ -176,7 +176,13 @@ static json_t *run_stream(const struct opts *o)
 	if (admin_call(o->src_admin, json_pack("{s:s}", "cmd", "ping"), &ps) ||
 	    admin_call(o->dst_admin, json_pack("{s:s}", "cmd", "ping"), &pd))
 		goto out;
-	snprintf(sink, sizeof(sink), "%s/perf-%d-sink.sock", json_string_value(json_object_get(pd, "run_dir")), getpid());
+	/* Tunnel targets must lie in one of the destination's --allow-dir. */
+	const char *sink_dir = json_string_value(json_array_get(json_object_get(pd, "allow_dirs"), 0));
+	if (!sink_dir) {
+		fprintf(stderr, "ferry-perf: the destination daemon has no --allow-dir for the stream sink; start it with one\n");
+		goto out;
+	}
+	snprintf(sink, sizeof(sink), "%s/perf-%d-sink.sock", sink_dir, getpid());
 	snprintf(src_sock, sizeof(src_sock), "%s/perf-%d-src.sock", json_string_value(json_object_get(ps, "run_dir")),
 		 getpid());
 	lfd = unix_listen(sink);

@@ -163,7 +163,7 @@ reply d-ctl-unknown "$ctl" 'str:{"cmd":"format-disk"}\n' '"ok":false.*unknown co
 reply d-ctl-admin-only "$ctl" 'str:{"cmd":"migrate","src_qmp":"x","dst_qmp":"y","peer":"z"}\n' '"ok":false.*unknown command'
 reply d-ctl-prepare-outside "$ctl" 'str:{"cmd":"migrate-prepare","qmp":"/etc/passwd"}\n' '"ok":false.*outside'
 reply d-ctl-prepare-badtype "$ctl" 'str:{"cmd":"migrate-prepare","qmp":"dst.qmp","channels":"many"}\n' '"ok":false.*integer'
-reply d-ctl-finish-bogus "$ctl" 'str:{"cmd":"migrate-finish","session":12345}\n' '"ok":false.*no migration session'
+reply d-ctl-finish-bogus "$ctl" 'str:{"cmd":"migrate-finish","session":12345}\n' '"ok":false.*(no migration session|not opened on this connection)'
 reply d-ctl-session-huge "$ctl" 'str:{"cmd":"session-open","streams":1,"region_bytes":99999999999999}\n' '"ok":false'
 reply d-ctl-session-close "$ctl" 'str:{"cmd":"session-close","session":-1}\n' '"ok":false'
 reply d-data-random "$data" random:65536 '<EOF>|<RESET>|.'

@@ -18,6 +18,7 @@
 #define PEER_TIMEOUT_MS  15000
 #define POLL_INTERVAL_MS 50
 #define FINISH_TIMEOUT_MS 120000
+#define SWITCHOVER_TIMEOUT_S 120
 #define FERRY_MIGRATE_MAX_BANDWIDTH (100ll * 1000 * 1000 * 1000) /* bytes/s: effectively unlimited */
 
 struct ferry_migration {
@@ -86,8 +87,9 @@ static double jd(json_t *o, const char *k)
 static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, struct ferry_session_params *sp,
 			char *endpoint, size_t eplen, struct ferry_err *err)
 {
-	json_t *req = json_pack("{s:s, s:s, s:i, s:i, s:b}", "cmd", "migrate-prepare", "qmp", m->dst_qmp,
-				"channels", (int)m->channels, "lanes", (int)sp->lanes, "handoff", sp->handoff);
+	json_t *req = json_pack("{s:s, s:s, s:i, s:i, s:b, s:I}", "cmd", "migrate-prepare", "qmp", m->dst_qmp,
+				"channels", (int)m->channels, "lanes", (int)sp->lanes, "handoff", sp->handoff, "window",
+				(json_int_t)ferry_dp_window(m->dp));
 	if (!req)
 		return ferry_err_set(err, ENOMEM, "out of memory");
 	json_t *reply = NULL;
@@ -104,6 +106,11 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, struct f
 		rc = ferry_err_set(err, EPROTO, "destination daemon's prepare reply lacks a valid session, token or endpoint");
 	} else {
 		sp->id = (uint32_t)json_integer_value(sid);
+		/* The destination answers with the window both sides use (the smaller). */
+		json_t *w = json_object_get(reply, "window");
+		uint64_t mine = ferry_dp_window(m->dp);
+		sp->window = json_is_integer(w) && json_integer_value(w) >= 65536 && (uint64_t)json_integer_value(w) <= mine
+				     ? (uint64_t)json_integer_value(w) : mine;
 		for (unsigned i = 0; i < FERRY_TOKEN_LEN && rc == 0; i++) {
 			unsigned v;
 			if (sscanf(token + 2 * i, "%2x", &v) != 1)
@@ -369,13 +376,8 @@ static void *migration_main(void *arg)
 
 	uint64_t last_bytes = 0, stall_bytes = 0;
 	double last_t = 0, stall_t = since(&m->t0);
+	double switch_t = -1;
 	for (;;) {
-		if (cancelled(m)) {
-			struct ferry_err e2 = { 0 };
-			(void)ferry_qmp_execute(q, "migrate_cancel", NULL, NULL, &e2);
-			ferry_session_abort(sess, "migration cancelled by the user");
-			goto cancel;
-		}
 		json_t *info = NULL;
 		if ((rc = ferry_qmp_execute(q, "query-migrate", NULL, &info, &err)))
 			goto out;
@@ -409,7 +411,30 @@ static void *migration_main(void *arg)
 			json_decref(info);
 			goto out;
 		}
+		/* In the final stop-and-copy the destination may already hold the
+		 * whole stream: cancelling now could leave the VM running on both
+		 * hosts. Only QEMU's own verdict counts until it is over. */
+		bool switching = status && (strcmp(status, "device") == 0 || strcmp(status, "pre-switchover") == 0);
 		json_decref(info);
+		if (switching) {
+			if (switch_t < 0)
+				switch_t = since(&m->t0);
+			if (since(&m->t0) - switch_t > SWITCHOVER_TIMEOUT_S) {
+				src_completed = true; /* outcome unknown: never resume */
+				rc = ferry_err_set(&err, ETIMEDOUT, "the source QEMU stayed in its final phase for %d s",
+						   SWITCHOVER_TIMEOUT_S);
+				goto out;
+			}
+			struct timespec ts = { 0, 10 * 1000000L };
+			nanosleep(&ts, NULL);
+			continue;
+		}
+		if (cancelled(m)) {
+			struct ferry_err e2 = { 0 };
+			(void)ferry_qmp_execute(q, "migrate_cancel", NULL, NULL, &e2);
+			ferry_session_abort(sess, "migration cancelled by the user");
+			goto cancel;
+		}
 		struct ferry_session_stats ss;
 		ferry_session_stats(sess, &ss);
 		if (ss.state == FERRY_SESSION_FAILED) {

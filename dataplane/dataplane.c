@@ -46,7 +46,8 @@ struct region {
 
 struct chunk {
 	uint8_t *buf;
-	bool busy;
+	bool busy;      /* framed, waiting for the driver's completion */
+	size_t held;    /* read from the local socket, not framed yet (wire was full) */
 };
 
 struct stream {
@@ -675,18 +676,11 @@ static int send_ctrl(struct lane *l, uint8_t type, uint32_t stream, uint64_t seq
 		.iov = len ? &iov : NULL,
 		.iovcnt = len ? 1 : 0,
 	};
+	/* A payload must outlive the frame: callers pass static strings. */
 	int n = ops->tx_burst(l->drv, &f, 1, err);
-	if (n > 0) {
+	if (n > 0)
 		l->tx_frames++;
-		if (len) {
-			/* tcp copies nothing: flush now while the payload is alive */
-			int rc;
-			do {
-				rc = ops->tx_flush(l->drv, err);
-			} while (rc == -EAGAIN && !session_stopping(l->s));
-		}
-	}
-	return n; /* 1 sent, 0 driver full, <0 failed */
+	return n; /* 1 queued, 0 driver full, <0 failed */
 }
 
 static int lane_tx_ctrl(struct lane *l, struct ferry_err *err)
@@ -811,11 +805,17 @@ static int stream_tx_copy(struct lane *l, struct stream *st, struct ferry_err *e
 		struct chunk *ch = &st->chunks[c];
 		if (ch->busy)
 			continue;
+		ssize_t r;
+		if (ch->held) {
+			r = (ssize_t)ch->held; /* read earlier, the wire was full then */
+			ch->held = 0;
+			goto frame;
+		}
 		uint64_t avail = ferry_credit_tx_avail(&st->txc);
 		if (avail == 0)
 			break;
 		size_t want = avail < TX_CHUNK_BYTES ? (size_t)avail : TX_CHUNK_BYTES;
-		ssize_t r = recv(st->fd, ch->buf, want, MSG_DONTWAIT);
+		r = recv(st->fd, ch->buf, want, MSG_DONTWAIT);
 		if (r < 0) {
 			if (errno == EAGAIN || errno == EINTR)
 				break;
@@ -826,6 +826,7 @@ static int stream_tx_copy(struct lane *l, struct stream *st, struct ferry_err *e
 			st->local_eof = true;
 			return 1;
 		}
+frame:;
 		struct iovec iov = { .iov_base = ch->buf, .iov_len = (size_t)r };
 		struct ferry_tx_frame f = {
 			.hdr = { .type = FERRY_FT_DATA, .session = l->s->id, .stream = st->id,
@@ -836,8 +837,11 @@ static int stream_tx_copy(struct lane *l, struct stream *st, struct ferry_err *e
 		if (n < 0)
 			return n;
 		if (n == 0) {
-			/* cannot happen with the driver's room checked below; keep the bytes safe anyway */
-			return ferry_err_set(err, EIO, "stream %u: driver refused a frame after a read", st->id);
+			/* The wire is full: keep the bytes in the chunk and frame them
+			 * first next time, before reading anything more. */
+			ch->held = (size_t)r;
+			l->tx_blocked = true;
+			return 1;
 		}
 		ch->busy = true;
 		stream_framed(l, st, (size_t)r);
@@ -974,6 +978,12 @@ static void lane_sleep(struct lane *l)
 	unsigned np = 0;
 	short ev = 0;
 	p[np].fd = ops->wakeup_fd(l->drv, &ev, l->tx_blocked);
+	/* Mid-frame with bytes still waiting for the local socket, the lane's
+	 * input may not fit: waiting for it could spin. The local socket's
+	 * POLLOUT (asked below) wakes us instead; with nothing waiting, POLLIN. */
+	struct stream *rs = l->rx_stream;
+	if (l->rx_left > 0 && rs && !rs->closed && !rs->reset_due && (rs->rxp_bytes > 0 || rs->ring_len > 0))
+		ev &= (short)~POLLIN;
 	p[np++].events = ev;
 	p[np].fd = l->evfd;
 	p[np++].events = POLLIN;
@@ -1010,11 +1020,21 @@ static void lane_send_reset(struct lane *l, const char *reason)
 		.hdr = { .type = FERRY_FT_RESET, .session = l->s->id, .stream = FERRY_STREAM_ANY, .length = (uint32_t)len },
 		.iov = &iov, .iovcnt = 1,
 	};
-	if (ops->tx_burst(l->drv, &f, 1, &ignored) != 1)
-		return;
-	/* Best effort and bounded: the peer may be gone. */
-	for (int i = 0; i < 50 && ops->tx_flush(l->drv, &ignored) == -EAGAIN; i++)
+	/* Best effort and bounded (the peer may be gone): make room, queue, push. */
+	void *done[64];
+	int queued = 0;
+	for (int i = 0; i < 50; i++) {
+		while (ops->poll_completions(l->drv, done, 64) > 0)
+			;
+		if (!queued)
+			queued = ops->tx_burst(l->drv, &f, 1, &ignored) == 1;
+		int rc = ops->tx_flush(l->drv, &ignored);
+		if (queued && rc == 0)
+			return;
+		if (rc != 0 && rc != -EAGAIN)
+			return;
 		usleep(1000);
+	}
 }
 
 static void *lane_main(void *arg)
@@ -1556,6 +1576,11 @@ void ferry_dp_close(struct ferry_dp *dp)
 int ferry_dp_endpoint(struct ferry_dp *dp, char *buf, size_t len, struct ferry_err *err)
 {
 	return dp->ops->local_endpoint(dp->dev, buf, len, err);
+}
+
+uint64_t ferry_dp_window(const struct ferry_dp *dp)
+{
+	return dp->window;
 }
 
 const char *ferry_dp_driver_name(const struct ferry_dp *dp)

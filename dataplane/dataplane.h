@@ -47,6 +47,8 @@ int ferry_dp_open(const struct ferry_dp_config *cfg, struct ferry_dp **out, stru
 void ferry_dp_close(struct ferry_dp *dp);
 int ferry_dp_endpoint(struct ferry_dp *dp, char *buf, size_t len, struct ferry_err *err);
 const char *ferry_dp_driver_name(const struct ferry_dp *dp);
+/* This data plane's per-stream flow-control window (bytes). */
+uint64_t ferry_dp_window(const struct ferry_dp *dp);
 /* Frames that arrived for no established session (bad HELLOs), for stats. */
 uint64_t ferry_dp_rejected_lanes(const struct ferry_dp *dp);
 /* CRC32C (hardware-assisted where the CPU has it), for verifying transfers;

@@ -499,6 +499,11 @@ static int tcp_rx_burst(struct ferry_lane_drv *lane, struct ferry_rx_frame *fram
 			int rc = ferry_wire_decode(lane->rx_hdr, &lane->cur, err);
 			if (rc)
 				return rc;
+			/* TCP already checks integrity; a frame asking for a payload
+			 * checksum here is not one this driver would verify. */
+			if (lane->cur.flags & FERRY_FF_PAYLOAD_CRC)
+				return ferry_err_set(err, EPROTO, "%s frame asks for a payload checksum, which tcp lanes do not carry",
+						     ferry_wire_type_name(lane->cur.type));
 			lane->rx_pending = lane->cur.length;
 			lane->ctrl_got = 0;
 		}

@@ -60,7 +60,7 @@ struct ferry_session_params {
 	uint8_t token[FERRY_TOKEN_LEN];  /* per-session secret, agreed over the control channel */
 	unsigned lanes;                  /* 1..FERRY_MAX_LANES */
 	unsigned max_streams;            /* 1..FERRY_MAX_STREAMS */
-	uint64_t window;                 /* 0 = the data plane's default; must match on both sides */
+	uint64_t window;                 /* 0 = the data plane's default; both sides must use the same (the control plane agrees it) */
 	const char *unix_path;           /* source: path to listen on; destination: path to connect to (may be NULL for region-only sessions) */
 	int timeout_ms;                  /* lane set-up and stream-order waits */
 	bool handoff;                    /* one lane, authenticated, then given to QEMU whole (see ferry_session_take_fd) */

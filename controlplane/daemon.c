@@ -325,15 +325,6 @@ static json_t *session_reply(struct daemon *d, struct dst_entry *e, const uint8_
 			 d->endpoint, "window", (json_int_t)e->window);
 }
 
-/* Both sides must use one window: the smaller of the two daemons' settings. */
-static uint64_t agree_window(struct daemon *d, json_t *req)
-{
-	uint64_t mine = ferry_dp_window(d->dp);
-	json_t *w = json_object_get(req, "window");
-	if (json_is_integer(w) && json_integer_value(w) >= 65536 && (uint64_t)json_integer_value(w) < mine)
-		return (uint64_t)json_integer_value(w);
-	return mine;
-}
 
 /* target NULL: a migration stream socket in the run dir, named after the session. */
 static int new_dst_session(struct daemon *d, struct dst_entry *e, unsigned lanes, unsigned streams,
@@ -382,7 +373,7 @@ static json_t *peer_session_open(struct daemon *d, json_t *req, struct ferry_err
 		ferry_err_set(err, ENOMEM, "out of memory");
 		return NULL;
 	}
-	e->window = agree_window(d, req);
+	e->window = ferry_agree_window(json_object_get(req, "window"), ferry_dp_window(d->dp));
 	const char *target = req_str(req, "target");
 	if (target && resolve_peer_path(d, target, SCOPE_ALLOWED_ONLY, e->sock_path, sizeof(e->sock_path), err))
 		goto fail;
@@ -472,7 +463,7 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 		goto fail;
 	}
 	uint8_t token[FERRY_TOKEN_LEN];
-	e->window = agree_window(d, req);
+	e->window = ferry_agree_window(json_object_get(req, "window"), ferry_dp_window(d->dp));
 	/* The stream socket is ours, in our run dir, named after the session. */
 	if (new_dst_session(d, e, lanes, channels + 1, NULL, handoff, token, err))
 		goto fail;
@@ -613,28 +604,14 @@ static int open_src_session(struct daemon *d, struct ferry_jl *ctl, json_t *open
 	json_object_set_new(open_req, "window", json_integer((json_int_t)ferry_dp_window(d->dp)));
 	if (ferry_jl_call(ctl, open_req, REQ_TIMEOUT_MS, &rep, err))
 		return ferry_err_prefix(err, "peer refused the session");
-	json_t *jid = json_object_get(rep, "session");
-	const char *tok = json_string_value(json_object_get(rep, "token"));
-	const char *ep = json_string_value(json_object_get(rep, "endpoint"));
-	int rc = 0;
 	struct ferry_session_params sp = { .lanes = lanes ? lanes : streams, .max_streams = streams,
 					   .unix_path = listen, .timeout_ms = 10000 };
-	if (!json_is_integer(jid) || !tok || strlen(tok) != 2 * FERRY_TOKEN_LEN || !ep) {
-		rc = ferry_err_set(err, EPROTO, "peer's session reply lacks session, token or endpoint");
+	char ep[FERRY_DP_ENDPOINT_MAX];
+	int rc = ferry_session_reply_parse(rep, ferry_dp_window(d->dp), &sp, ep, sizeof(ep), err);
+	if (rc)
 		goto out;
-	}
-	sp.id = (uint32_t)json_integer_value(jid);
-	sp.window = agree_window(d, rep);
 	if (peer_cpu)
 		*peer_cpu = json_number_value(json_object_get(rep, "cpu_s"));
-	for (unsigned i = 0; i < FERRY_TOKEN_LEN; i++) {
-		unsigned v;
-		if (sscanf(tok + 2 * i, "%2x", &v) != 1) {
-			rc = ferry_err_set(err, EPROTO, "peer sent a malformed token");
-			goto out;
-		}
-		sp.token[i] = (uint8_t)v;
-	}
 	rc = ferry_session_create_src(d->dp, &sp, ep, out, err);
 	*sid = sp.id;
 out:

@@ -97,30 +97,37 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, struct f
 	json_decref(req);
 	if (rc)
 		return ferry_err_prefix(err, "destination daemon refused to prepare");
+	rc = ferry_session_reply_parse(reply, ferry_dp_window(m->dp), sp, endpoint, eplen, err);
+	json_decref(reply);
+	return rc;
+}
+
+uint64_t ferry_agree_window(json_t *offer, uint64_t mine)
+{
+	if (json_is_integer(offer) && json_integer_value(offer) >= 65536 && (uint64_t)json_integer_value(offer) < mine)
+		return (uint64_t)json_integer_value(offer);
+	return mine;
+}
+
+int ferry_session_reply_parse(json_t *reply, uint64_t my_window, struct ferry_session_params *sp, char *endpoint,
+			      size_t eplen, struct ferry_err *err)
+{
 	json_t *sid = json_object_get(reply, "session");
 	const char *token = json_string_value(json_object_get(reply, "token"));
 	const char *ep = json_string_value(json_object_get(reply, "endpoint"));
-	rc = 0;
 	if (!json_is_integer(sid) || json_integer_value(sid) < 0 || json_integer_value(sid) > UINT32_MAX ||
-	    !token || strlen(token) != 2 * FERRY_TOKEN_LEN || !ep || strlen(ep) >= eplen) {
-		rc = ferry_err_set(err, EPROTO, "destination daemon's prepare reply lacks a valid session, token or endpoint");
-	} else {
-		sp->id = (uint32_t)json_integer_value(sid);
-		/* The destination answers with the window both sides use (the smaller). */
-		json_t *w = json_object_get(reply, "window");
-		uint64_t mine = ferry_dp_window(m->dp);
-		sp->window = json_is_integer(w) && json_integer_value(w) >= 65536 && (uint64_t)json_integer_value(w) <= mine
-				     ? (uint64_t)json_integer_value(w) : mine;
-		for (unsigned i = 0; i < FERRY_TOKEN_LEN && rc == 0; i++) {
-			unsigned v;
-			if (sscanf(token + 2 * i, "%2x", &v) != 1)
-				rc = ferry_err_set(err, EPROTO, "destination daemon sent a malformed token");
-			sp->token[i] = (uint8_t)v;
-		}
-		strcpy(endpoint, ep);
+	    !token || strlen(token) != 2 * FERRY_TOKEN_LEN || !ep || strlen(ep) >= eplen)
+		return ferry_err_set(err, EPROTO, "the peer's session reply lacks a valid session, token or endpoint");
+	for (unsigned i = 0; i < FERRY_TOKEN_LEN; i++) {
+		unsigned v;
+		if (sscanf(token + 2 * i, "%2x", &v) != 1)
+			return ferry_err_set(err, EPROTO, "the peer sent a malformed session token");
+		sp->token[i] = (uint8_t)v;
 	}
-	json_decref(reply);
-	return rc;
+	sp->id = (uint32_t)json_integer_value(sid);
+	sp->window = ferry_agree_window(json_object_get(reply, "window"), my_window);
+	strcpy(endpoint, ep);
+	return 0;
 }
 
 static int peer_simple(struct ferry_jl *jl, const char *cmd, uint32_t session, int timeout_ms, json_t **reply,

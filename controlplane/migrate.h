@@ -7,6 +7,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include <jansson.h>
+
 #include "../dataplane/dataplane.h"
 #include "../drivers/err.h"
 
@@ -54,5 +56,14 @@ bool ferry_migration_done(struct ferry_migration *m);
 void ferry_migration_free(struct ferry_migration *m);
 
 const char *ferry_migration_state_name(enum ferry_migration_state s);
+
+/* The flow-control window both daemons use: the peer's offer if it is a sane
+ * size no larger than ours, else ours (the smaller of the two settings). */
+uint64_t ferry_agree_window(json_t *offer, uint64_t mine);
+
+/* Read the destination daemon's reply to a session-creating request
+ * (session id, token, data endpoint, agreed window) into sp and endpoint. */
+int ferry_session_reply_parse(json_t *reply, uint64_t my_window, struct ferry_session_params *sp, char *endpoint,
+			      size_t eplen, struct ferry_err *err);
 
 #endif

@@ -773,17 +773,14 @@ static json_t *admin_perf_region(struct daemon *d, json_t *req, struct ferry_err
 	json_decref(oreq);
 	if (rc || ferry_region_add(s, 0, buf, bytes, err))
 		goto out;
-	struct rusage ru0, ru1;
-	getrusage(RUSAGE_SELF, &ru0);
+	double cpu0 = cpu_seconds();
 	struct timespec t0, t1;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	if (ferry_region_write(s, 0, 0, bytes, err) || ferry_region_fence(s, 600000, err))
 		goto out;
 	clock_gettime(CLOCK_MONOTONIC, &t1);
-	getrusage(RUSAGE_SELF, &ru1);
+	double cpu = cpu_seconds() - cpu0;
 	double secs = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
-	double cpu = (double)(ru1.ru_utime.tv_sec - ru0.ru_utime.tv_sec + ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec) +
-		     (double)(ru1.ru_utime.tv_usec - ru0.ru_utime.tv_usec + ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec) / 1e6;
 	json_t *creq = json_pack("{s:s, s:I, s:b}", "cmd", "session-close", "session", (json_int_t)sid, "crc", 1);
 	json_t *crep = NULL;
 	rc = ferry_jl_call(&ctl, creq, REQ_TIMEOUT_MS, &crep, err);

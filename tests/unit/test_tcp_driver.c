@@ -50,6 +50,19 @@ static int recv_one(struct ferry_lane_drv *l, struct ferry_rx_frame *f, struct f
 	return 0;
 }
 
+/* What rx_burst reports once the peer's bytes arrived (a frame or an error),
+ * within about a second. */
+static int rx_outcome(struct ferry_lane_drv *l, struct ferry_rx_frame *f, struct ferry_err *err)
+{
+	int n = 0;
+	for (int i = 0; i < 2000 && n == 0; i++) {
+		n = ops->rx_burst(l, f, 1, err);
+		if (n == 0)
+			usleep(500);
+	}
+	return n;
+}
+
 static int raw_connect(struct ferry_device *dev)
 {
 	char ep[FERRY_ENDPOINT_MAX];
@@ -238,13 +251,8 @@ int main(void)
 	struct ferry_lane_drv *g = accept_raw(dev);
 	const char junk[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n.....";
 	CHECK(write(raw, junk, 32) == 32, "sent 32 bytes of garbage");
-	int n = 0;
 	ferry_err_clear(&err);
-	for (int i = 0; i < 2000 && n == 0; i++) {
-		n = ops->rx_burst(g, &r, 1, &err);
-		if (n == 0)
-			usleep(500);
-	}
+	int n = rx_outcome(g, &r, &err);
 	CHECK(n == -EPROTO, "garbage is a protocol error, not a crash");
 	CHECK_MSG(err, "magic", "message: %s", err.msg);
 	ops->lane_close(g);
@@ -257,13 +265,8 @@ int main(void)
 	struct ferry_frame_hdr over = { .type = FERRY_FT_DATA, .session = 1, .stream = 0, .length = 0x7fffffff };
 	ferry_wire_encode(&over, NULL, hb);
 	CHECK(write(raw, hb, sizeof(hb)) == (ssize_t)sizeof(hb), "sent an oversized header");
-	n = 0;
 	ferry_err_clear(&err);
-	for (int i = 0; i < 2000 && n == 0; i++) {
-		n = ops->rx_burst(g, &r, 1, &err);
-		if (n == 0)
-			usleep(500);
-	}
+	n = rx_outcome(g, &r, &err);
 	CHECK(n == -EMSGSIZE, "an oversized length is refused before any payload is read");
 	ops->lane_close(g);
 	close(raw);
@@ -273,13 +276,8 @@ int main(void)
 	g = accept_raw(dev);
 	CHECK(write(raw, hb, 10) == 10, "sent 10 of 32 header bytes");
 	close(raw);
-	n = 0;
 	ferry_err_clear(&err);
-	for (int i = 0; i < 2000 && n == 0; i++) {
-		n = ops->rx_burst(g, &r, 1, &err);
-		if (n == 0)
-			usleep(500);
-	}
+	n = rx_outcome(g, &r, &err);
 	CHECK(n == -ECONNRESET, "a truncated header is reported");
 	CHECK_MSG(err, "truncated frame header", "message: %s", err.msg);
 	ops->lane_close(g);

@@ -24,6 +24,7 @@
 #include "jsonline.h"
 #include "migrate.h"
 #include "qmp.h"
+#include "tunnel.h"
 
 #define REQ_TIMEOUT_MS   30000
 #define QMP_TIMEOUT_MS   10000
@@ -45,10 +46,12 @@ struct dst_entry {
 	uint64_t window;    /* flow-control window agreed with the source */
 };
 
-/* A source-side tunnel opened from the admin socket. */
+/* A source-side tunnel opened from the admin socket: one session for a fixed
+ * number of connections, or standing (a session per connection, for ever). */
 struct src_tunnel {
 	uint32_t id;
 	struct ferry_session *sess;
+	struct ferry_standing_tunnel *standing;
 	struct ferry_jl ctl;
 	char listen[PATH_MAX];
 };
@@ -96,6 +99,19 @@ static void conn_own(struct conn *c, json_t *reply)
 	json_t *id = json_object_get(reply, "session");
 	if (reply && json_is_integer(id) && c->nowned < MAX_OWNED)
 		c->owned[c->nowned++] = (uint32_t)json_integer_value(id);
+}
+
+/* A closed session no longer counts against the connection's limit: a
+ * standing tunnel opens one session per carried connection, for ever. */
+static void conn_disown(struct conn *c, json_t *req)
+{
+	json_t *id = json_object_get(req, "session");
+	for (unsigned i = 0; json_is_integer(id) && i < c->nowned; i++) {
+		if (c->owned[i] == (uint32_t)json_integer_value(id)) {
+			c->owned[i] = c->owned[--c->nowned];
+			return;
+		}
+	}
 }
 
 /* Session commands act only on sessions this connection created: ids are not
@@ -596,27 +612,37 @@ static json_t *peer_session_close(struct daemon *d, json_t *req, struct ferry_er
 
 /* ---- source side: tunnels ------------------------------------------------ */
 
-static int open_src_session(struct daemon *d, struct ferry_jl *ctl, json_t *open_req, unsigned lanes,
-			    unsigned streams, const char *listen, struct ferry_session **out, uint32_t *sid,
-			    double *peer_cpu, struct ferry_err *err)
+static void tunnel_log(void *ctx, const char *msg)
 {
-	json_t *rep = NULL;
-	json_object_set_new(open_req, "window", json_integer((json_int_t)ferry_dp_window(d->dp)));
-	if (ferry_jl_call(ctl, open_req, REQ_TIMEOUT_MS, &rep, err))
-		return ferry_err_prefix(err, "peer refused the session");
-	struct ferry_session_params sp = { .lanes = lanes ? lanes : streams, .max_streams = streams,
-					   .unix_path = listen, .timeout_ms = 10000 };
-	char ep[FERRY_DP_ENDPOINT_MAX];
-	int rc = ferry_session_reply_parse(rep, ferry_dp_window(d->dp), &sp, ep, sizeof(ep), err);
-	if (rc)
-		goto out;
-	if (peer_cpu)
-		*peer_cpu = json_number_value(json_object_get(rep, "cpu_s"));
-	rc = ferry_session_create_src(d->dp, &sp, ep, out, err);
-	*sid = sp.id;
-out:
-	json_decref(rep);
-	return rc;
+	logf_(ctx, "%s", msg);
+}
+
+static void tunnel_free(struct src_tunnel *t)
+{
+	if (!t)
+		return;
+	ferry_standing_tunnel_stop(t->standing);
+	if (t->sess && t->ctl.fd >= 0) {
+		struct ferry_err e = { 0 };
+		json_t *req = json_pack("{s:s, s:I}", "cmd", "session-close", "session", (json_int_t)t->id);
+		if (req)
+			(void)ferry_jl_call(&t->ctl, req, 5000, NULL, &e);
+		json_decref(req);
+	}
+	ferry_session_close(t->sess);
+	ferry_jl_close(&t->ctl);
+	free(t);
+}
+
+static json_t *tunnel_stats_json(struct src_tunnel *t)
+{
+	if (!t->standing)
+		return session_stats_json(t->sess);
+	struct ferry_standing_tunnel_stats st;
+	ferry_standing_tunnel_stats(t->standing, &st);
+	return json_pack("{s:b, s:I, s:I, s:i, s:I, s:I, s:s}", "standing", 1, "connections", (json_int_t)st.connections,
+			 "failed", (json_int_t)st.failed, "active", (int)st.active, "tx_bytes", (json_int_t)st.tx_bytes,
+			 "rx_bytes", (json_int_t)st.rx_bytes, "last_error", st.last_error);
 }
 
 static json_t *admin_tunnel_open(struct daemon *d, json_t *req, struct ferry_err *err)
@@ -636,6 +662,12 @@ static json_t *admin_tunnel_open(struct daemon *d, json_t *req, struct ferry_err
 		ferry_err_set(err, EINVAL, "\"streams\" must be at least 1");
 		return NULL;
 	}
+	json_t *jstanding = json_object_get(req, "standing");
+	if (jstanding && !json_is_boolean(jstanding)) {
+		ferry_err_set(err, EINVAL, "\"standing\" must be true or false");
+		return NULL;
+	}
+	bool standing = json_is_true(jstanding);
 	struct src_tunnel *t = calloc(1, sizeof(*t));
 	if (!t) {
 		ferry_err_set(err, ENOMEM, "out of memory");
@@ -644,14 +676,24 @@ static json_t *admin_tunnel_open(struct daemon *d, json_t *req, struct ferry_err
 	t->ctl.fd = -1;
 	if (resolve_peer_path(d, listen, SCOPE_RUN_AND_ALLOWED, t->listen, sizeof(t->listen), err))
 		goto fail;
-	if (ferry_jl_connect_tcp(peer, REQ_TIMEOUT_MS, &t->ctl, err))
-		goto fail;
-	json_t *oreq = json_pack("{s:s, s:s, s:i, s:i}", "cmd", "session-open", "target", target, "streams",
-				 (int)streams, "lanes", (int)lanes);
-	int rc = open_src_session(d, &t->ctl, oreq, lanes, streams, t->listen, &t->sess, &t->id, NULL, err);
-	json_decref(oreq);
-	if (rc)
-		goto fail;
+	if (standing) {
+		struct ferry_standing_tunnel_params sp = { .dp = d->dp, .peer = peer, .listen_path = t->listen,
+							   .target = target, .lanes = lanes, .connect_now = true,
+							   .log = tunnel_log, .log_ctx = d };
+		if (ferry_standing_tunnel_start(&sp, &t->standing, err))
+			goto fail;
+		t->id = new_id(d);
+	} else {
+		if (ferry_jl_connect_tcp(peer, REQ_TIMEOUT_MS, &t->ctl, err))
+			goto fail;
+		json_t *oreq = json_pack("{s:s, s:s, s:i, s:i}", "cmd", "session-open", "target", target, "streams",
+					 (int)streams, "lanes", (int)lanes);
+		int rc = ferry_tunnel_session_open(d->dp, &t->ctl, oreq, lanes, streams, t->listen, &t->sess, &t->id,
+						   NULL, err);
+		json_decref(oreq);
+		if (rc)
+			goto fail;
+	}
 	pthread_mutex_lock(&d->lock);
 	unsigned i;
 	for (i = 0; i < MAX_ENTRIES && d->tun[i]; i++)
@@ -663,12 +705,14 @@ static json_t *admin_tunnel_open(struct daemon *d, json_t *req, struct ferry_err
 		ferry_err_set(err, ENOSPC, "too many tunnels");
 		goto fail;
 	}
-	logf_(d, "tunnel %u: %s -> %s:%s (%u streams)", t->id, t->listen, peer, target, streams);
-	return json_pack("{s:b, s:I, s:s}", "ok", 1, "tunnel", (json_int_t)t->id, "listen", t->listen);
+	if (standing)
+		logf_(d, "tunnel %u: %s -> %s:%s (standing, a session per connection)", t->id, t->listen, peer, target);
+	else
+		logf_(d, "tunnel %u: %s -> %s:%s (%u streams)", t->id, t->listen, peer, target, streams);
+	return json_pack("{s:b, s:I, s:s, s:b}", "ok", 1, "tunnel", (json_int_t)t->id, "listen", t->listen, "standing",
+			 standing);
 fail:
-	ferry_session_close(t->sess);
-	ferry_jl_close(&t->ctl);
-	free(t);
+	tunnel_free(t);
 	return NULL;
 }
 
@@ -688,17 +732,6 @@ static struct src_tunnel *tunnel_take(struct daemon *d, uint32_t id)
 	return t;
 }
 
-static void tunnel_free(struct src_tunnel *t)
-{
-	struct ferry_err e = { 0 };
-	json_t *req = json_pack("{s:s, s:I}", "cmd", "session-close", "session", (json_int_t)t->id);
-	if (t->ctl.fd >= 0 && req)
-		(void)ferry_jl_call(&t->ctl, req, 5000, NULL, &e);
-	json_decref(req);
-	ferry_session_close(t->sess);
-	ferry_jl_close(&t->ctl);
-	free(t);
-}
 
 static json_t *admin_tunnel_status(struct daemon *d, json_t *req, bool close_it, struct ferry_err *err)
 {
@@ -710,7 +743,7 @@ static json_t *admin_tunnel_status(struct daemon *d, json_t *req, bool close_it,
 		/* Closing takes it out of the table first, so nobody else uses it. */
 		struct src_tunnel *t = tunnel_take(d, (uint32_t)id);
 		if (t) {
-			json_object_set_new(r, "stats", session_stats_json(t->sess));
+			json_object_set_new(r, "stats", tunnel_stats_json(t));
 			tunnel_free(t);
 		}
 	} else {
@@ -718,7 +751,7 @@ static json_t *admin_tunnel_status(struct daemon *d, json_t *req, bool close_it,
 		pthread_mutex_lock(&d->lock);
 		for (unsigned i = 0; i < MAX_ENTRIES; i++)
 			if (d->tun[i] && d->tun[i]->id == (uint32_t)id)
-				json_object_set_new(r, "stats", session_stats_json(d->tun[i]->sess));
+				json_object_set_new(r, "stats", tunnel_stats_json(d->tun[i]));
 		pthread_mutex_unlock(&d->lock);
 	}
 	if (!json_object_get(r, "stats")) {
@@ -769,7 +802,7 @@ static json_t *admin_perf_region(struct daemon *d, json_t *req, struct ferry_err
 	json_t *oreq = json_pack("{s:s, s:i, s:i, s:I}", "cmd", "session-open", "streams", 1, "lanes", (int)lanes,
 				 "region_bytes", (json_int_t)bytes);
 	double dst_cpu0 = 0;
-	int rc = open_src_session(d, &ctl, oreq, lanes, 1, NULL, &s, &sid, &dst_cpu0, err);
+	int rc = ferry_tunnel_session_open(d->dp, &ctl, oreq, lanes, 1, NULL, &s, &sid, &dst_cpu0, err);
 	json_decref(oreq);
 	if (rc || ferry_region_add(s, 0, buf, bytes, err))
 		goto out;
@@ -921,8 +954,12 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 			conn_own(c, r);
 			return r;
 		}
-		if (strcmp(cmd, "session-close") == 0)
-			return peer_session_close(d, req, err);
+		if (strcmp(cmd, "session-close") == 0) {
+			json_t *r = peer_session_close(d, req, err);
+			if (r)
+				conn_disown(c, req);
+			return r;
+		}
 		if (strcmp(cmd, "migrate-prepare") == 0) {
 			json_t *r = peer_migrate_prepare(d, req, err);
 			conn_own(c, r);
@@ -940,6 +977,7 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 			if (e)
 				logf_(d, "session %u: aborted by the source", e->id);
 			dst_free(e);
+			conn_disown(c, req);
 			return reply_ok();
 		}
 	} else {
@@ -1217,12 +1255,8 @@ out:
 	}
 	pthread_mutex_lock(&d->lock);
 	for (unsigned i = 0; i < MAX_ENTRIES; i++) {
-		if (d->tun[i]) {
-			ferry_session_close(d->tun[i]->sess);
-			ferry_jl_close(&d->tun[i]->ctl);
-			free(d->tun[i]);
-			d->tun[i] = NULL;
-		}
+		tunnel_free(d->tun[i]);
+		d->tun[i] = NULL;
 		dst_free(d->dst[i]);
 		d->dst[i] = NULL;
 	}

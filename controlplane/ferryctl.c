@@ -39,7 +39,11 @@ static void usage(FILE *f)
 		"        QEMUs (no copy in between); --no-handoff keeps ferry relaying every byte.\n"
 		"  status ID [--json]      progress of migration ID\n"
 		"  cancel ID               cancel migration ID\n"
-		"  tunnel-open --to HOST:PORT --listen PATH --target PATH [--streams N] [--lanes N]\n"
+		"  tunnel-open --to HOST:PORT --listen PATH --target PATH [--streams N | --standing] [--lanes N]\n"
+		"        carry connections made to the local unix socket PATH to the peer's socket --target:\n"
+		"        the first N connections (one session), or with --standing any number, one after\n"
+		"        another or at once, until tunnel-close (each connection its own session, the\n"
+		"        peer connecting them in the order they arrived)\n"
 		"  tunnel-status ID | tunnel-close ID\n"
 		"  perf-region --to HOST:PORT --bytes N [--lanes N]\n"
 		"  ping | stats            daemon liveness and counters (JSON)\n"
@@ -249,10 +253,12 @@ static int cmd_tunnel_open(const char *admin, int argc, char **argv)
 	static const struct option opts[] = {
 		{ "to", required_argument, NULL, 't' },      { "listen", required_argument, NULL, 'L' },
 		{ "target", required_argument, NULL, 'T' },  { "streams", required_argument, NULL, 's' },
-		{ "lanes", required_argument, NULL, 'l' },   { NULL, 0, NULL, 0 },
+		{ "lanes", required_argument, NULL, 'l' },   { "standing", no_argument, NULL, 'S' },
+		{ NULL, 0, NULL, 0 },
 	};
 	const char *to = NULL, *listen = NULL, *target = NULL;
 	unsigned long long streams = 1, lanes = 0;
+	bool standing = false, streams_given = false;
 	int c;
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -260,18 +266,32 @@ static int cmd_tunnel_open(const char *admin, int argc, char **argv)
 		case 't': to = optarg; break;
 		case 'L': listen = optarg; break;
 		case 'T': target = optarg; break;
-		case 's': if (parse_uint(optarg, "--streams", 64, &streams)) return EXIT_USAGE; break;
+		case 's':
+			if (parse_uint(optarg, "--streams", 64, &streams))
+				return EXIT_USAGE;
+			streams_given = true;
+			break;
 		case 'l': if (parse_uint(optarg, "--lanes", 64, &lanes)) return EXIT_USAGE; break;
+		case 'S': standing = true; break;
 		default: usage(stderr); return EXIT_USAGE;
 		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "ferryctl tunnel-open: unexpected argument '%s'\n", argv[optind]);
+		return EXIT_USAGE;
 	}
 	if (!to || !listen || !target) {
 		fprintf(stderr, "ferryctl tunnel-open: needs --to, --listen and --target\n");
 		return EXIT_USAGE;
 	}
+	if (standing && streams_given) {
+		fprintf(stderr, "ferryctl tunnel-open: --standing takes any number of connections; drop --streams\n");
+		return EXIT_USAGE;
+	}
 	json_t *rep = NULL;
-	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I}", "cmd", "tunnel-open", "peer", to, "listen",
-				       listen, "target", target, "streams", (json_int_t)streams, "lanes", (json_int_t)lanes),
+	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:b}", "cmd", "tunnel-open", "peer", to, "listen",
+				       listen, "target", target, "streams", (json_int_t)streams, "lanes", (json_int_t)lanes,
+				       "standing", standing),
 		      &rep);
 	if (rc)
 		return rc;

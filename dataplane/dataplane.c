@@ -56,6 +56,7 @@ struct stream {
 	struct lane *lane;
 	bool open_sent;            /* source: OPEN queued */
 	bool open_ack_due;         /* destination: OPEN_ACK to send */
+	bool open_acked;           /* source: the peer connected this stream */
 	/* local -> wire */
 	struct ferry_credit_tx txc;
 	uint64_t tx_off;
@@ -136,6 +137,7 @@ struct ferry_session {
 	unsigned lanes_up;
 	unsigned next_connect;     /* destination: streams connected so far, in order */
 	unsigned streams_opened, streams_closed;
+	unsigned streams_acked;    /* source: streams the peer has connected (OPEN_ACK) */
 	bool stop;
 	bool tell_peer;
 	char error[FERRY_ERR_MSG_MAX];
@@ -545,6 +547,13 @@ static int lane_handle_frame(struct lane *l, struct ferry_rx_frame *f, struct fe
 			return ferry_err_set(err, EPROTO, "OPEN frame sent to the source side");
 		return dst_open_stream(l, h->stream, err);
 	case FERRY_FT_OPEN_ACK:
+		if (!s->is_src || st->open_acked)
+			return ferry_err_set(err, EPROTO, "unexpected OPEN_ACK for stream %u", st->id);
+		st->open_acked = true;
+		pthread_mutex_lock(&s->lock);
+		s->streams_acked++;
+		pthread_cond_broadcast(&s->cond);
+		pthread_mutex_unlock(&s->lock);
 		return 0;
 	case FERRY_FT_RESET: {
 		char reason[FERRY_WIRE_MAX_CTRL + 1];
@@ -1341,6 +1350,25 @@ fail:
 	return rc ? rc : -EIO;
 }
 
+/* Source: make fd the session's next stream and hand it to its lane. The
+ * caller keeps fd on failure. */
+static int src_stream_start(struct ferry_session *s, int fd, struct ferry_err *err)
+{
+	struct stream *st = stream_new(s, s->accepted, fd, err);
+	if (!st)
+		return -(err->code ? err->code : ENOMEM);
+	s->accepted++;
+	struct lane *l = st->lane;
+	pthread_mutex_lock(&s->lock);
+	s->streams_opened++;
+	pthread_mutex_unlock(&s->lock);
+	pthread_mutex_lock(&l->lock);
+	l->inbox[l->ninbox++] = st;
+	pthread_mutex_unlock(&l->lock);
+	wake(l->evfd);
+	return 0;
+}
+
 static void *src_acceptor_main(void *arg)
 {
 	struct ferry_session *s = arg;
@@ -1361,22 +1389,11 @@ static void *src_acceptor_main(void *arg)
 			continue;
 		}
 		struct ferry_err err = { 0 };
-		uint32_t id = s->accepted;
-		struct stream *st = stream_new(s, id, fd, &err);
-		if (!st) {
+		if (src_stream_start(s, fd, &err)) {
 			close(fd);
 			session_fail(s, true, "%s", err.msg);
 			break;
 		}
-		s->accepted++;
-		struct lane *l = st->lane;
-		pthread_mutex_lock(&s->lock);
-		s->streams_opened++;
-		pthread_mutex_unlock(&s->lock);
-		pthread_mutex_lock(&l->lock);
-		l->inbox[l->ninbox++] = st;
-		pthread_mutex_unlock(&l->lock);
-		wake(l->evfd);
 	}
 	return NULL;
 }
@@ -1599,6 +1616,40 @@ uint64_t ferry_dp_rejected_lanes(const struct ferry_dp *dp)
 }
 
 /* ---- public: session ----------------------------------------------------- */
+
+int ferry_session_add_stream(struct ferry_session *s, int fd, struct ferry_err *err)
+{
+	if (!s->is_src || s->listen_fd >= 0 || s->handoff)
+		return ferry_err_set(err, EINVAL, "session %u: only a source session without a listening socket adopts streams",
+				     s->id);
+	if (s->accepted >= s->max_streams)
+		return ferry_err_set(err, ENOSPC, "session %u: already carries its %u streams", s->id, s->max_streams);
+	pthread_mutex_lock(&s->lock);
+	enum ferry_session_state state = s->state;
+	pthread_mutex_unlock(&s->lock);
+	if (state != FERRY_SESSION_ACTIVE)
+		return ferry_err_set(err, EIO, "session %u is not active", s->id);
+	return src_stream_start(s, fd, err);
+}
+
+int ferry_session_wait_streams(struct ferry_session *s, unsigned n, int timeout_ms, struct ferry_err *err)
+{
+	struct timespec dl;
+	deadline_ts(&dl, timeout_ms);
+	int rc = 0;
+	pthread_mutex_lock(&s->lock);
+	while (s->streams_acked < n && s->state == FERRY_SESSION_ACTIVE && !s->stop) {
+		if (pthread_cond_timedwait(&s->cond, &s->lock, &dl) == ETIMEDOUT) {
+			rc = ferry_err_set(err, ETIMEDOUT, "session %u: the peer connected %u of %u streams within %d ms",
+					   s->id, s->streams_acked, n, timeout_ms);
+			break;
+		}
+	}
+	if (!rc && s->streams_acked < n)
+		rc = ferry_err_set(err, EIO, "session %u failed: %s", s->id, s->error[0] ? s->error : "closed");
+	pthread_mutex_unlock(&s->lock);
+	return rc;
+}
 
 void ferry_session_abort(struct ferry_session *s, const char *reason)
 {

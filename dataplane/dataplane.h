@@ -81,6 +81,16 @@ int ferry_session_take_fd(struct ferry_session *s, int timeout_ms, struct ferry_
 /* Whether this data plane's driver can hand a lane's socket to QEMU. */
 bool ferry_dp_can_handoff(const struct ferry_dp *dp);
 
+/* Source sessions made without a unix_path: adopt fd, an already connected
+ * local socket, as the next stream (the session owns fd on success only).
+ * Lets a caller that accepts connections itself decide which session each
+ * one joins. */
+int ferry_session_add_stream(struct ferry_session *s, int fd, struct ferry_err *err);
+/* Source: wait until the peer has connected n streams to its local socket
+ * (so a next connection, in whatever session, cannot overtake them), the
+ * session fails, or timeout_ms passes. */
+int ferry_session_wait_streams(struct ferry_session *s, unsigned n, int timeout_ms, struct ferry_err *err);
+
 /* Stop all threads, close all sockets, free. Safe on a failed session. */
 void ferry_session_close(struct ferry_session *s);
 /* Fail the session on purpose (cancel): tells the peer, closes local ends. */

@@ -196,7 +196,8 @@ ferry_start_daemon() {
 	FERRY_ADMIN[$name]=$dir/admin.sock
 	FERRY_LOG[$name]=$log
 	for ((attempt = 1; attempt <= 8; attempt++)); do
-		port=$(ferry_free_port)
+		# FERRY_FIXED_PORT: restart a daemon where its peers expect it
+		port=${FERRY_FIXED_PORT:-$(ferry_free_port)}
 		FERRY_LISTEN[$name]=127.0.0.1:$port
 		echo "=== attempt $attempt: $FERRYD --admin $dir/admin.sock --listen 127.0.0.1:$port --run-dir $QEMU_DIR $*" >>"$log"
 		timeout -k 5 "$FERRY_LIFETIME" "$FERRYD" --admin "$dir/admin.sock" --listen "127.0.0.1:$port" \

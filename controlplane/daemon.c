@@ -645,6 +645,62 @@ static json_t *tunnel_stats_json(struct src_tunnel *t)
 			 "rx_bytes", (json_int_t)st.rx_bytes, "last_error", st.last_error);
 }
 
+static int tunnel_insert(struct daemon *d, struct src_tunnel *t, struct ferry_err *err)
+{
+	pthread_mutex_lock(&d->lock);
+	unsigned i;
+	for (i = 0; i < MAX_ENTRIES && d->tun[i]; i++)
+		;
+	if (i < MAX_ENTRIES)
+		d->tun[i] = t;
+	pthread_mutex_unlock(&d->lock);
+	return i < MAX_ENTRIES ? 0 : ferry_err_set(err, ENOSPC, "too many tunnels");
+}
+
+/* Open a tunnel and enter it in the table (streams == 0: standing); give
+ * back its id and the resolved listening path. */
+static int tunnel_open(struct daemon *d, const char *peer, const char *listen, const char *target, unsigned streams,
+		       unsigned lanes, bool connect_now, uint32_t *id, char listen_out[PATH_MAX], struct ferry_err *err)
+{
+	struct src_tunnel *t = calloc(1, sizeof(*t));
+	if (!t)
+		return ferry_err_set(err, ENOMEM, "out of memory");
+	t->ctl.fd = -1;
+	if (resolve_peer_path(d, listen, SCOPE_RUN_AND_ALLOWED, t->listen, sizeof(t->listen), err))
+		goto fail;
+	if (streams == 0) {
+		struct ferry_standing_tunnel_params sp = { .dp = d->dp, .peer = peer, .listen_path = t->listen,
+							   .target = target, .lanes = lanes, .connect_now = connect_now,
+							   .log = tunnel_log, .log_ctx = d };
+		if (ferry_standing_tunnel_start(&sp, &t->standing, err))
+			goto fail;
+		t->id = new_id(d);
+	} else {
+		if (ferry_jl_connect_tcp(peer, REQ_TIMEOUT_MS, &t->ctl, err))
+			goto fail;
+		json_t *oreq = json_pack("{s:s, s:s, s:i, s:i}", "cmd", "session-open", "target", target, "streams",
+					 (int)streams, "lanes", (int)lanes);
+		int rc = ferry_tunnel_session_open(d->dp, &t->ctl, oreq, lanes, streams, t->listen, &t->sess, &t->id,
+						   NULL, err);
+		json_decref(oreq);
+		if (rc)
+			goto fail;
+	}
+	/* Read what the caller needs before the table makes t visible (and closable). */
+	*id = t->id;
+	memcpy(listen_out, t->listen, PATH_MAX);
+	if (streams == 0)
+		logf_(d, "tunnel %u: %s -> %s:%s (standing, a session per connection)", t->id, t->listen, peer, target);
+	else
+		logf_(d, "tunnel %u: %s -> %s:%s (%u streams)", t->id, t->listen, peer, target, streams);
+	if (tunnel_insert(d, t, err))
+		goto fail;
+	return 0;
+fail:
+	tunnel_free(t);
+	return -(err->code ? err->code : EIO);
+}
+
 static json_t *admin_tunnel_open(struct daemon *d, json_t *req, struct ferry_err *err)
 {
 	const char *peer = req_str(req, "peer");
@@ -668,52 +724,11 @@ static json_t *admin_tunnel_open(struct daemon *d, json_t *req, struct ferry_err
 		return NULL;
 	}
 	bool standing = json_is_true(jstanding);
-	struct src_tunnel *t = calloc(1, sizeof(*t));
-	if (!t) {
-		ferry_err_set(err, ENOMEM, "out of memory");
+	uint32_t id;
+	char path[PATH_MAX];
+	if (tunnel_open(d, peer, listen, target, standing ? 0 : streams, lanes, true, &id, path, err))
 		return NULL;
-	}
-	t->ctl.fd = -1;
-	if (resolve_peer_path(d, listen, SCOPE_RUN_AND_ALLOWED, t->listen, sizeof(t->listen), err))
-		goto fail;
-	if (standing) {
-		struct ferry_standing_tunnel_params sp = { .dp = d->dp, .peer = peer, .listen_path = t->listen,
-							   .target = target, .lanes = lanes, .connect_now = true,
-							   .log = tunnel_log, .log_ctx = d };
-		if (ferry_standing_tunnel_start(&sp, &t->standing, err))
-			goto fail;
-		t->id = new_id(d);
-	} else {
-		if (ferry_jl_connect_tcp(peer, REQ_TIMEOUT_MS, &t->ctl, err))
-			goto fail;
-		json_t *oreq = json_pack("{s:s, s:s, s:i, s:i}", "cmd", "session-open", "target", target, "streams",
-					 (int)streams, "lanes", (int)lanes);
-		int rc = ferry_tunnel_session_open(d->dp, &t->ctl, oreq, lanes, streams, t->listen, &t->sess, &t->id,
-						   NULL, err);
-		json_decref(oreq);
-		if (rc)
-			goto fail;
-	}
-	pthread_mutex_lock(&d->lock);
-	unsigned i;
-	for (i = 0; i < MAX_ENTRIES && d->tun[i]; i++)
-		;
-	if (i < MAX_ENTRIES)
-		d->tun[i] = t;
-	pthread_mutex_unlock(&d->lock);
-	if (i == MAX_ENTRIES) {
-		ferry_err_set(err, ENOSPC, "too many tunnels");
-		goto fail;
-	}
-	if (standing)
-		logf_(d, "tunnel %u: %s -> %s:%s (standing, a session per connection)", t->id, t->listen, peer, target);
-	else
-		logf_(d, "tunnel %u: %s -> %s:%s (%u streams)", t->id, t->listen, peer, target, streams);
-	return json_pack("{s:b, s:I, s:s, s:b}", "ok", 1, "tunnel", (json_int_t)t->id, "listen", t->listen, "standing",
-			 standing);
-fail:
-	tunnel_free(t);
-	return NULL;
+	return json_pack("{s:b, s:I, s:s, s:b}", "ok", 1, "tunnel", (json_int_t)id, "listen", path, "standing", standing);
 }
 
 /* Take a tunnel out of the table (the caller frees it). */
@@ -1214,6 +1229,17 @@ int ferry_daemon_run(const struct ferry_daemon_config *cfg, volatile sig_atomic_
 	logf_(d, "ready: admin %s, control %s, data %s (%s driver, %s polling), run dir %s", cfg->admin_path,
 	      cfg->listen, d->endpoint, ferry_dp_driver_name(d->dp),
 	      cfg->dp.poll_mode == FERRY_POLL_BUSY ? "busy" : "adaptive", d->run_dir);
+
+	/* Standing tunnels from the configuration: the peer may come up later,
+	 * so each reaches it only when a first connection arrives. */
+	for (unsigned i = 0; i < FERRY_MAX_CONFIG_TUNNELS && cfg->tunnels[i].peer; i++) {
+		const struct ferry_tunnel_config *tc = &cfg->tunnels[i];
+		uint32_t id;
+		if (tunnel_open(d, tc->peer, tc->listen, tc->target, 0, 0, false, &id, tmp, err)) {
+			rc = ferry_err_prefix(err, "--tunnel %s,%s,%s", tc->peer, tc->listen, tc->target);
+			goto out;
+		}
+	}
 
 	while (!*stop) {
 		struct pollfd p[2] = { { .fd = afd, .events = POLLIN }, { .fd = pfd, .events = POLLIN } };

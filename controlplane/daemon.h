@@ -10,6 +10,14 @@
 #include "../drivers/err.h"
 
 #define FERRY_MAX_ALLOW_DIRS 8
+#define FERRY_MAX_CONFIG_TUNNELS 16
+
+/* A standing tunnel the daemon opens at start (see tunnel.h). */
+struct ferry_tunnel_config {
+	const char *peer;    /* HOST:PORT of the peer daemon */
+	const char *listen;  /* local unix path, confined like tunnel-open's */
+	const char *target;  /* the peer's unix path */
+};
 
 struct ferry_daemon_config {
 	const char *admin_path;        /* unix socket for ferryctl (mode 0600) */
@@ -17,6 +25,7 @@ struct ferry_daemon_config {
 	const char *run_dir;           /* stream sockets live here; default: the admin socket's directory */
 	const char *allow_dirs[FERRY_MAX_ALLOW_DIRS]; /* further dirs peers may name (QMP sockets, tunnel targets) */
 	struct ferry_dp_config dp;
+	struct ferry_tunnel_config tunnels[FERRY_MAX_CONFIG_TUNNELS]; /* up to the first with peer == NULL */
 	int verbose;
 };
 

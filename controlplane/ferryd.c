@@ -31,6 +31,10 @@ static void usage(FILE *f)
 		"  --window BYTES      per-stream flow-control window (default 4194304)\n"
 		"  --run-dir DIR       where stream sockets are made (default: the admin socket's directory)\n"
 		"  --allow-dir DIR     a further directory peers may name sockets in, repeatable\n"
+		"  --tunnel PEER,LISTEN,TARGET\n"
+		"                      a standing tunnel from the start: connections to the local unix\n"
+		"                      socket LISTEN are carried to TARGET on the daemon at PEER (HOST:PORT),\n"
+		"                      one session each, in arrival order; repeatable (at most 16)\n"
 		"  --version, --help\n");
 }
 
@@ -56,11 +60,12 @@ int main(int argc, char **argv)
 		{ "spin-us", required_argument, NULL, 's' }, { "no-splice", no_argument, NULL, 'n' },
 		{ "window", required_argument, NULL, 'w' },  { "run-dir", required_argument, NULL, 'r' },
 		{ "allow-dir", required_argument, NULL, 'A' }, { "version", no_argument, NULL, 'V' },
-		{ "help", no_argument, NULL, 'h' },          { NULL, 0, NULL, 0 },
+		{ "tunnel", required_argument, NULL, 'T' },  { "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
 	};
 	struct ferry_daemon_config cfg = { .admin_path = "/run/ferry/ferryd.sock", .listen = "127.0.0.1:7470" };
 	const char *dopts[18] = { 0 };
-	unsigned ndopts = 0, nallow = 0;
+	unsigned ndopts = 0, nallow = 0, ntun = 0;
 	const char *data = NULL;
 	static char bindopt[300];
 	unsigned long long v;
@@ -109,6 +114,18 @@ int main(int argc, char **argv)
 			}
 			cfg.allow_dirs[nallow++] = optarg;
 			break;
+		case 'T': {
+			char *a = optarg, *b = strchr(a, ','), *c2 = b ? strchr(b + 1, ',') : NULL;
+			if (ntun >= FERRY_MAX_CONFIG_TUNNELS || !b || !c2 || b == a || c2 == b + 1 || !c2[1] ||
+			    strchr(c2 + 1, ',')) {
+				fprintf(stderr, "ferryd: --tunnel wants PEER,LISTEN,TARGET (at most %d), not '%s'\n",
+					FERRY_MAX_CONFIG_TUNNELS, optarg);
+				return 2;
+			}
+			*b = *c2 = '\0';
+			cfg.tunnels[ntun++] = (struct ferry_tunnel_config){ .peer = a, .listen = b + 1, .target = c2 + 1 };
+			break;
+		}
 		case 'V': printf("ferryd 0.1.0\n"); return 0;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # tunnel-standing.sh - a standing tunnel carries any number of connections,
 # one after another and several at once, whole and in the order they arrived,
-# for as long as it stands; a vanished peer daemon fails the connections made
+# for as long as it stands (opened with ferryctl or from ferryd --tunnel);
+# a vanished peer daemon fails the connections made
 # meanwhile (promptly, with the reason in tunnel-status), and the tunnel works
 # again once the peer is back.
 #
@@ -73,6 +74,14 @@ echo "$st" | json_field stats.last_error | grep -q "${FERRY_LISTEN[b]}" ||
 # 4: the peer daemon is back on its address: the same tunnel works again
 FERRY_FIXED_PORT=${FERRY_LISTEN[b]##*:} ferry_start_daemon b --allow-dir "$allow" || ferry_fail "restarting ferryd b failed"
 python3 "$check" client "$listen" r0,r1 $((4 << 20)) 60 || ferry_fail "not carried after the peer came back"
+
+# 5: the same from ferryd's configuration, standing from the start
+ferry_start_daemon c --tunnel "${FERRY_LISTEN[b]},$QEMU_DIR/c/cfg.sock,$allow/target.sock" ||
+	ferry_fail "starting ferryd c with --tunnel failed"
+python3 "$check" client "$QEMU_DIR/c/cfg.sock" s0,s1 $((4 << 20)) 60 || ferry_fail "the configured tunnel did not carry"
+bad=$("$FERRYD" --admin "$QEMU_DIR/x.sock" --tunnel "${FERRY_LISTEN[b]},$QEMU_DIR/x.sock" 2>&1) &&
+	ferry_fail "ferryd took --tunnel without a target"
+echo "$bad" | grep -q "PEER,LISTEN,TARGET" || ferry_fail "unclear --tunnel error: $bad"
 
 out=$(ferry_ctl a tunnel-close "$tid") || ferry_fail "tunnel-close failed: $out"
 [ -e "$listen" ] && ferry_fail "$listen still exists after tunnel-close"

@@ -31,6 +31,8 @@
  *   AREA_BASE  guest physical start, 4 KiB aligned   (default 16 MiB)
  *   AREA_SIZE  bytes, multiple of 4096, > 0          (default 32 MiB)
  *   HB_ADDR    heartbeat block                       (default 0x7e00)
+ *   MAX_PASSES stop after this many passes and halt  (default: never stop;
+ *              a benchmark guest whose RAM is non-zero but quiet)
  * The guest needs RAM >= AREA_BASE + AREA_SIZE.
  */
 
@@ -131,8 +133,17 @@ page:
 	decl	%edx
 	jnz	page
 	movl	%eax, HB_ADDR+4
+	.ifdef	MAX_PASSES
+	cmpl	$MAX_PASSES, %eax
+	jae	idle
+	.endif
 	incl	%eax
 	jmp	pass
+	.ifdef	MAX_PASSES
+idle:
+	hlt				/* interrupts are off: stays here */
+	jmp	idle
+	.endif
 
 	.p2align 3
 gdt:

@@ -1,0 +1,140 @@
+/* Capability negotiation: the fallback matrix in miniature (the e2e tests run
+ * its rows with two real daemons), required features, transport choice, and
+ * capabilities surviving a cookie round trip. */
+#include <errno.h>
+#include <stdlib.h>
+
+#include "check.h"
+#include "controlplane/plan.h"
+
+#define TCP (1u << FERRY_COOKIE_DRIVER_TCP)
+#define DPDK (1u << FERRY_COOKIE_DRIVER_DPDK)
+#define RDMA (1u << FERRY_COOKIE_DRIVER_RDMA)
+#define FULL (FERRY_F_MULTIFD | FERRY_F_HANDOFF | FERRY_F_NBD | FERRY_F_POSTCOPY | FERRY_F_POSTCOPY_SETUP)
+
+static bool notes_mention(const struct ferry_plan *p, const char *needle)
+{
+	for (unsigned i = 0; i < p->nnotes; i++)
+		if (strstr(p->notes[i], needle))
+			return true;
+	return false;
+}
+
+static struct ferry_err err;
+
+/* Each call starts from a clear error: the first error set is kept. */
+static int choose(const struct ferry_side_caps *src, const struct ferry_side_caps *dst,
+		  const struct ferry_plan_request *req, struct ferry_plan *out, struct ferry_err *e)
+{
+	ferry_err_clear(e);
+	return ferry_plan_choose(src, dst, req, out, e);
+}
+
+static int features(const char *list, uint32_t *out, struct ferry_err *e)
+{
+	ferry_err_clear(e);
+	return ferry_feature_list_parse(list, out, e);
+}
+
+int main(void)
+{
+	struct ferry_plan p;
+	struct ferry_side_caps full = { FULL, TCP }, src, dst;
+	struct ferry_plan_request req = { 0 };
+
+	/* Single channel over tcp, both can hand over: handoff. */
+	CHECK(choose(&full, &full, &req, &p, &err) == 0, "a plan for two full sides");
+	CHECK(p.transport == FERRY_COOKIE_DRIVER_TCP && p.handoff && p.channels == 0 && p.nnotes == 0,
+	      "single channel over tcp is handed over, no fallback noted");
+	req.no_handoff = true;
+	CHECK(choose(&full, &full, &req, &p, &err) == 0 && !p.handoff && p.nnotes == 0,
+	      "--no-handoff keeps ferry relaying, without a fallback note (the user asked)");
+	req.no_handoff = false;
+
+	/* Rows of the matrix: one side masks a feature. */
+	dst = full;
+	dst.features &= ~FERRY_F_HANDOFF;
+	CHECK(choose(&full, &dst, &req, &p, &err) == 0 && !p.handoff, "no handoff on the destination: relay");
+	CHECK(notes_mention(&p, "handoff: the destination does not support it"), "the fallback is noted: %s", p.notes[0]);
+	src = full;
+	src.features &= ~FERRY_F_HANDOFF;
+	CHECK(choose(&src, &full, &req, &p, &err) == 0 && !p.handoff &&
+		      notes_mention(&p, "the source does not support it"),
+	      "no handoff on the source (an older source): relay, noted");
+
+	req.channels = 4;
+	CHECK(choose(&full, &full, &req, &p, &err) == 0 && p.channels == 4 && !p.handoff &&
+		      (p.features & FERRY_F_MULTIFD),
+	      "4 multifd channels when both have multifd (never handed over)");
+	dst = full;
+	dst.features &= ~FERRY_F_MULTIFD;
+	CHECK(choose(&full, &dst, &req, &p, &err) == 0 && p.channels == 0,
+	      "the destination (or its QEMU) lacks multifd: single channel");
+	CHECK(p.handoff, "...and that single channel is handed over again");
+	CHECK(notes_mention(&p, "multifd: the destination does not support it; migrating over a single channel"),
+	      "the multifd fallback is noted: %s", p.notes[0]);
+
+	req.require = FERRY_F_MULTIFD;
+	CHECK(choose(&full, &dst, &req, &p, &err) == -ENOTSUP, "--require multifd: no fallback, an error");
+	CHECK_MSG(err, "required feature 'multifd' is not available: the destination does not support it", "it says: %s",
+		  err.msg);
+	src = dst;
+	CHECK(choose(&src, &dst, &req, &p, &err) == -ENOTSUP, "neither side: still an error");
+	CHECK_MSG(err, "neither side supports it", "it says: %s", err.msg);
+	req.require = FERRY_F_HANDOFF;
+	req.channels = 2;
+	CHECK(choose(&full, &full, &req, &p, &err) == -ENOTSUP, "--require handoff with multifd cannot be met");
+	CHECK_MSG(err, "handoff' needs a single stream over tcp", "it says: %s", err.msg);
+	memset(&req, 0, sizeof(req));
+
+	/* Transports: the best common one; an explicit one is a requirement. */
+	struct ferry_side_caps all = { FULL, TCP | DPDK | RDMA }, tcp_dpdk = { FULL, TCP | DPDK };
+	CHECK(choose(&all, &all, &req, &p, &err) == 0 && p.transport == FERRY_COOKIE_DRIVER_RDMA && !p.handoff,
+	      "rdma beats dpdk and tcp (and is never handed over)");
+	CHECK(choose(&all, &tcp_dpdk, &req, &p, &err) == 0 && p.transport == FERRY_COOKIE_DRIVER_DPDK,
+	      "the destination has no rdma device: dpdk");
+	CHECK(notes_mention(&p, "transport rdma: only the source has it"), "noted: %s", p.notes[0]);
+	CHECK(choose(&full, &tcp_dpdk, &req, &p, &err) == 0 && p.transport == FERRY_COOKIE_DRIVER_TCP && p.handoff,
+	      "only tcp in common: tcp with handoff");
+	req.transport = FERRY_COOKIE_DRIVER_RDMA;
+	CHECK(choose(&all, &tcp_dpdk, &req, &p, &err) == -ENOTSUP, "--transport rdma without rdma on the destination");
+	CHECK_MSG(err, "transport 'rdma' was asked for but the destination has no rdma driver", "it says: %s", err.msg);
+	req.transport = FERRY_COOKIE_DRIVER_TCP;
+	CHECK(choose(&all, &all, &req, &p, &err) == 0 && p.transport == FERRY_COOKIE_DRIVER_TCP,
+	      "--transport tcp is honoured even when rdma is there");
+	memset(&req, 0, sizeof(req));
+	struct ferry_side_caps none = { FULL, 0 };
+	CHECK(choose(&full, &none, &req, &p, &err) == -ENOTSUP, "no common transport is an error");
+
+	/* Both sides compute the same plan. */
+	struct ferry_plan a, b;
+	req.channels = 2;
+	ferry_plan_choose(&full, &dst, &req, &a, &err);
+	ferry_plan_choose(&full, &dst, &req, &b, &err);
+	CHECK(ferry_plan_equal(&a, &b), "deterministic");
+	b.channels = 2;
+	CHECK(!ferry_plan_equal(&a, &b), "a different plan is told apart");
+	char desc[128];
+	ferry_plan_describe(&a, desc, sizeof(desc));
+	CHECK(strcmp(desc, "tcp handoff, single channel") == 0, "described: %s", desc);
+
+	/* Capabilities through a cookie, unknown names ignored. */
+	struct ferry_cookie c;
+	ferry_cookie_clear(&c);
+	struct ferry_side_caps in = { FERRY_F_MULTIFD | FERRY_F_POSTCOPY_SETUP, 0 }, back;
+	CHECK(ferry_caps_to_cookie(&in, &c, &err) == 0 && c.ncaps == 2, "caps written as two <cap> names");
+	snprintf(c.caps[c.ncaps++], sizeof(c.caps[0]), "teleport");
+	c.flags |= FERRY_COOKIE_TRANSPORT;
+	c.ndrivers = 1;
+	c.drivers[0].kind = FERRY_COOKIE_DRIVER_DPDK;
+	ferry_caps_from_cookie(&c, &back);
+	CHECK(back.features == in.features, "read back the same, the unknown 'teleport' ignored");
+	CHECK(back.drivers == DPDK, "drivers come from <transport>");
+
+	uint32_t f;
+	CHECK(features("multifd,handoff", &f, &err) == 0 && f == (FERRY_F_MULTIFD | FERRY_F_HANDOFF),
+	      "feature list parsed");
+	CHECK(features("multifd,warp", &f, &err) == -EINVAL, "an unknown feature is refused");
+	CHECK_MSG(err, "unknown feature 'warp'", "it says: %s", err.msg);
+	CHECK_DONE();
+}

@@ -25,6 +25,8 @@ PACKAGES=(
 	iproute2 procps util-linux
 	# perf/qmp.py (QMP driver) and the fast random fill in perf/bench-migrate.sh
 	python3 openssl
+	# tests/e2e/libvirt-*.sh: two real libvirtd instances migrating through ferry
+	libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
 )
 
 ORIG_ARGS="$*"

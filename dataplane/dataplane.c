@@ -138,6 +138,7 @@ struct ferry_session {
 	unsigned next_connect;     /* destination: streams connected so far, in order */
 	unsigned streams_opened, streams_closed;
 	unsigned streams_acked;    /* source: streams the peer has connected (OPEN_ACK) */
+	unsigned streams_refused;  /* source: connections beyond max_streams, closed at once */
 	bool stop;
 	bool tell_peer;
 	char error[FERRY_ERR_MSG_MAX];
@@ -1384,8 +1385,12 @@ static void *src_acceptor_main(void *arg)
 		if (fd < 0)
 			continue;
 		if (s->accepted >= s->max_streams) {
-			/* More connections than the session was set up for. */
+			/* More connections than the session was set up for: refuse
+			 * (the client sees it closed) and count it for the user. */
 			close(fd);
+			pthread_mutex_lock(&s->lock);
+			s->streams_refused++;
+			pthread_mutex_unlock(&s->lock);
 			continue;
 		}
 		struct ferry_err err = { 0 };
@@ -1711,6 +1716,7 @@ void ferry_session_stats(struct ferry_session *s, struct ferry_session_stats *st
 	st->lanes_up = s->lanes_up;
 	st->streams_opened = s->streams_opened;
 	st->streams_closed = s->streams_closed;
+	st->streams_refused = s->streams_refused;
 	memcpy(st->error, s->error, sizeof(st->error));
 	pthread_mutex_unlock(&s->lock);
 	uint64_t now = now_ns();

@@ -112,6 +112,7 @@ struct ferry_session_stats {
 	enum ferry_session_state state;
 	unsigned lanes, lanes_up;
 	unsigned streams_opened, streams_closed;
+	unsigned streams_refused;          /* source: connections beyond the session's streams, closed */
 	uint64_t tx_bytes, rx_bytes;       /* stream payload bytes */
 	struct ferry_lane_stats lane[FERRY_MAX_LANES];
 	char error[FERRY_ERR_MSG_MAX];     /* why it failed */

@@ -17,11 +17,15 @@ set -euo pipefail
 PACKAGES=(
 	# build
 	build-essential gcc meson ninja-build pkg-config binutils
-	libjansson-dev libxml2-dev libxml2-utils
+	# clang: the libFuzzer run of the cookie parser in test.sh
+	clang
+	libjansson-dev libxml2-dev libxml2-utils libgnutls28-dev
 	# QEMU guests for the demo, the e2e tests and perf/bench-migrate.sh
 	qemu-system-x86 qemu-utils
 	# test and benchmark tools
 	socat iperf3 libnbd-bin nbdkit valgrind jq xxd
+	# certtool, for the TLS tests' X.509 certificates
+	gnutls-bin
 	iproute2 procps util-linux
 	# perf/qmp.py (QMP driver) and the fast random fill in perf/bench-migrate.sh
 	python3 openssl

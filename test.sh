@@ -3,7 +3,8 @@
 # needs (bootstrap.sh), builds, then runs every test three ways:
 #   1. the normal build (unit tests + end-to-end tests with real QEMU),
 #   2. an ASan+UBSan build of the same suite (sanitizer reports fail the run),
-#   3. the unit tests under valgrind.
+#   3. the unit tests under valgrind,
+#   4. a 30 s libFuzzer run of the cookie parser (clang).
 # Ends with one line: "N passed, N failed[, N skipped]".
 # Options: --quick (normal build only), --no-bootstrap.
 set -uo pipefail
@@ -14,7 +15,7 @@ for a in "$@"; do
 	case "$a" in
 	--quick) quick=1 ;;
 	--no-bootstrap) bootstrap=0 ;;
-	-h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+	-h|--help) sed -n '2,10p' "$0"; exit 0 ;;
 	*) echo "test.sh: unknown option '$a'" >&2; exit 2 ;;
 	esac
 done
@@ -99,6 +100,30 @@ if [ "$quick" = 0 ]; then
 	# meson names the log <logbase>-<wrapper>.json; take whichever it wrote
 	vlog=$(ls -t build/meson-logs/valgrind*.json 2>/dev/null | head -1)
 	count "${vlog:-build/meson-logs/valgrind.json}" valgrind
+fi
+
+if [ "$quick" = 0 ]; then
+	# The cookie parser takes untrusted XML from peers: a short libFuzzer run
+	# (clang) on every CI run; docs/cookie.md has the longer one.
+	echo "== fuzz: cookie parser, 30 s (clang, libFuzzer)"
+	if ! command -v clang >/dev/null; then
+		failed=$((failed + 1)); failures+=("fuzz: clang missing (bootstrap.sh installs it)")
+	elif CC=clang build build-fuzz -Db_sanitize=address,undefined -Db_lundef=false -Dbuildtype=debug &&
+		[ -x build-fuzz/tests/fuzz-cookie ]; then
+		corpus=$(mktemp -d /tmp/ferry-fuzz.XXXXXX)
+		cp tests/fuzz/cookie-corpus/* "$corpus/"
+		if build-fuzz/tests/fuzz-cookie -max_total_time=30 -rss_limit_mb=1024 -print_final_stats=1 \
+			"$corpus" >build-fuzz/fuzz.log 2>&1; then
+			passed=$((passed + 1))
+			echo "fuzz-cookie: $(grep -o 'stat::number_of_executed_units: *[0-9]*' build-fuzz/fuzz.log | grep -o '[0-9]*$') inputs, no crash"
+			rm -rf "$corpus"
+		else
+			failed=$((failed + 1)); failures+=("fuzz-cookie found a crash (build-fuzz/fuzz.log, inputs in $corpus)")
+			tail -40 build-fuzz/fuzz.log
+		fi
+	else
+		failed=$((failed + 1)); failures+=("fuzz build (clang) failed")
+	fi
 fi
 
 echo

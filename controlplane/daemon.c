@@ -23,6 +23,10 @@
 
 #include "jsonline.h"
 #include "migrate.h"
+#include "plan.h"
+#include "probe.h"
+#include "recover.h"
+#include "state.h"
 #include "qmp.h"
 #include "tunnel.h"
 
@@ -78,6 +82,9 @@ struct daemon {
 	dev_t admin_dev;
 	ino_t admin_ino;
 	uint64_t region_bytes;     /* destination regions allocated for peers, bounded */
+	char hostname[FERRY_COOKIE_HOSTNAME_MAX + 1];
+	char hostuuid[FERRY_COOKIE_UUID_LEN + 1];
+	char state_dir[PATH_MAX];  /* durable migration records (state.h) */
 };
 
 #define MAX_CONNS 128
@@ -278,10 +285,10 @@ static json_t *session_stats_json(struct ferry_session *s)
 						       "rx_bytes", (json_int_t)st.lane[i].rx_bytes, "tx_frames",
 						       (json_int_t)st.lane[i].tx_frames, "rx_frames",
 						       (json_int_t)st.lane[i].rx_frames, "idle_pct", st.lane[i].idle_pct));
-	return json_pack("{s:s, s:i, s:i, s:i, s:i, s:I, s:I, s:s, s:o}", "state", names[st.state], "lanes", (int)st.lanes,
-			 "lanes_up", (int)st.lanes_up, "streams_opened", (int)st.streams_opened, "streams_closed",
-			 (int)st.streams_closed, "tx_bytes", (json_int_t)st.tx_bytes, "rx_bytes",
-			 (json_int_t)st.rx_bytes, "error", st.error, "lane", lanes);
+	return json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:I, s:I, s:s, s:o}", "state", names[st.state], "lanes",
+			 (int)st.lanes, "lanes_up", (int)st.lanes_up, "streams_opened", (int)st.streams_opened,
+			 "streams_closed", (int)st.streams_closed, "streams_refused", (int)st.streams_refused, "tx_bytes",
+			 (json_int_t)st.tx_bytes, "rx_bytes", (json_int_t)st.rx_bytes, "error", st.error, "lane", lanes);
 }
 
 /* ---- destination side --------------------------------------------------- */
@@ -435,8 +442,93 @@ fail:
 	return NULL;
 }
 
+/* The destination's durable record of a migration session. */
+static void dst_record(struct daemon *d, uint32_t id, enum ferry_state_phase phase, const char *vm, const char *peer,
+		       const char *qmp, const char *note)
+{
+	struct ferry_state_record r = { .id = id, .role = FERRY_ROLE_DESTINATION, .phase = phase };
+	struct ferry_err e = { 0 };
+	if (phase != FERRY_PHASE_PREPARED && ferry_state_read(d->state_dir, FERRY_ROLE_DESTINATION, id, &r, &e) == 0) {
+		r.phase = phase; /* keep what prepare recorded */
+	} else {
+		snprintf(r.vm, sizeof(r.vm), "%s", vm ? vm : "");
+		snprintf(r.peer, sizeof(r.peer), "%s", peer ? peer : "");
+		snprintf(r.qmp, sizeof(r.qmp), "%s", qmp ? qmp : "");
+	}
+	snprintf(r.note, sizeof(r.note), "%s", note ? note : "");
+	ferry_err_clear(&e);
+	if (ferry_state_write(d->state_dir, &r, &e))
+		logf_(d, "session %u: cannot record its phase '%s': %s", id, ferry_state_phase_name(phase), e.msg);
+}
+
+/* A JSON array of feature names (the user's --require) as FERRY_F_* bits. */
+static int req_features(json_t *req, const char *key, uint32_t *out, struct ferry_err *err)
+{
+	*out = 0;
+	json_t *a = json_object_get(req, key);
+	if (!a)
+		return 0;
+	if (!json_is_array(a))
+		return ferry_err_set(err, EINVAL, "\"%s\" must be a list of feature names", key);
+	size_t i;
+	json_t *v;
+	json_array_foreach(a, i, v) {
+		uint32_t f = json_is_string(v) ? ferry_feature_parse(json_string_value(v)) : 0;
+		if (!f)
+			return ferry_err_set(err, EINVAL, "\"%s\" names an unknown feature", key);
+		*out |= f;
+	}
+	return 0;
+}
+
+/* Prepare (v3, step 2) on the destination: validate the source's cookie
+ * against our QEMU and host, choose the plan from both sides' capabilities.
+ * Fills the reply's cookie and plan. */
+static int prepare_plan(struct daemon *d, struct dst_entry *e, json_t *req, const char *cookie_xml,
+			struct ferry_plan *plan, json_t **cookie_out, char *vm, size_t vmlen, char *src_host,
+			size_t hostlen, struct ferry_err *err)
+{
+	struct ferry_cookie theirs, mine;
+	struct ferry_side_caps mycaps, scaps;
+	int rc = ferry_cookie_parse(cookie_xml, strlen(cookie_xml), &theirs, err);
+	if (rc)
+		return ferry_err_prefix(err, "the source's cookie");
+	if ((rc = ferry_probe_cookie(e->qmp, d->dp, d->endpoint, d->cfg->disabled_features, d->hostname, d->hostuuid,
+				     &mine, &mycaps, err)))
+		return ferry_err_prefix(err, "describing the destination");
+	if ((rc = ferry_cookie_check_peer(&mine, &theirs, err)))
+		return rc;
+	snprintf(vm, vmlen, "%s", mine.name);
+	snprintf(src_host, hostlen, "%s", theirs.hostname);
+	ferry_caps_from_cookie(&theirs, &scaps);
+	struct ferry_plan_request preq = { .no_handoff = json_is_true(json_object_get(req, "no_handoff")) };
+	unsigned channels;
+	if ((rc = req_uint(req, "channels", 0, FERRY_MAX_STREAMS - 1, &channels, err)) ||
+	    (rc = req_features(req, "require", &preq.require, err)))
+		return rc;
+	preq.channels = channels;
+	const char *t = req_str(req, "transport");
+	if (t && strcmp(t, "auto") != 0) {
+		for (int k = FERRY_COOKIE_DRIVER_TCP; k <= FERRY_COOKIE_DRIVER_RDMA; k++)
+			if (strcmp(t, ferry_cookie_driver_name(k)) == 0)
+				preq.transport = k;
+		if (!preq.transport)
+			return ferry_err_set(err, EINVAL, "unknown transport '%s'", t);
+	}
+	if ((rc = ferry_plan_choose(&scaps, &mycaps, &preq, plan, err)))
+		return rc;
+	char *xml = NULL;
+	if ((rc = ferry_cookie_format(&mine, &xml, err)))
+		return rc;
+	*cookie_out = json_string(xml);
+	free(xml);
+	return *cookie_out ? 0 : ferry_err_set(err, ENOMEM, "out of memory");
+}
+
 static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_err *err)
 {
+	struct ferry_plan plan = { 0 };
+	json_t *my_cookie = NULL;
 	unsigned channels, lanes;
 	if (req_uint(req, "channels", 0, FERRY_MAX_STREAMS - 1, &channels, err) ||
 	    req_uint(req, "lanes", 0, FERRY_MAX_LANES, &lanes, err))
@@ -466,6 +558,21 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 		goto fail;
 	}
 	json_decref(st);
+	/* A source with a cookie gets the negotiated plan; one from before
+	 * cookies gets what it asked for, as it always did. */
+	const char *cookie_xml = req_str(req, "cookie");
+	bool handoff = json_is_true(json_object_get(req, "handoff"));
+	char vm[FERRY_COOKIE_NAME_MAX * 4 + 1] = "", src_host[FERRY_COOKIE_HOSTNAME_MAX + 1] = "";
+	if (cookie_xml) {
+		if (prepare_plan(d, e, req, cookie_xml, &plan, &my_cookie, vm, sizeof(vm), src_host, sizeof(src_host), err))
+			goto fail;
+		channels = plan.channels;
+		handoff = plan.handoff;
+		if (!lanes || handoff)
+			lanes = handoff ? 1 : channels + 1;
+		for (unsigned i = 0; i < plan.nnotes; i++)
+			logf_(d, "migration from %s: fallback: %s", d->hostname, plan.notes[i]);
+	}
 	if (channels > 0) {
 		if (ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
 				       "capability", "multifd", "state", 1) ||
@@ -473,7 +580,6 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 				       (int)channels))
 			goto fail;
 	}
-	bool handoff = json_is_true(json_object_get(req, "handoff"));
 	if (handoff && (channels > 0 || !ferry_dp_can_handoff(d->dp))) {
 		ferry_err_set(err, EINVAL, "handoff needs a single channel and a driver that can hand over");
 		goto fail;
@@ -499,8 +605,24 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 	}
 	if (dst_insert(d, e, err))
 		goto fail;
-	return session_reply(d, e, token);
+	dst_record(d, id, FERRY_PHASE_PREPARED, vm, src_host, qmp_path, NULL);
+	json_t *r = session_reply(d, e, token);
+	if (my_cookie) {
+		json_t *notes = json_array(), *feats = json_array();
+		for (unsigned i = 0; i < plan.nnotes; i++)
+			json_array_append_new(notes, json_string(plan.notes[i]));
+		for (uint32_t bit = 1; bit & FERRY_F_ALL; bit <<= 1)
+			if (plan.features & bit)
+				json_array_append_new(feats, json_string(ferry_feature_name(bit)));
+		json_object_set_new(r, "cookie", my_cookie);
+		json_object_set_new(r, "plan", json_pack("{s:s, s:i, s:b, s:i, s:o, s:o}", "transport",
+							 ferry_cookie_driver_name(plan.transport), "channels", (int)channels,
+							 "handoff", handoff, "lanes", (int)(lanes ? lanes : channels + 1),
+							 "features", feats, "notes", notes));
+	}
+	return r;
 fail:
+	json_decref(my_cookie);
 	dst_free(e);
 	return NULL;
 }
@@ -553,8 +675,32 @@ static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_e
 		const char *vm = "?";
 		if (ferry_qmp_execute(e->qmp, "query-status", NULL, &vs, &e2) == 0)
 			vm = json_string_value(json_object_get(vs, "status"));
+		/* Finish (v3, step 4): a QEMU started with -S waits for us to run
+		 * the VM it received, if the VM ran on the source; a QEMU that
+		 * failed to load is ended, never left half-alive. */
+		if (strcmp(status, "completed") == 0 && vm && strcmp(vm, "paused") == 0 &&
+		    json_is_true(json_object_get(req, "resume")) &&
+		    ferry_qmp_execute(e->qmp, "cont", NULL, NULL, &e2) == 0) {
+			json_decref(vs);
+			vs = NULL;
+			vm = "?";
+			if (ferry_qmp_execute(e->qmp, "query-status", NULL, &vs, &e2) == 0)
+				vm = json_string_value(json_object_get(vs, "status"));
+		} else if (strcmp(status, "failed") == 0) {
+			(void)ferry_qmp_execute(e->qmp, "quit", NULL, NULL, &e2);
+		}
+		const char *cx = req_str(req, "cookie");
+		struct ferry_cookie sc;
+		if (cx && ferry_cookie_parse(cx, strlen(cx), &sc, &e2) == 0 && (sc.flags & FERRY_COOKIE_STATS))
+			logf_(d, "session %u: source reports %" PRIu64 " of %" PRIu64 " RAM bytes sent in %" PRIu64
+			      " ms, downtime %" PRIu64 " ms", e->id, sc.stats.ram_transferred, sc.stats.ram_total,
+			      sc.stats.total_time_ms, sc.stats.downtime_ms);
 		r = json_pack("{s:b, s:s, s:s}", "ok", 1, "status", status, "vm_status", vm ? vm : "?");
 		logf_(d, "session %u: destination migration %s, VM %s", e->id, status, vm ? vm : "?");
+		char note[96];
+		snprintf(note, sizeof(note), "finished: migration %s, VM %.32s", status, vm ? vm : "?");
+		dst_record(d, e->id, strcmp(status, "completed") == 0 ? FERRY_PHASE_DONE : FERRY_PHASE_FAILED, NULL, NULL,
+			   NULL, note);
 		json_decref(vs);
 	} else if (!err->code) {
 		ferry_err_set(err, ETIMEDOUT, "destination QEMU did not finish loading in time");
@@ -867,6 +1013,23 @@ static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *er
 		return NULL;
 	p.stall_timeout_s = (int)stall;
 	p.no_handoff = json_is_false(json_object_get(req, "handoff"));
+	p.keep_source = json_is_true(json_object_get(req, "keep_source"));
+	if (req_features(req, "require", &p.require, err))
+		return NULL;
+	const char *t = req_str(req, "transport");
+	if (t && strcmp(t, "auto") != 0) {
+		for (int k = FERRY_COOKIE_DRIVER_TCP; k <= FERRY_COOKIE_DRIVER_RDMA; k++)
+			if (strcmp(t, ferry_cookie_driver_name(k)) == 0)
+				p.transport = k;
+		if (!p.transport) {
+			ferry_err_set(err, EINVAL, "unknown transport '%s' (auto, rdma, dpdk or tcp)", t);
+			return NULL;
+		}
+	}
+	p.disabled = d->cfg->disabled_features;
+	p.state_dir = d->state_dir;
+	p.hostname = d->hostname;
+	p.hostuuid = d->hostuuid;
 	uint32_t id = new_id(d);
 	/* Start and record under one lock so two requests never share a slot. */
 	pthread_mutex_lock(&d->lock);
@@ -914,13 +1077,95 @@ static json_t *admin_migrate_status(struct daemon *d, json_t *req, bool cancel, 
 	}
 	struct ferry_migration_progress p;
 	ferry_migration_progress(m, &p);
-	return json_pack("{s:b, s:s, s:s, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:f, s:f, s:f, s:s, s:s, s:s}", "ok", 1,
+	json_t *r = json_pack("{s:b, s:s, s:s, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:f, s:f, s:f, s:s, s:s, s:s}", "ok", 1,
 			 "state", ferry_migration_state_name(p.state), "transport", p.transport, "qemu_status", p.qemu_status, "ram_total",
 			 (json_int_t)p.ram_total, "ram_transferred", (json_int_t)p.ram_transferred, "ram_remaining",
 			 (json_int_t)p.ram_remaining, "throughput_gbs", p.throughput_gbs, "dirty_rate_bps",
 			 p.dirty_rate_bps, "elapsed_s", p.elapsed_s, "setup_s", p.setup_s, "total_s", p.total_s,
 			 "downtime_ms", p.downtime_ms, "src_vm_status", p.src_vm_status, "dst_status", p.dst_status,
 			 "error", p.error);
+	if (r) {
+		json_object_set_new(r, "plan", json_string(p.plan));
+		json_object_set_new(r, "fallbacks", json_string(p.fallbacks));
+	}
+	return r;
+}
+
+/* ---- recovery ------------------------------------------------------------ */
+
+/* A source daemon (restarted, or one that lost us) asks what became of a
+ * session: settle it from our record and our QEMU. Any authenticated peer may
+ * ask; the answer only ever completes what QEMU itself already did. */
+static json_t *peer_migrate_state(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	uint64_t id;
+	if (req_u64(req, "session", &id, err))
+		return NULL;
+	pthread_mutex_lock(&d->lock);
+	bool busy = false;
+	for (unsigned i = 0; i < MAX_ENTRIES; i++)
+		if (d->dst[i] && d->dst[i]->id == (uint32_t)id)
+			busy = true;
+	pthread_mutex_unlock(&d->lock);
+	json_t *r = ferry_recover_destination(d->state_dir, (uint32_t)id, json_is_true(json_object_get(req, "resume")),
+					      busy, err);
+	if (r)
+		logf_(d, "session %" PRIu64 ": state asked by the source: %s (%s)", id,
+		      json_string_value(json_object_get(r, "phase")), json_string_value(json_object_get(r, "note")));
+	return r;
+}
+
+static bool mig_running(uint32_t id, void *ctx)
+{
+	struct daemon *d = ctx;
+	pthread_mutex_lock(&d->lock);
+	struct ferry_migration *m = NULL;
+	for (unsigned i = 0; i < MAX_ENTRIES; i++)
+		if (d->mig[i].m && d->mig[i].id == id)
+			m = d->mig[i].m;
+	bool running = m && !ferry_migration_done(m);
+	pthread_mutex_unlock(&d->lock);
+	return running;
+}
+
+static json_t *admin_recover(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	uint64_t id = 0;
+	if (json_object_get(req, "migration") && req_u64(req, "migration", &id, err))
+		return NULL;
+	json_t *items = ferry_recover_source(d->state_dir, (uint32_t)id, mig_running, d, err);
+	if (!items)
+		return NULL;
+	size_t i;
+	json_t *it;
+	json_array_foreach(items, i, it)
+		logf_(d, "recover: migration %" JSON_INTEGER_FORMAT " (%s): %s: %s",
+		      json_integer_value(json_object_get(it, "migration")), json_string_value(json_object_get(it, "vm")),
+		      json_string_value(json_object_get(it, "decision")), json_string_value(json_object_get(it, "detail")));
+	json_t *r = reply_ok();
+	json_object_set_new(r, "migrations", items);
+	return r;
+}
+
+/* At start: say which migrations were cut short by our last stop. */
+static void report_records(struct daemon *d)
+{
+	struct ferry_state_record *all = NULL;
+	unsigned n = 0, bad = 0;
+	struct ferry_err e = { 0 };
+	if (ferry_state_list(d->state_dir, &all, &n, &bad, &e)) {
+		logf_(d, "cannot read migration records: %s", e.msg);
+		return;
+	}
+	for (unsigned i = 0; i < n; i++)
+		if (!ferry_state_phase_final(all[i].phase))
+			logf_(d, "%s %u (VM '%s', peer %s) was '%s' when this daemon last stopped%s",
+			      all[i].role == FERRY_ROLE_SOURCE ? "migration" : "session", all[i].id, all[i].vm, all[i].peer,
+			      ferry_state_phase_name(all[i].phase),
+			      all[i].role == FERRY_ROLE_SOURCE ? ": run `ferryctl recover` to settle it" : "");
+	if (bad)
+		logf_(d, "%u damaged migration record(s) in %s ignored", bad, d->state_dir);
+	free(all);
 }
 
 /* ---- dispatch ------------------------------------------------------------ */
@@ -989,12 +1234,17 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 			if (req_u64(req, "session", &id, err))
 				return NULL;
 			struct dst_entry *e = dst_take(d, (uint32_t)id);
-			if (e)
+			if (e) {
 				logf_(d, "session %u: aborted by the source", e->id);
+				if (e->qmp)
+					dst_record(d, e->id, FERRY_PHASE_FAILED, NULL, NULL, NULL, "aborted by the source");
+			}
 			dst_free(e);
 			conn_disown(c, req);
 			return reply_ok();
 		}
+		if (strcmp(cmd, "migrate-state") == 0)
+			return peer_migrate_state(d, req, err);
 	} else {
 		if (strcmp(cmd, "migrate") == 0)
 			return admin_migrate(d, req, err);
@@ -1010,6 +1260,8 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 			return admin_tunnel_status(d, req, true, err);
 		if (strcmp(cmd, "perf-region") == 0)
 			return admin_perf_region(d, req, err);
+		if (strcmp(cmd, "recover") == 0)
+			return admin_recover(d, req, err);
 	}
 	ferry_err_set(err, EINVAL, "unknown command '%s'", cmd);
 	return NULL;
@@ -1021,7 +1273,30 @@ static void *conn_main(void *arg)
 	struct daemon *d = c->d;
 	struct ferry_jl jl;
 	ferry_jl_init(&jl, c->fd);
-	for (;;) {
+	bool serve = true;
+	struct ferry_tls *tls = c->admin ? NULL : ferry_jl_get_tls();
+	if (tls) {
+		/* Nothing is read from a peer before it proved who it is; a silent
+		 * one is dropped after FERRY_TLS_HANDSHAKE_MS. */
+		char host[NI_MAXHOST] = "?", port[NI_MAXSERV] = "?";
+		struct sockaddr_storage sa;
+		socklen_t sl = sizeof(sa);
+		if (getpeername(c->fd, (struct sockaddr *)&sa, &sl) == 0)
+			(void)getnameinfo((struct sockaddr *)&sa, sl, host, sizeof(host), port, sizeof(port),
+					  NI_NUMERICHOST | NI_NUMERICSERV);
+		char peer[NI_MAXHOST + NI_MAXSERV + 4];
+		snprintf(peer, sizeof(peer), strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
+		struct ferry_err herr = { 0 };
+		if (ferry_jl_accept_tls(&jl, tls, FERRY_TLS_HANDSHAKE_MS, &herr)) {
+			logf_(d, "peer %s refused: TLS handshake failed: %s", peer, herr.msg);
+			serve = false;
+		} else if (d->cfg->verbose) {
+			char who[300];
+			ferry_tls_peer_describe(jl.tls, who, sizeof(who));
+			logf_(d, "peer %s authenticated: %s", peer, who);
+		}
+	}
+	while (serve) {
 		struct ferry_err err = { 0 };
 		json_t *req = NULL;
 		/* Peers keep their control connection open for a whole migration. */
@@ -1189,12 +1464,17 @@ int ferry_daemon_run(const struct ferry_daemon_config *cfg, volatile sig_atomic_
 	d->cfg = cfg;
 	pthread_mutex_init(&d->lock, NULL);
 	int afd = -1, pfd = -1, rc = 0;
+	struct ferry_tls *tls = NULL;   /* NULL: --insecure-no-tls */
 
 	char tmp[PATH_MAX];
 	if (!cfg->admin_path || !cfg->listen) {
 		rc = ferry_err_set(err, EINVAL, "ferryd needs --admin PATH and --listen HOST:PORT");
 		goto out;
 	}
+	if ((rc = ferry_tls_load(&cfg->tls, &tls, err)))
+		goto out;
+	/* Every peer connection, dialled or accepted, uses it from now on. */
+	ferry_jl_set_tls(tls);
 	snprintf(tmp, sizeof(tmp), "%s", cfg->run_dir ? cfg->run_dir : cfg->admin_path);
 	const char *rd = cfg->run_dir ? tmp : dirname(tmp);
 	if (!realpath(rd, d->run_dir)) {
@@ -1209,6 +1489,20 @@ int ferry_daemon_run(const struct ferry_daemon_config *cfg, volatile sig_atomic_
 		}
 		d->nallow++;
 	}
+	if ((rc = ferry_host_identity(cfg->host_uuid, d->hostname, d->hostuuid, err)))
+		goto out;
+	/* Records live in the run dir by default: a host reboot ends every QEMU
+	 * anyway, a daemon restart must not forget. */
+	if ((size_t)snprintf(d->state_dir, sizeof(d->state_dir), "%s", cfg->state_dir ? cfg->state_dir : "") >=
+		    sizeof(d->state_dir) ||
+	    (!cfg->state_dir && (size_t)snprintf(d->state_dir, sizeof(d->state_dir), "%s/state", d->run_dir) >=
+					 sizeof(d->state_dir))) {
+		rc = ferry_err_set(err, ENAMETOOLONG, "state directory path too long");
+		goto out;
+	}
+	if ((rc = ferry_state_init(d->state_dir, err)))
+		goto out;
+	report_records(d);
 	if ((rc = ferry_dp_open(&cfg->dp, &d->dp, err)))
 		goto out;
 	if ((rc = ferry_dp_endpoint(d->dp, d->endpoint, sizeof(d->endpoint), err)))
@@ -1229,6 +1523,10 @@ int ferry_daemon_run(const struct ferry_daemon_config *cfg, volatile sig_atomic_
 	logf_(d, "ready: admin %s, control %s, data %s (%s driver, %s polling), run dir %s", cfg->admin_path,
 	      cfg->listen, d->endpoint, ferry_dp_driver_name(d->dp),
 	      cfg->dp.poll_mode == FERRY_POLL_BUSY ? "busy" : "adaptive", d->run_dir);
+	logf_(d, "control connection: %s", ferry_tls_describe(tls));
+	if (!tls)
+		logf_(d, "WARNING: --insecure-no-tls: the control connection is plain TCP; anyone who reaches %s "
+		      "can drive this daemon", cfg->listen);
 
 	/* Standing tunnels from the configuration: the peer may come up later,
 	 * so each reaches it only when a first connection arrives. */
@@ -1289,9 +1587,11 @@ out:
 	bool conns_left = d->active_conns + d->active_admin > 0;
 	pthread_mutex_unlock(&d->lock);
 	ferry_dp_close(d->dp);
+	ferry_jl_set_tls(NULL);
 	if (!conns_left) {
 		pthread_mutex_destroy(&d->lock);
 		free(d);
+		ferry_tls_free(tls);
 	}
 	/* else: a connection thread still holds d; the process is exiting anyway. */
 	return rc;

@@ -8,6 +8,7 @@
 
 #include "../dataplane/dataplane.h"
 #include "../drivers/err.h"
+#include "tls.h"
 
 #define FERRY_MAX_ALLOW_DIRS 8
 #define FERRY_MAX_CONFIG_TUNNELS 16
@@ -25,6 +26,10 @@ struct ferry_daemon_config {
 	const char *run_dir;           /* stream sockets live here; default: the admin socket's directory */
 	const char *allow_dirs[FERRY_MAX_ALLOW_DIRS]; /* further dirs peers may name (QMP sockets, tunnel targets) */
 	struct ferry_dp_config dp;
+	struct ferry_tls_config tls;   /* credentials for the control connection between daemons */
+	const char *host_uuid;         /* this host's identity in cookies; NULL: from /etc/machine-id */
+	const char *state_dir;         /* durable migration records; NULL: <run dir>/state */
+	uint32_t disabled_features;    /* FERRY_F_* (plan.h) this host never offers */
 	struct ferry_tunnel_config tunnels[FERRY_MAX_CONFIG_TUNNELS]; /* up to the first with peer == NULL */
 	int verbose;
 };

@@ -31,13 +31,22 @@ static void usage(FILE *f)
 		"usage: ferryctl [--admin PATH] COMMAND [options]\n"
 		"commands:\n"
 		"  migrate --src-qmp PATH --dst-qmp PATH --to HOST:PORT [--channels N] [--lanes N]\n"
-		"          [--stall-timeout S] [--no-handoff] [--json] [--quiet]\n"
+		"          [--stall-timeout S] [--no-handoff] [--transport auto|rdma|dpdk|tcp] [--require F]...\n"
+		"          [--keep-source] [--json] [--quiet]\n"
 		"        live-migrate the VM behind --src-qmp into the QEMU behind --dst-qmp (started with\n"
 		"        -incoming defer) on the host whose ferryd listens at --to; exits 0 only when both\n"
 		"        QEMUs report the migration completed. Ctrl-C cancels (the source VM keeps running).\n"
 		"        A single-channel migration over tcp hands ferry's authenticated connection to both\n"
 		"        QEMUs (no copy in between); --no-handoff keeps ferry relaying every byte.\n"
+		"        The daemons swap migration cookies and pick the best plan both hosts and both QEMUs\n"
+		"        support, falling back (and saying so) where one lacks a feature; --require F\n"
+		"        (multifd, handoff, nbd, postcopy, postcopy-setup) makes a missing F an error.\n"
+		"        On success the source QEMU is ended (--keep-source leaves it paused).\n"
 		"  status ID [--json]      progress of migration ID\n"
+		"  recover [ID] [--json]   settle migrations this daemon's last stop (or a lost peer) cut short:\n"
+		"                          from both hosts' records, end the source VM if the destination runs it,\n"
+		"                          resume it if the destination does not have it; undecided while the\n"
+		"                          destination is unreachable (exit 1 then)\n"
 		"  cancel ID               cancel migration ID\n"
 		"  tunnel-open --to HOST:PORT --listen PATH --target PATH [--streams N | --standing] [--lanes N]\n"
 		"        carry connections made to the local unix socket PATH to the peer's socket --target:\n"
@@ -139,10 +148,13 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		{ "to", required_argument, NULL, 't' },      { "channels", required_argument, NULL, 'c' },
 		{ "lanes", required_argument, NULL, 'l' },   { "stall-timeout", required_argument, NULL, 'S' },
 		{ "json", no_argument, NULL, 'j' },          { "quiet", no_argument, NULL, 'q' },
-		{ "no-handoff", no_argument, NULL, 'H' },    { NULL, 0, NULL, 0 },
+		{ "no-handoff", no_argument, NULL, 'H' },    { "require", required_argument, NULL, 'r' },
+		{ "transport", required_argument, NULL, 'T' }, { "keep-source", no_argument, NULL, 'k' },
+		{ NULL, 0, NULL, 0 },
 	};
-	const char *src = NULL, *dst = NULL, *to = NULL;
-	bool handoff = true;
+	const char *src = NULL, *dst = NULL, *to = NULL, *transport = "auto";
+	bool handoff = true, keep_source = false;
+	json_t *require = json_array();
 	unsigned long long channels = 0, lanes = 0, stall = 0;
 	bool json = false, quiet = false;
 	int c;
@@ -158,17 +170,42 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		case 'j': json = true; break;
 		case 'q': quiet = true; break;
 		case 'H': handoff = false; break;
-		default: usage(stderr); return EXIT_USAGE;
+		case 'k': keep_source = true; break;
+		case 'T':
+			if (strcmp(optarg, "auto") && strcmp(optarg, "tcp") && strcmp(optarg, "dpdk") && strcmp(optarg, "rdma")) {
+				fprintf(stderr, "ferryctl migrate: --transport must be auto, rdma, dpdk or tcp, not '%s'\n", optarg);
+				json_decref(require);
+				return EXIT_USAGE;
+			}
+			transport = optarg;
+			break;
+		case 'r': {
+			static const char *const known[] = { "multifd", "handoff", "nbd", "postcopy", "postcopy-setup" };
+			bool ok = false;
+			for (size_t i = 0; i < sizeof(known) / sizeof(known[0]); i++)
+				ok |= strcmp(optarg, known[i]) == 0;
+			if (!ok) {
+				fprintf(stderr, "ferryctl migrate: --require takes one of multifd, handoff, nbd, postcopy, "
+						"postcopy-setup, not '%s'\n", optarg);
+				json_decref(require);
+				return EXIT_USAGE;
+			}
+			json_array_append_new(require, json_string(optarg));
+			break;
+		}
+		default: usage(stderr); json_decref(require); return EXIT_USAGE;
 		}
 	}
 	if (!src || !dst || !to || optind < argc) {
 		fprintf(stderr, "ferryctl migrate: needs --src-qmp, --dst-qmp and --to (and nothing else)\n");
+		json_decref(require);
 		return EXIT_USAGE;
 	}
 	json_t *rep = NULL;
-	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:b}", "cmd", "migrate", "src_qmp", src,
-				       "dst_qmp", dst, "peer", to, "channels", (json_int_t)channels, "lanes",
-				       (json_int_t)lanes, "stall_timeout", (json_int_t)stall, "handoff", handoff), &rep);
+	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:b, s:o, s:s, s:b}", "cmd", "migrate",
+				       "src_qmp", src, "dst_qmp", dst, "peer", to, "channels", (json_int_t)channels, "lanes",
+				       (json_int_t)lanes, "stall_timeout", (json_int_t)stall, "handoff", handoff, "require",
+				       require, "transport", transport, "keep_source", keep_source), &rep);
 	if (rc)
 		return rc;
 	json_int_t id = json_integer_value(json_object_get(rep, "migration"));
@@ -183,6 +220,7 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 	sigaction(SIGTERM, &sa, NULL);
 	bool tty = isatty(STDERR_FILENO) && !json;
 	int cancel_sent = 0;
+	bool plan_said = false;
 	time_t last_line = 0;
 	for (;;) {
 		if (interrupted && cancel_sent < interrupted) {
@@ -198,6 +236,12 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		if (rc)
 			return rc;
 		const char *state = str(st, "state");
+		if (!plan_said && !quiet && !json && str(st, "plan")[0]) {
+			plan_said = true;
+			fprintf(stderr, "%sferryctl: plan: %s\n", tty ? "\r\033[K" : "", str(st, "plan"));
+			if (str(st, "fallbacks")[0])
+				fprintf(stderr, "ferryctl: fallback: %s\n", str(st, "fallbacks"));
+		}
 		bool done = strcmp(state, "completed") == 0 || strcmp(state, "failed") == 0 ||
 			    strcmp(state, "cancelled") == 0;
 		if (!quiet && !json && (tty || time(NULL) != last_line || done)) {
@@ -214,9 +258,10 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 			} else if (ok) {
 				char tb[32];
 				human_bytes(num(st, "ram_transferred"), tb, sizeof(tb));
-				printf("migration %lld completed over %s: %s in %.2f s (%.2f GB/s after %.2f s set-up), downtime %.0f ms; destination %s\n",
+				printf("migration %lld completed over %s: %s in %.2f s (%.2f GB/s after %.2f s set-up), downtime %.0f ms; destination %s; source %s\n",
 				       (long long)id, str(st, "transport"), tb, num(st, "total_s"), num(st, "throughput_gbs"),
-				       num(st, "setup_s"), num(st, "downtime_ms"), str(st, "dst_status"));
+				       num(st, "setup_s"), num(st, "downtime_ms"), str(st, "dst_status"),
+				       str(st, "src_vm_status")[0] ? str(st, "src_vm_status") : "postmigrate (kept)");
 			} else {
 				fprintf(stderr, "ferryctl: migration %lld %s: %s\n", (long long)id, state, str(st, "error"));
 				const char *vm = str(st, "src_vm_status");
@@ -230,6 +275,45 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		/* Cheap local calls: poll often so the end is seen at once. */
 		usleep(50000);
 	}
+}
+
+static int cmd_recover(const char *admin, int argc, char **argv)
+{
+	bool json = false;
+	unsigned long long id = 0;
+	for (int i = 1; i < argc; i++) {
+		if (strcmp(argv[i], "--json") == 0)
+			json = true;
+		else if (parse_uint(argv[i], "ID", 0xffffffffull, &id))
+			return EXIT_USAGE;
+	}
+	json_t *req = json_pack("{s:s}", "cmd", "recover");
+	if (req && id)
+		json_object_set_new(req, "migration", json_integer((json_int_t)id));
+	json_t *rep = NULL;
+	int rc = call(admin, req, &rep);
+	if (rc)
+		return rc;
+	json_t *items = json_object_get(rep, "migrations");
+	bool undecided = false;
+	size_t i;
+	json_t *it;
+	json_array_foreach(items, i, it) {
+		const char *dec = json_string_value(json_object_get(it, "decision"));
+		if (dec && (strcmp(dec, "undecided") == 0 || strcmp(dec, "lost") == 0))
+			undecided = true;
+		if (!json)
+			printf("migration %lld (%s), was %s: %s: %s\n",
+			       (long long)json_integer_value(json_object_get(it, "migration")),
+			       json_string_value(json_object_get(it, "vm")), json_string_value(json_object_get(it, "was")),
+			       dec ? dec : "?", json_string_value(json_object_get(it, "detail")));
+	}
+	if (json)
+		print_json(rep);
+	else if (json_array_size(items) == 0)
+		printf("nothing to recover\n");
+	json_decref(rep);
+	return undecided ? EXIT_FAILED : 0;
 }
 
 static int cmd_id(const char *admin, const char *cmd, const char *key, int argc, char **argv)
@@ -405,6 +489,8 @@ int main(int argc, char **argv)
 		return cmd_id(admin, "migrate-status", "migration", sub_argc, sub_argv);
 	if (strcmp(cmd, "cancel") == 0)
 		return cmd_id(admin, "migrate-cancel", "migration", sub_argc, sub_argv);
+	if (strcmp(cmd, "recover") == 0)
+		return cmd_recover(admin, sub_argc, sub_argv);
 	if (strcmp(cmd, "tunnel-open") == 0)
 		return cmd_tunnel_open(admin, sub_argc, sub_argv);
 	if (strcmp(cmd, "tunnel-status") == 0)

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "daemon.h"
+#include "plan.h"
 
 static volatile sig_atomic_t stop_flag;
 
@@ -31,10 +32,23 @@ static void usage(FILE *f)
 		"  --window BYTES      per-stream flow-control window (default 4194304)\n"
 		"  --run-dir DIR       where stream sockets are made (default: the admin socket's directory)\n"
 		"  --allow-dir DIR     a further directory peers may name sockets in, repeatable\n"
+		"  --host-uuid UUID    this host's identity in migration cookies (default: from /etc/machine-id;\n"
+		"                      two daemons on one machine need distinct ones)\n"
+		"  --state-dir DIR     durable migration records (default: RUN-DIR/state), read by ferryctl recover\n"
+		"  --disable FEATURES  never offer these (comma-separated: multifd, handoff, nbd, postcopy,\n"
+		"                      postcopy-setup): migrations fall back as if this host lacked them\n"
 		"  --tunnel PEER,LISTEN,TARGET\n"
 		"                      a standing tunnel from the start: connections to the local unix\n"
 		"                      socket LISTEN are carried to TARGET on the daemon at PEER (HOST:PORT),\n"
 		"                      one session each, in arrival order; repeatable (at most 16)\n"
+		"control connection between daemons (TLS 1.3, both sides authenticated; one of these is required):\n"
+		"  --tls-psk FILE      pre-shared keys, psktool's IDENTITY:HEXKEY lines, mode 0600: the first\n"
+		"                      line is this daemon's own, every line names a peer that may connect\n"
+		"  --tls-x509 DIR      DIR/ca-cert.pem, DIR/server-cert.pem, DIR/server-key.pem (mode 0600):\n"
+		"                      both sides present the certificate and verify the peer's against the CA\n"
+		"  --tls-no-name-check with --tls-x509: accept any certificate of the CA, whatever the name\n"
+		"                      dialled (default: the peer's certificate must name the host or IP in --to)\n"
+		"  --insecure-no-tls   plain TCP, no authentication: anyone who reaches --listen controls this daemon\n"
 		"  --version, --help\n");
 }
 
@@ -61,6 +75,10 @@ int main(int argc, char **argv)
 		{ "window", required_argument, NULL, 'w' },  { "run-dir", required_argument, NULL, 'r' },
 		{ "allow-dir", required_argument, NULL, 'A' }, { "version", no_argument, NULL, 'V' },
 		{ "tunnel", required_argument, NULL, 'T' },  { "help", no_argument, NULL, 'h' },
+		{ "tls-psk", required_argument, NULL, 'K' }, { "tls-x509", required_argument, NULL, 'C' },
+		{ "tls-no-name-check", no_argument, NULL, 'N' }, { "insecure-no-tls", no_argument, NULL, 'I' },
+		{ "host-uuid", required_argument, NULL, 'U' }, { "disable", required_argument, NULL, 'X' },
+		{ "state-dir", required_argument, NULL, 'Z' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct ferry_daemon_config cfg = { .admin_path = "/run/ferry/ferryd.sock", .listen = "127.0.0.1:7470" };
@@ -126,6 +144,22 @@ int main(int argc, char **argv)
 			cfg.tunnels[ntun++] = (struct ferry_tunnel_config){ .peer = a, .listen = b + 1, .target = c2 + 1 };
 			break;
 		}
+		case 'U': cfg.host_uuid = optarg; break;
+		case 'Z': cfg.state_dir = optarg; break;
+		case 'X': {
+			struct ferry_err ferr = { 0 };
+			uint32_t f;
+			if (ferry_feature_list_parse(optarg, &f, &ferr)) {
+				fprintf(stderr, "ferryd: --disable: %s\n", ferr.msg);
+				return 2;
+			}
+			cfg.disabled_features |= f;
+			break;
+		}
+		case 'K': cfg.tls.psk_file = optarg; break;
+		case 'C': cfg.tls.x509_dir = optarg; break;
+		case 'N': cfg.tls.no_name_check = true; break;
+		case 'I': cfg.tls.insecure = true; break;
 		case 'V': printf("ferryd 0.1.0\n"); return 0;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
@@ -134,6 +168,18 @@ int main(int argc, char **argv)
 	if (optind < argc) {
 		fprintf(stderr, "ferryd: unexpected argument '%s'\n", argv[optind]);
 		usage(stderr);
+		return 2;
+	}
+	/* No silent default: plain TCP lets anyone who reaches the port migrate VMs. */
+	int ncred = (cfg.tls.psk_file != NULL) + (cfg.tls.x509_dir != NULL) + cfg.tls.insecure;
+	if (ncred != 1) {
+		fprintf(stderr, ncred ? "ferryd: give only one of --tls-psk FILE, --tls-x509 DIR and --insecure-no-tls\n"
+				      : "ferryd: the control connection needs credentials: --tls-psk FILE or --tls-x509 DIR "
+					"(or --insecure-no-tls for plain TCP, unauthenticated; see docs/security.md)\n");
+		return 2;
+	}
+	if (cfg.tls.no_name_check && !cfg.tls.x509_dir) {
+		fprintf(stderr, "ferryd: --tls-no-name-check goes with --tls-x509\n");
 		return 2;
 	}
 	if (!data) {

@@ -4,12 +4,19 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+
+#define TLS_BYE_MS 1000
+#define TLS_CONNECT_MAX_MS 30000   /* handshake bound when the caller gave none */
+
+/* Set once at daemon start, read by every thread that dials a peer. */
+static _Atomic(struct ferry_tls *) jl_tls;
 
 static long long now_ms(void)
 {
@@ -42,10 +49,14 @@ void ferry_jl_init(struct ferry_jl *jl, int fd)
 	jl->fd = fd;
 	jl->buf = NULL;
 	jl->len = jl->cap = 0;
+	jl->tls = NULL;
 }
 
 void ferry_jl_close(struct ferry_jl *jl)
 {
+	if (jl->tls)
+		ferry_tls_close(jl->tls, TLS_BYE_MS);
+	jl->tls = NULL;
 	if (jl->fd >= 0)
 		close(jl->fd);
 	jl->fd = -1;
@@ -54,43 +65,123 @@ void ferry_jl_close(struct ferry_jl *jl)
 	jl->len = jl->cap = 0;
 }
 
+/* Write all of buf, over TLS or plain, by the deadline. */
+static int jl_write(struct ferry_jl *jl, const char *buf, size_t len, long long deadline, struct ferry_err *err)
+{
+	size_t off = 0;
+	while (off < len) {
+		if (jl->tls) {
+			/* After GNUTLS_E_AGAIN the same arguments are passed again. */
+			ssize_t w = gnutls_record_send(jl->tls, buf + off, len - off);
+			if (w > 0) {
+				off += (size_t)w;
+				continue;
+			}
+			if (w == GNUTLS_E_PUSH_ERROR) {
+				/* The peer may have said why before it closed (TLS 1.3:
+				 * a refused client certificate shows only now). */
+				char tmp[512];
+				ssize_t r = gnutls_record_recv(jl->tls, tmp, sizeof(tmp));
+				if (r == GNUTLS_E_FATAL_ALERT_RECEIVED)
+					w = r;
+			}
+			if (w != GNUTLS_E_AGAIN && w != GNUTLS_E_INTERRUPTED)
+				return ferry_tls_io_error(jl->tls, (int)w, "send", err);
+			int rc = wait_fd(jl->fd, gnutls_record_get_direction(jl->tls) ? POLLOUT : POLLIN, deadline, err);
+			if (rc)
+				return rc;
+			continue;
+		}
+		ssize_t w = send(jl->fd, buf + off, len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (w > 0) {
+			off += (size_t)w;
+			continue;
+		}
+		if (w < 0 && (errno == EAGAIN || errno == EINTR)) {
+			int rc = wait_fd(jl->fd, POLLOUT, deadline, err);
+			if (rc)
+				return rc;
+			continue;
+		}
+		return ferry_err_set(err, errno == EPIPE ? ECONNRESET : errno, "send: %s",
+				     errno == EPIPE ? "peer closed the connection" : strerror(errno));
+	}
+	return 0;
+}
+
 int ferry_jl_send(struct ferry_jl *jl, json_t *msg, int timeout_ms, struct ferry_err *err)
 {
 	char *text = json_dumps(msg, JSON_COMPACT);
 	if (!text)
 		return ferry_err_set(err, ENOMEM, "cannot encode JSON");
 	size_t len = strlen(text);
-	text[len] = '\0';
+	/* One buffer with the newline: one TLS record, not two. */
+	char *line = realloc(text, len + 2);
+	if (!line) {
+		free(text);
+		return ferry_err_set(err, ENOMEM, "out of memory");
+	}
+	line[len] = '\n';
+	line[len + 1] = '\0';
 	long long deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
-	int rc = 0;
-	const char *parts[2] = { text, "\n" };
-	size_t lens[2] = { len, 1 };
-	for (int i = 0; i < 2 && rc == 0; i++) {
-		size_t off = 0;
-		while (off < lens[i]) {
-			ssize_t w = send(jl->fd, parts[i] + off, lens[i] - off, MSG_NOSIGNAL | MSG_DONTWAIT);
-			if (w > 0) {
-				off += (size_t)w;
-				continue;
+	int rc = jl_write(jl, line, len + 1, deadline, err);
+	free(line);
+	return rc;
+}
+
+/* Read what is there into the buffer: > 0 bytes, 0 at EOF, -EAGAIN when
+ * nothing is ready (wait for *events), another -errno with err filled. */
+static ssize_t jl_read(struct ferry_jl *jl, short *events, struct ferry_err *err)
+{
+	*events = POLLIN;
+	if (jl->tls) {
+		for (;;) {
+			ssize_t r = gnutls_record_recv(jl->tls, jl->buf + jl->len, jl->cap - jl->len);
+			if (r >= 0)
+				return r;
+			if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
+				*events = gnutls_record_get_direction(jl->tls) ? POLLOUT : POLLIN;
+				return -EAGAIN;
 			}
-			if (w < 0 && (errno == EAGAIN || errno == EINTR)) {
-				if ((rc = wait_fd(jl->fd, POLLOUT, deadline, err)))
-					break;
-				continue;
-			}
-			rc = ferry_err_set(err, errno == EPIPE ? ECONNRESET : errno, "send: %s",
-					   errno == EPIPE ? "peer closed the connection" : strerror(errno));
-			break;
+			/* A peer that died sends no close_notify: that is still EOF. */
+			if (r == GNUTLS_E_PREMATURE_TERMINATION)
+				return 0;
+			if (!gnutls_error_is_fatal((int)r))
+				continue; /* a warning alert: read on */
+			return ferry_tls_io_error(jl->tls, (int)r, "recv", err);
 		}
 	}
-	free(text);
-	return rc;
+	ssize_t r = recv(jl->fd, jl->buf + jl->len, jl->cap - jl->len, MSG_DONTWAIT);
+	if (r >= 0)
+		return r;
+	if (errno == EAGAIN || errno == EINTR)
+		return -EAGAIN;
+	return ferry_err_set(err, errno, "recv: %s", strerror(errno));
+}
+
+static int jl_grow(struct ferry_jl *jl, struct ferry_err *err)
+{
+	if (jl->cap - jl->len >= 4096)
+		return 0;
+	size_t ncap = jl->cap ? jl->cap * 2 : 8192;
+	char *nb = realloc(jl->buf, ncap);
+	if (!nb)
+		return ferry_err_set(err, ENOMEM, "out of memory");
+	jl->buf = nb;
+	jl->cap = ncap;
+	return 0;
 }
 
 int ferry_jl_recv(struct ferry_jl *jl, int timeout_ms, json_t **msg, struct ferry_err *err)
 {
 	long long deadline = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
 	for (;;) {
+		/* A TLS record where a JSON line should be: a daemon with
+		 * credentials talking to one without. Say so at once rather than
+		 * wait for a newline that may never come. */
+		if (!jl->tls && jl->len >= 2 && (jl->buf[0] == 0x15 || jl->buf[0] == 0x16) && jl->buf[1] == 0x03)
+			return ferry_err_set(err, EPROTO, "the peer speaks TLS and this end is plain TCP (--insecure-no-tls "
+							  "on one side only?)");
 		char *nl = jl->len ? memchr(jl->buf, '\n', jl->len) : NULL;
 		if (nl) {
 			size_t line = (size_t)(nl - jl->buf);
@@ -109,15 +200,11 @@ int ferry_jl_recv(struct ferry_jl *jl, int timeout_ms, json_t **msg, struct ferr
 		}
 		if (jl->len >= FERRY_JSONLINE_MAX)
 			return ferry_err_set(err, EPROTO, "message longer than %u bytes", FERRY_JSONLINE_MAX);
-		if (jl->cap - jl->len < 4096) {
-			size_t ncap = jl->cap ? jl->cap * 2 : 8192;
-			char *nb = realloc(jl->buf, ncap);
-			if (!nb)
-				return ferry_err_set(err, ENOMEM, "out of memory");
-			jl->buf = nb;
-			jl->cap = ncap;
-		}
-		ssize_t r = recv(jl->fd, jl->buf + jl->len, jl->cap - jl->len, MSG_DONTWAIT);
+		int rc = jl_grow(jl, err);
+		if (rc)
+			return rc;
+		short events;
+		ssize_t r = jl_read(jl, &events, err);
 		if (r > 0) {
 			jl->len += (size_t)r;
 			continue;
@@ -125,9 +212,9 @@ int ferry_jl_recv(struct ferry_jl *jl, int timeout_ms, json_t **msg, struct ferr
 		if (r == 0)
 			return ferry_err_set(err, ECONNRESET, jl->len ? "connection closed in the middle of a message"
 								: "connection closed");
-		if (errno != EAGAIN && errno != EINTR)
-			return ferry_err_set(err, errno, "recv: %s", strerror(errno));
-		int rc = wait_fd(jl->fd, POLLIN, deadline, err);
+		if (r != -EAGAIN)
+			return (int)r;
+		rc = wait_fd(jl->fd, events, deadline, err);
 		if (rc)
 			return rc;
 	}
@@ -179,8 +266,57 @@ int ferry_jl_connect_unix(const char *path, int timeout_ms, struct ferry_jl *jl,
 	return 0;
 }
 
+bool ferry_jl_peer_gone(struct ferry_jl *jl)
+{
+	struct pollfd p = { .fd = jl->fd, .events = POLLIN };
+	if (jl->fd < 0)
+		return true;
+	if (poll(&p, 1, 0) != 1)
+		return false;
+	if (!jl->tls) {
+		char c;
+		return recv(jl->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0 || (p.revents & (POLLHUP | POLLERR));
+	}
+	/* TLS: bytes on the socket may be a record or the close_notify, only
+	 * reading tells; a record read here waits in the buffer. */
+	struct ferry_err e = { 0 };
+	if (jl_grow(jl, &e))
+		return false;
+	short events;
+	ssize_t r = jl_read(jl, &events, &e);
+	if (r > 0) {
+		jl->len += (size_t)r;
+		return false;
+	}
+	return r != -EAGAIN;
+}
+
+void ferry_jl_set_tls(struct ferry_tls *tls)
+{
+	atomic_store(&jl_tls, tls);
+}
+
+struct ferry_tls *ferry_jl_get_tls(void)
+{
+	return atomic_load(&jl_tls);
+}
+
+int ferry_jl_accept_tls(struct ferry_jl *jl, struct ferry_tls *tls, int timeout_ms, struct ferry_err *err)
+{
+	if (!tls)
+		return 0;
+	return ferry_tls_handshake(tls, jl->fd, true, NULL, timeout_ms, &jl->tls, err);
+}
+
 int ferry_jl_connect_tcp(const char *hostport, int timeout_ms, struct ferry_jl *jl, struct ferry_err *err)
 {
+	return ferry_jl_connect_tcp_tls(hostport, timeout_ms, atomic_load(&jl_tls), jl, err);
+}
+
+int ferry_jl_connect_tcp_tls(const char *hostport, int timeout_ms, struct ferry_tls *tls, struct ferry_jl *jl,
+			     struct ferry_err *err)
+{
+	long long t0 = now_ms();
 	char host[256];
 	const char *colon = strrchr(hostport, ':');
 	if (!colon || colon == hostport || (size_t)(colon - hostport) >= sizeof(host) || !colon[1])
@@ -214,7 +350,18 @@ int ferry_jl_connect_tcp(const char *hostport, int timeout_ms, struct ferry_jl *
 			if (fl >= 0)
 				(void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
 			freeaddrinfo(res);
+			gnutls_session_t s = NULL;
+			if (tls) {
+				long long left = timeout_ms < 0 ? TLS_CONNECT_MAX_MS : timeout_ms - (now_ms() - t0);
+				if (left < 1)
+					left = 1;
+				if ((rc = ferry_tls_handshake(tls, fd, false, host, (int)left, &s, err))) {
+					close(fd);
+					return ferry_err_prefix(err, "TLS handshake with %s failed", hostport);
+				}
+			}
 			ferry_jl_init(jl, fd);
+			jl->tls = s;
 			return 0;
 		}
 		rc = ferry_err_set(err, pr == 0 ? ETIMEDOUT : (soerr ? soerr : errno), "cannot connect to %s: %s",

@@ -11,8 +11,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cookie.h"
 #include "jsonline.h"
+#include "plan.h"
+#include "probe.h"
 #include "qmp.h"
+#include "state.h"
 
 #define QMP_TIMEOUT_MS   10000
 #define PEER_TIMEOUT_MS  15000
@@ -27,7 +31,13 @@ struct ferry_migration {
 	char *src_qmp, *dst_qmp, *peer, *run_dir;
 	unsigned channels, lanes;
 	int stall_timeout_s;
-	bool no_handoff;
+	bool no_handoff, keep_source;
+	uint32_t require, disabled;
+	int transport;
+	char hostname[FERRY_COOKIE_HOSTNAME_MAX + 1];
+	char hostuuid[FERRY_COOKIE_UUID_LEN + 1];
+	char *state_dir;
+	struct ferry_state_record rec;   /* this migration's durable record, as last written */
 
 	pthread_t thread;
 	pthread_mutex_t lock;
@@ -83,21 +93,124 @@ static double jd(json_t *o, const char *k)
 	return json_is_number(v) ? json_number_value(v) : 0.0;
 }
 
-/* Ask the destination daemon to prepare its QEMU and a session. */
-static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, struct ferry_session_params *sp,
+static json_t *features_json(uint32_t f)
+{
+	json_t *a = json_array();
+	for (uint32_t bit = 1; bit & FERRY_F_ALL; bit <<= 1)
+		if (f & bit)
+			json_array_append_new(a, json_string(ferry_feature_name(bit)));
+	return a;
+}
+
+static void plan_to_progress(struct ferry_migration *m, const struct ferry_plan *plan)
+{
+	pthread_mutex_lock(&m->lock);
+	ferry_plan_describe(plan, m->prog.plan, sizeof(m->prog.plan));
+	m->prog.fallbacks[0] = '\0';
+	for (unsigned i = 0; i < plan->nnotes; i++) {
+		size_t n = strlen(m->prog.fallbacks);
+		snprintf(m->prog.fallbacks + n, sizeof(m->prog.fallbacks) - n, "%s%s", n ? "; " : "", plan->notes[i]);
+	}
+	pthread_mutex_unlock(&m->lock);
+}
+
+/* Prepare (v3, step 2): send our cookie and what the user asked for; the
+ * destination validates the cookie, chooses the plan from both sides'
+ * capabilities, readies its QEMU and a session, and answers with its own
+ * cookie and the plan. We compute the plan too and insist they match. */
+static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const struct ferry_cookie *mine,
+			const struct ferry_side_caps *mycaps, struct ferry_plan *plan, struct ferry_session_params *sp,
 			char *endpoint, size_t eplen, struct ferry_err *err)
 {
-	json_t *req = json_pack("{s:s, s:s, s:i, s:i, s:b, s:I}", "cmd", "migrate-prepare", "qmp", m->dst_qmp,
-				"channels", (int)m->channels, "lanes", (int)sp->lanes, "handoff", sp->handoff, "window",
-				(json_int_t)ferry_dp_window(m->dp));
+	char *xml = NULL;
+	int rc = ferry_cookie_format(mine, &xml, err);
+	if (rc)
+		return ferry_err_prefix(err, "our own cookie");
+	const char *tname = m->transport ? ferry_cookie_driver_name(m->transport) : "auto";
+	/* "channels", "lanes" and "handoff" are what a daemon without cookies reads. */
+	json_t *req = json_pack("{s:s, s:s, s:s, s:i, s:i, s:b, s:I, s:s, s:o, s:b}", "cmd", "migrate-prepare", "qmp",
+				m->dst_qmp, "cookie", xml, "channels", (int)m->channels, "lanes", (int)m->lanes,
+				"handoff", false, "window", (json_int_t)ferry_dp_window(m->dp), "transport", tname,
+				"require", features_json(m->require), "no_handoff", m->no_handoff);
+	free(xml);
 	if (!req)
 		return ferry_err_set(err, ENOMEM, "out of memory");
 	json_t *reply = NULL;
-	int rc = ferry_jl_call(jl, req, PEER_TIMEOUT_MS, &reply, err);
+	rc = ferry_jl_call(jl, req, PEER_TIMEOUT_MS, &reply, err);
 	json_decref(req);
 	if (rc)
 		return ferry_err_prefix(err, "destination daemon refused to prepare");
+
+	const char *theirs_xml = json_string_value(json_object_get(reply, "cookie"));
+	json_t *jplan = json_object_get(reply, "plan");
+	if (!theirs_xml && !jplan) {
+		/* A ferry from before cookies set up what "channels" and "lanes"
+		 * asked for, relayed: go on with that, and say so. */
+		memset(plan, 0, sizeof(*plan));
+		plan->transport = FERRY_COOKIE_DRIVER_TCP;
+		plan->channels = m->channels;
+		plan->features = m->channels ? FERRY_F_MULTIFD : 0;
+		snprintf(plan->notes[plan->nnotes++], sizeof(plan->notes[0]),
+			 "the destination daemon predates migration cookies: no capability check, tcp relay");
+		if (m->require & ~plan->features) {
+			rc = ferry_err_set(err, ENOTSUP, "required features cannot be checked: the destination daemon "
+					   "predates migration cookies");
+			goto out;
+		}
+		sp->lanes = m->lanes ? m->lanes : 1 + m->channels;
+		sp->max_streams = 1 + m->channels;
+		sp->handoff = false;
+		rc = ferry_session_reply_parse(reply, ferry_dp_window(m->dp), sp, endpoint, eplen, err);
+		goto out;
+	}
+	if (!theirs_xml || !json_is_object(jplan)) {
+		rc = ferry_err_set(err, EPROTO, "the destination daemon's prepare reply has %s",
+				   theirs_xml ? "a cookie but no plan" : "a plan but no cookie");
+		goto out;
+	}
+	struct ferry_cookie theirs;
+	if ((rc = ferry_cookie_parse(theirs_xml, strlen(theirs_xml), &theirs, err))) {
+		ferry_err_prefix(err, "the destination's cookie");
+		goto out;
+	}
+	if ((rc = ferry_cookie_check_peer(mine, &theirs, err)))
+		goto out;
+	struct ferry_side_caps dcaps;
+	ferry_caps_from_cookie(&theirs, &dcaps);
+	struct ferry_plan_request preq = { .transport = m->transport, .channels = m->channels, .require = m->require,
+					   .no_handoff = m->no_handoff };
+	if ((rc = ferry_plan_choose(mycaps, &dcaps, &preq, plan, err)))
+		goto out;
+	struct ferry_plan told = { 0 };
+	const char *tt = json_string_value(json_object_get(jplan, "transport"));
+	for (int k = FERRY_COOKIE_DRIVER_TCP; k <= FERRY_COOKIE_DRIVER_RDMA; k++)
+		if (tt && strcmp(tt, ferry_cookie_driver_name(k)) == 0)
+			told.transport = k;
+	json_t *jch = json_object_get(jplan, "channels");
+	told.channels = json_is_integer(jch) ? (unsigned)json_integer_value(jch) : ~0u;
+	told.handoff = json_is_true(json_object_get(jplan, "handoff"));
+	json_t *jf = json_object_get(jplan, "features");
+	size_t i;
+	json_t *v;
+	json_array_foreach(jf, i, v) told.features |= json_is_string(v) ? ferry_feature_parse(json_string_value(v)) : 0;
+	if (!ferry_plan_equal(plan, &told)) {
+		char a[96], b[96];
+		ferry_plan_describe(plan, a, sizeof(a));
+		ferry_plan_describe(&told, b, sizeof(b));
+		rc = ferry_err_set(err, EPROTO, "the destination set up '%s' but the cookies give '%s'", b, a);
+		goto out;
+	}
+	json_t *jl_lanes = json_object_get(jplan, "lanes");
+	if (!json_is_integer(jl_lanes) || json_integer_value(jl_lanes) < 1 ||
+	    json_integer_value(jl_lanes) > FERRY_MAX_LANES) {
+		rc = ferry_err_set(err, EPROTO, "the destination's plan has no valid lane count");
+		goto out;
+	}
+	sp->lanes = (unsigned)json_integer_value(jl_lanes);
+	sp->max_streams = 1 + plan->channels;
+	sp->handoff = plan->handoff;
 	rc = ferry_session_reply_parse(reply, ferry_dp_window(m->dp), sp, endpoint, eplen, err);
+out:
 	json_decref(reply);
 	return rc;
 }
@@ -141,27 +254,13 @@ static int peer_simple(struct ferry_jl *jl, const char *cmd, uint32_t session, i
 	return rc;
 }
 
-/* An older or differently built peer may lack handoff: then ferry relays. */
-static bool peer_can_handoff(struct ferry_jl *jl)
-{
-	struct ferry_err e = { 0 };
-	json_t *req = json_pack("{s:s}", "cmd", "hello"), *rep = NULL;
-	bool can = req && ferry_jl_call(jl, req, PEER_TIMEOUT_MS, &rep, &e) == 0 &&
-		   json_is_true(json_object_get(rep, "handoff"));
-	json_decref(req);
-	json_decref(rep);
-	return can;
-}
-
 /* The control connection to the destination daemon closed: nobody will
  * finish the destination side, so the migration must not go on. */
 static bool peer_gone(struct ferry_jl *jl)
 {
-	struct pollfd p = { .fd = jl->fd, .events = POLLIN };
-	char c;
-	if (poll(&p, 1, 0) != 1)
-		return false;
-	return recv(jl->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0 || (p.revents & (POLLHUP | POLLERR));
+	/* Over TLS a byte on the wire may be a record, not a message: ask the
+	 * JSON-lines layer, which knows. */
+	return ferry_jl_peer_gone(jl);
 }
 
 static int set_source_caps(struct ferry_qmp *q, unsigned channels, struct ferry_err *err)
@@ -271,11 +370,28 @@ static void report_unknown_outcome(struct ferry_migration *m, struct ferry_qmp *
 	ferry_err_clear(err);
 	ferry_err_set(err, EIO, "the source QEMU completed but the destination's outcome is unknown (%.300s); "
 		      "the source VM was left %s and NOT resumed because the destination may be running it: "
-		      "check the destination, and resume the source (QMP 'cont') only if the destination VM is not running",
+		      "run `ferryctl recover` once the destination daemon answers (it decides from both hosts' records)",
 		      why, status);
 	pthread_mutex_lock(&m->lock);
 	snprintf(m->prog.src_vm_status, sizeof(m->prog.src_vm_status), "%s", status);
 	pthread_mutex_unlock(&m->lock);
+}
+
+/* Write the migration's record at a phase change, so a restarted daemon and
+ * `ferryctl recover` know where it stood. A failure to write does not stop
+ * the migration but is reported. */
+static void record(struct ferry_migration *m, enum ferry_state_phase phase, const char *note)
+{
+	if (!m->state_dir)
+		return;
+	m->rec.phase = phase;
+	snprintf(m->rec.note, sizeof(m->rec.note), "%s", note ? note : "");
+	struct ferry_err e = { 0 };
+	if (ferry_state_write(m->state_dir, &m->rec, &e)) {
+		pthread_mutex_lock(&m->lock);
+		snprintf(m->prog.warning, sizeof(m->prog.warning), "cannot record the migration's phase: %.200s", e.msg);
+		pthread_mutex_unlock(&m->lock);
+	}
 }
 
 static void *migration_main(void *arg)
@@ -319,8 +435,19 @@ static void *migration_main(void *arg)
 		goto out;
 	}
 	json_decref(st);
-	if ((rc = set_source_caps(q, m->channels, &err)))
+
+	/* Begin (v3, step 1): who we are and what this side can do. */
+	struct ferry_cookie mine;
+	struct ferry_side_caps mycaps;
+	char my_ep[FERRY_DP_ENDPOINT_MAX];
+	if ((rc = ferry_dp_endpoint(m->dp, my_ep, sizeof(my_ep), &err)) ||
+	    (rc = ferry_probe_cookie(q, m->dp, my_ep, m->disabled, m->hostname, m->hostuuid, &mine, &mycaps, &err))) {
+		ferry_err_prefix(&err, "describing the source");
 		goto out;
+	}
+	snprintf(m->rec.vm, sizeof(m->rec.vm), "%s", mine.name);
+	m->rec.was_running = was_running;
+	record(m, FERRY_PHASE_BEGIN, NULL);
 	if (cancelled(m))
 		goto cancel;
 
@@ -329,9 +456,14 @@ static void *migration_main(void *arg)
 		ferry_err_prefix(&err, "destination daemon");
 		goto out;
 	}
-	sp.handoff = m->channels == 0 && !m->no_handoff && ferry_dp_can_handoff(m->dp) && peer_can_handoff(&jl);
-	if (sp.handoff)
-		sp.lanes = 1;
+	struct ferry_plan plan;
+	if ((rc = peer_prepare(m, &jl, &mine, &mycaps, &plan, &sp, endpoint, sizeof(endpoint), &err)))
+		goto out;
+	prepared = true;
+	m->rec.session = sp.id;
+	record(m, FERRY_PHASE_PREPARED, NULL);
+	streams = sp.max_streams;
+	plan_to_progress(m, &plan);
 	pthread_mutex_lock(&m->lock);
 	if (sp.handoff)
 		snprintf(m->prog.transport, sizeof(m->prog.transport), "%s handoff", ferry_dp_driver_name(m->dp));
@@ -339,9 +471,8 @@ static void *migration_main(void *arg)
 		snprintf(m->prog.transport, sizeof(m->prog.transport), "%s relay, %u lane%s", ferry_dp_driver_name(m->dp),
 			 sp.lanes, sp.lanes == 1 ? "" : "s");
 	pthread_mutex_unlock(&m->lock);
-	if ((rc = peer_prepare(m, &jl, &sp, endpoint, sizeof(endpoint), &err)))
+	if ((rc = set_source_caps(q, plan.channels, &err)))
 		goto out;
-	prepared = true;
 	if (cancelled(m))
 		goto cancel;
 
@@ -380,6 +511,7 @@ static void *migration_main(void *arg)
 	if ((rc = ferry_qmp_executef(q, NULL, &err, "migrate", "{s:s}", "uri", uri)))
 		goto out;
 	set_state(m, FERRY_MIG_ACTIVE);
+	record(m, FERRY_PHASE_PERFORMING, NULL);
 
 	uint64_t last_bytes = 0, stall_bytes = 0;
 	double last_t = 0, stall_t = since(&m->t0);
@@ -406,6 +538,7 @@ static void *migration_main(void *arg)
 			update_progress(m, info, &last_bytes, &last_t);
 			json_decref(info);
 			src_completed = true;
+			record(m, FERRY_PHASE_SENT, NULL);
 			break;
 		}
 		if (status && (strcmp(status, "failed") == 0 || strcmp(status, "cancelled") == 0)) {
@@ -475,9 +608,25 @@ static void *migration_main(void *arg)
 		nanosleep(&ts, NULL);
 	}
 
-	/* The source is done; the destination must confirm it loaded everything. */
+	/* Finish (v3, step 4): the destination checks its QEMU loaded
+	 * everything, resumes the VM if it ran here, and answers. */
 	json_t *fin = NULL;
-	rc = peer_simple(&jl, "migrate-finish", sp.id, FINISH_TIMEOUT_MS, &fin, &err);
+	pthread_mutex_lock(&m->lock);
+	mine.flags |= FERRY_COOKIE_STATS;
+	mine.stats.ram_total = m->prog.ram_total;
+	mine.stats.ram_transferred = m->prog.ram_transferred;
+	mine.stats.total_time_ms = (uint64_t)(m->prog.total_s * 1000.0);
+	mine.stats.setup_time_ms = (uint64_t)(m->prog.setup_s * 1000.0);
+	mine.stats.downtime_ms = (uint64_t)m->prog.downtime_ms;
+	pthread_mutex_unlock(&m->lock);
+	char *fin_xml = NULL;
+	if ((rc = ferry_cookie_format(&mine, &fin_xml, &err)))
+		goto out;
+	json_t *freq = json_pack("{s:s, s:I, s:b, s:s}", "cmd", "migrate-finish", "session", (json_int_t)sp.id, "resume",
+				 was_running, "cookie", fin_xml);
+	free(fin_xml);
+	rc = freq ? ferry_jl_call(&jl, freq, FINISH_TIMEOUT_MS, &fin, &err) : ferry_err_set(&err, ENOMEM, "out of memory");
+	json_decref(freq);
 	prepared = false;
 	if (rc) {
 		ferry_err_prefix(&err, "destination did not complete");
@@ -498,6 +647,15 @@ static void *migration_main(void *arg)
 	}
 	json_decref(fin);
 	final = FERRY_MIG_COMPLETED;
+	/* Confirm (v3, step 5): the VM lives on the destination now; end the
+	 * source QEMU so it can never be resumed by mistake. */
+	if (!m->keep_source) {
+		struct ferry_err e2 = { 0 };
+		const char *what = ferry_qmp_execute(q, "quit", NULL, NULL, &e2) == 0 ? "ended" : "postmigrate";
+		pthread_mutex_lock(&m->lock);
+		snprintf(m->prog.src_vm_status, sizeof(m->prog.src_vm_status), "%s", what);
+		pthread_mutex_unlock(&m->lock);
+	}
 	goto out;
 
 cancel:
@@ -520,10 +678,15 @@ out:
 			src_completed = now && strcmp(now, "completed") == 0;
 		}
 		json_decref(info);
-		if (src_completed)
+		if (src_completed) {
 			report_unknown_outcome(m, q, &err);
-		else
+			record(m, FERRY_PHASE_UNKNOWN, err.msg);
+		} else {
 			recover_source(m, q, was_running);
+			record(m, final == FERRY_MIG_CANCELLED ? FERRY_PHASE_CANCELLED : FERRY_PHASE_FAILED, err.msg);
+		}
+	} else {
+		record(m, FERRY_PHASE_DONE, m->keep_source ? "source kept paused" : "source ended");
 	}
 	ferry_session_close(sess);
 	ferry_jl_close(&jl);
@@ -559,6 +722,20 @@ int ferry_migration_start(struct ferry_dp *dp, const struct ferry_migration_para
 	m->channels = p->channels;
 	m->lanes = p->lanes;
 	m->no_handoff = p->no_handoff;
+	m->keep_source = p->keep_source;
+	m->require = p->require;
+	m->disabled = p->disabled;
+	m->transport = p->transport;
+	snprintf(m->hostname, sizeof(m->hostname), "%s", p->hostname ? p->hostname : "localhost");
+	snprintf(m->hostuuid, sizeof(m->hostuuid), "%s", p->hostuuid ? p->hostuuid : "");
+	m->rec = (struct ferry_state_record){ .id = id, .role = FERRY_ROLE_SOURCE };
+	snprintf(m->rec.peer, sizeof(m->rec.peer), "%s", p->peer);
+	snprintf(m->rec.qmp, sizeof(m->rec.qmp), "%s", p->src_qmp);
+	snprintf(m->rec.peer_qmp, sizeof(m->rec.peer_qmp), "%s", p->dst_qmp);
+	if (p->state_dir && !(m->state_dir = strdup(p->state_dir))) {
+		ferry_migration_free(m);
+		return ferry_err_set(err, ENOMEM, "out of memory");
+	}
 	m->stall_timeout_s = p->stall_timeout_s > 0 ? p->stall_timeout_s : 120;
 	pthread_mutex_init(&m->lock, NULL);
 	clock_gettime(CLOCK_MONOTONIC, &m->t0);
@@ -611,5 +788,6 @@ void ferry_migration_free(struct ferry_migration *m)
 	free(m->dst_qmp);
 	free(m->peer);
 	free(m->run_dir);
+	free(m->state_dir);
 	free(m);
 }

@@ -21,6 +21,13 @@ struct ferry_migration_params {
 	unsigned lanes;           /* 0 = one lane per stream */
 	int stall_timeout_s;      /* fail when no byte moves for this long; 0 = 120 */
 	bool no_handoff;          /* keep ferry in the data path even where it could hand the connection to QEMU */
+	uint32_t require;         /* FERRY_F_* (plan.h) the user insists on: missing is an error, not a fallback */
+	uint32_t disabled;        /* FERRY_F_* this daemon's configuration masks */
+	int transport;            /* enum ferry_cookie_driver_kind; 0 = the best both sides have */
+	bool keep_source;         /* after success leave the source QEMU paused instead of ending it */
+	const char *hostname;     /* this host, for the cookie */
+	const char *hostuuid;
+	const char *state_dir;    /* where the migration's durable record goes (state.h); NULL: none */
 };
 
 enum ferry_migration_state {
@@ -42,6 +49,9 @@ struct ferry_migration_progress {
 	double setup_s, total_s, downtime_ms;  /* from QEMU once completed */
 	char src_vm_status[32];     /* after a failure: what the source VM is doing */
 	char dst_status[32];
+	char plan[96];              /* what was agreed, e.g. "tcp relay, 2 multifd channels" */
+	char fallbacks[600];        /* fallbacks taken, "; "-separated ("" = none) */
+	char warning[256];          /* e.g. the durable record could not be written */
 	char error[FERRY_ERR_MSG_MAX];
 };
 

@@ -126,13 +126,14 @@ int ferry_plan_choose(const struct ferry_side_caps *src, const struct ferry_side
 	uint32_t common = src->drivers & dst->drivers;
 	if (req->transport) {
 		uint32_t bit = 1u << req->transport;
-		if (!(common & bit))
-			return ferry_err_set(err, ENOTSUP, "transport '%s' was asked for but %s has no %s driver",
-					     driver_name(req->transport),
-					     !(src->drivers & bit) && !(dst->drivers & bit) ? "neither side"
-					     : !(src->drivers & bit)			   ? "the source"
-											   : "the destination",
-					     driver_name(req->transport));
+		if (!(common & bit)) {
+			const char *tn = driver_name(req->transport);
+			if (!(src->drivers & bit) && !(dst->drivers & bit))
+				return ferry_err_set(err, ENOTSUP, "transport '%s' was asked for but neither side has the %s driver",
+						     tn, tn);
+			return ferry_err_set(err, ENOTSUP, "transport '%s' was asked for but the %s has no %s driver", tn,
+					     !(src->drivers & bit) ? "source" : "destination", tn);
+		}
 		out->transport = req->transport;
 	} else {
 		for (size_t i = 0; i < sizeof(transport_order) / sizeof(transport_order[0]); i++) {

@@ -20,9 +20,14 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 mkdir -p "$work/a" "$work/b" "$work/sink"
+# the daemons' control connection is TLS with a pre-shared key, unless the
+# extra options bring their own credentials
+tls=(--tls-psk "$work/ferry.psk")
+for a in "$@"; do case $a in --tls-* | --insecure-no-tls) tls=() ;; esac; done
+(umask 077 && printf 'ferry-bench:%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 -v | tr -d ' \n')" >"$work/ferry.psk") || exit 1
 # the stream sink lives in an --allow-dir of the destination daemon
-"$FERRYD" --admin "$work/a/admin.sock" --listen "127.0.0.1:$(port)" "$@" 2>"$work/a.log" & pids+=($!)
-"$FERRYD" --admin "$work/b/admin.sock" --listen "127.0.0.1:$(port)" --allow-dir "$work/sink" "$@" 2>"$work/b.log" & pids+=($!)
+"$FERRYD" --admin "$work/a/admin.sock" --listen "127.0.0.1:$(port)" "${tls[@]+"${tls[@]}"}" "$@" 2>"$work/a.log" & pids+=($!)
+"$FERRYD" --admin "$work/b/admin.sock" --listen "127.0.0.1:$(port)" --allow-dir "$work/sink" "${tls[@]+"${tls[@]}"}" "$@" 2>"$work/b.log" & pids+=($!)
 for _ in $(seq 50); do [ -S "$work/a/admin.sock" ] && [ -S "$work/b/admin.sock" ] && break; sleep 0.1; done
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

@@ -170,7 +170,7 @@ start_qemu() {
 	shift 2
 	rm -f "$WORK/$role-qmp.sock" "$WORK/$role-ctl.sock"
 	bg_start "$RUN_LOG_PREFIX-$role-qemu.log" "$QEMU" \
-		-name "ferry-bench-$role" -nodefaults -no-user-config -display none -S \
+		-name ferry-bench -nodefaults -no-user-config -display none -S \
 		-accel "$ACCEL" -smp 1 -m "${SIZE_MIB}M" \
 		-object "memory-backend-file,id=ram0,size=$SIZE,mem-path=$ram,share=on,prealloc=on,prealloc-threads=2" \
 		-machine "pc,memory-backend=ram0" \
@@ -222,12 +222,17 @@ ferry_missing() { # prints the reason ferry cannot run, if any
 
 # Two daemons whose run dir is the work dir, so the QMP sockets there qualify.
 arm_ferry() {
-	local mf=$1 sock_src=$WORK/ferryd-src.sock sock_dst=$WORK/ferryd-dst.sock
+	local mf=$1 sock_src=$WORK/ferryd-src.sock sock_dst=$WORK/ferryd-dst.sock psk=$WORK/ferry.psk
 	rm -f "$sock_src" "$sock_dst"
-	bg_start "$RUN_LOG_PREFIX-ferryd-src.log" "$FERRYD" --admin "$sock_src" --listen "127.0.0.1:$P_FERRY_SRC"
+	# the daemons' control connection is TLS with a pre-shared key (psktool's format)
+	[ -f "$psk" ] || (umask 077 && printf 'ferry-bench:%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 -v | tr -d ' \n')" >"$psk") ||
+		return 1
+	bg_start "$RUN_LOG_PREFIX-ferryd-src.log" "$FERRYD" --admin "$sock_src" --listen "127.0.0.1:$P_FERRY_SRC" --tls-psk "$psk" \
+		--host-uuid "$(cat /proc/sys/kernel/random/uuid)"
 	ARM_PIDS+=("$BG_PID")
 	local pid_src=$BG_PID
-	bg_start "$RUN_LOG_PREFIX-ferryd-dst.log" "$FERRYD" --admin "$sock_dst" --listen "127.0.0.1:$P_FERRY_DST"
+	bg_start "$RUN_LOG_PREFIX-ferryd-dst.log" "$FERRYD" --admin "$sock_dst" --listen "127.0.0.1:$P_FERRY_DST" --tls-psk "$psk" \
+		--host-uuid "$(cat /proc/sys/kernel/random/uuid)"
 	ARM_PIDS+=("$BG_PID")
 	local pid_dst=$BG_PID
 	wait_for 10 "ferryd admin sockets" eval "[ -S '$sock_src' ] && [ -S '$sock_dst' ]" || {

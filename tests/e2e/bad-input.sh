@@ -14,10 +14,11 @@
 #      After (a)-(c): the source VM (a running dirty.bin guest) still runs
 #      and makes progress, the destination QEMU is still waiting
 #      (inmigrate), and both monitors are free again (no connection leaked).
-#  (d) garbage on the destination daemon's control port (random bytes,
-#      bad JSON, oversized line, bogus peer requests) and data port (random
-#      bytes, a frame header with a bad checksum, a connection closed at
-#      once) -> the daemon stays up; then the source guest, stopped, is
+#  (d) garbage on the destination daemon's control port, from a client
+#      that passed its TLS authentication (random bytes, bad JSON, oversized
+#      line, bogus peer requests) or did not (plain TCP), and on its data
+#      port (random bytes, a frame header with a bad checksum, a connection
+#      closed at once) -> the daemon stays up; then the source guest, stopped, is
 #      migrated (64 MiB) through the same daemons and the RAM files must be
 #      identical afterwards.
 #  (e) bad requests on the admin socket: truncated line (closed, and left
@@ -38,7 +39,12 @@ RAM=64M
 ferry_init --shm 256M --timeout 150
 ferry_need_ramcheck
 ferry_need_dirty_bin
-ferry_start_daemons || ferry_fail "starting the ferry daemons failed"
+# X.509 credentials, so that the control-port cases below can pass TLS as a
+# peer would (python's ssl module has no PSK)
+ferry_make_x509 "$QEMU_DIR/x509/daemons" "$QEMU_DIR/x509/ca" || ferry_fail "making the daemons' certificate failed"
+ferry_make_x509 "$QEMU_DIR/x509/peer" "$QEMU_DIR/x509/ca" peer || ferry_fail "making the peer's certificate failed"
+export FERRY_NET_TLS_DIR=$QEMU_DIR/x509/peer
+ferry_start_daemons --tls-x509 "$QEMU_DIR/x509/daemons" || ferry_fail "starting the ferry daemons failed"
 W=$QEMU_DIR
 ncases=0
 
@@ -151,7 +157,7 @@ w2=$(heartbeat_words "$(qemu_ramfile src)")
 [ "$w2" -gt "$w1" ] || ferry_fail "after (a)-(c): the source guest makes no progress ($w1 -> $w2)"
 
 echo "(d) garbage to the destination daemon's control and data ports"
-ctl=tcp:${FERRY_LISTEN[b]}
+ctl=tls:${FERRY_LISTEN[b]}
 ep=$(ferry_endpoint b) || ferry_fail "no data endpoint in ferryctl ping"
 [[ $ep =~ ^tcp:(.+):([0-9]+)$ ]] || ferry_fail "data endpoint '$ep' is not tcp:HOST:PORT"
 data=tcp:${BASH_REMATCH[1]}:${BASH_REMATCH[2]}
@@ -166,6 +172,10 @@ reply d-ctl-prepare-badtype "$ctl" 'str:{"cmd":"migrate-prepare","qmp":"dst.qmp"
 reply d-ctl-finish-bogus "$ctl" 'str:{"cmd":"migrate-finish","session":12345}\n' '"ok":false.*(no migration session|not opened on this connection)'
 reply d-ctl-session-huge "$ctl" 'str:{"cmd":"session-open","streams":1,"region_bytes":99999999999999}\n' '"ok":false'
 reply d-ctl-session-close "$ctl" 'str:{"cmd":"session-close","session":-1}\n' '"ok":false'
+# without TLS: not a byte of JSON back, and the refusal is logged
+reply d-ctl-plain-tcp "tcp:${FERRY_LISTEN[b]}" 'str:{"cmd":"migrate-prepare","qmp":"dst.qmp"}\n' '<EOF>|<RESET>|^[?]*$'
+wait_file_line "${FERRY_LOG[b]}" "peer 127.0.0.1:[0-9]* refused: TLS handshake failed: the peer does not speak TLS" 5 ||
+	ferry_fail "case d-ctl-plain-tcp: ferryd b did not log the refusal"
 reply d-data-random "$data" random:65536 '<EOF>|<RESET>|.'
 reply d-data-badheader "$data" header '<EOF>|<RESET>|.'
 reply d-data-empty "$data" 'str:' '<EOF>|<RESET>|.'

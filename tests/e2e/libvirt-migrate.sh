@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# libvirt-migrate.sh [PARALLEL] - real `virsh migrate --live --p2p --persistent
+# libvirt-migrate.sh [PARALLEL [standing]] - real `virsh migrate --live --p2p --persistent
 # --undefinesource --copy-storage-all` between two real libvirtd instances on
 # this machine (A and B, each in its own mount namespace), with the libvirt
 # connection, the migration stream and the NBD disk copy each carried by a
 # ferry tunnel (ferryd a for host A, ferryd b for host B): A -> B, then back
 # B -> A. PARALLEL > 0 adds `--parallel --parallel-connections PARALLEL`
 # (multifd: the source QEMU then opens 1 + PARALLEL migration connections).
+# "standing" carries them with standing tunnels (a session per connection,
+# as docs/libvirt.md recommends) instead of tunnels sized per migration.
 #
 # The guest (diskguest.bin) boots from its virtio qcow2 disk (sector 0; the
 # rest random data) and counts a heartbeat at 0x7e00, ~18 per second since
@@ -33,7 +35,12 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/../lib/libvirt.sh"
 
 PAR=${1:-0}
-[[ $PAR =~ ^[0-9]+$ ]] && [ "$PAR" -le 16 ] || { echo "usage: $0 [PARALLEL-CONNECTIONS (0-16)]" >&2; exit 2; }
+[[ $PAR =~ ^[0-9]+$ ]] && [ "$PAR" -le 16 ] || { echo "usage: $0 [PARALLEL-CONNECTIONS (0-16) [standing]]" >&2; exit 2; }
+case ${2:-} in
+"") ;;
+standing) export LV_TUNNEL_MODE=standing ;;
+*) echo "usage: $0 [PARALLEL-CONNECTIONS (0-16) [standing]]" >&2; exit 2 ;;
+esac
 DISK_SIZE=${LV_DISK_SIZE:-128M}
 MIG_TIMEOUT=${MIG_TIMEOUT:-90}
 MIG_OPTS=()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# peer-confinement.sh - a peer daemon (anyone who reaches the control port)
-# must not point this daemon at sockets outside its --allow-dir (above all
-# its own admin socket, directly, by name or through a symbolic link), and
-# must not act on sessions another connection opened.
+# peer-confinement.sh - a peer daemon (anyone with credentials for the
+# control port: here a TLS client with a certificate of the daemon's CA) must
+# not point this daemon at sockets outside its --allow-dir (above all its own
+# admin socket, directly, by name or through a symbolic link), and must not
+# act on sessions another connection opened.
 #
 # Exit: 0 pass, 1 fail, 77 skip. Environment: tests/lib/ferry.sh.
 set -uo pipefail
@@ -14,17 +15,22 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ferry_init --shm 16M --timeout 60
 allow=$QEMU_DIR/allowed
 mkdir -p "$allow"
-ferry_start_daemon b --allow-dir "$allow" || ferry_fail "starting ferryd b failed"
+ferry_make_x509 "$QEMU_DIR/x509/b" "$QEMU_DIR/x509/ca" host-b || ferry_fail "making b's certificate failed"
+ferry_make_x509 "$QEMU_DIR/x509/peer" "$QEMU_DIR/x509/ca" peer || ferry_fail "making the peer's certificate failed"
+ferry_start_daemon b --allow-dir "$allow" --tls-x509 "$QEMU_DIR/x509/b" || ferry_fail "starting ferryd b failed"
 admin=${FERRY_ADMIN[b]}
 ln -s "$admin" "$allow/innocent.sock"
 
 # talk JSON lines to the control port the way a peer daemon would
-results=$(python3 - "${FERRY_LISTEN[b]}" "$admin" "$allow" <<'PY'
-import json, socket, sys
+results=$(python3 - "${FERRY_LISTEN[b]}" "$admin" "$allow" "$QEMU_DIR/x509/peer" <<'PY'
+import json, socket, ssl, sys
 host, port = sys.argv[1].rsplit(":", 1)
-admin, allow = sys.argv[2], sys.argv[3]
+admin, allow, cred = sys.argv[2], sys.argv[3], sys.argv[4]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations(cred + "/ca-cert.pem")
+ctx.load_cert_chain(cred + "/server-cert.pem", cred + "/server-key.pem")
 def conn():
-    s = socket.create_connection((host, int(port)), timeout=10)
+    s = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=10), server_hostname=host)
     return s, s.makefile("rw")
 def call(f, req):
     f.write(json.dumps(req) + "\n"); f.flush()

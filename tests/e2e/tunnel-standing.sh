@@ -75,11 +75,22 @@ echo "$st" | json_field stats.last_error | grep -q "${FERRY_LISTEN[b]}" ||
 FERRY_FIXED_PORT=${FERRY_LISTEN[b]##*:} ferry_start_daemon b --allow-dir "$allow" || ferry_fail "restarting ferryd b failed"
 python3 "$check" client "$listen" r0,r1 $((4 << 20)) 60 || ferry_fail "not carried after the peer came back"
 
-# 5: the same from ferryd's configuration, standing from the start
+# 5: a tunnel sized for one migration (--streams 2) refuses a third
+# connection at once and counts it
+out=$(ferry_ctl a tunnel-open --to "${FERRY_LISTEN[b]}" --listen "$QEMU_DIR/a/sized.sock" --target "$allow/target.sock" \
+	--streams 2) || ferry_fail "tunnel-open --streams 2 failed: $out"
+sid=$(echo "$out" | json_field tunnel)
+python3 "$check" client "$QEMU_DIR/a/sized.sock" u0,u1 $((1 << 20)) 60 || ferry_fail "the sized tunnel did not carry 2"
+python3 "$check" client "$QEMU_DIR/a/sized.sock" u2 4096 20 && ferry_fail "the sized tunnel carried a third connection"
+st=$(ferry_ctl a tunnel-status "$sid") || ferry_fail "tunnel-status failed"
+[ "$(echo "$st" | json_field stats.streams_refused)" = 1 ] || ferry_fail "the refused connection is not counted: $st"
+ferry_ctl a tunnel-close "$sid" >/dev/null || ferry_fail "tunnel-close failed"
+
+# 6: the same from ferryd's configuration, standing from the start
 ferry_start_daemon c --tunnel "${FERRY_LISTEN[b]},$QEMU_DIR/c/cfg.sock,$allow/target.sock" ||
 	ferry_fail "starting ferryd c with --tunnel failed"
 python3 "$check" client "$QEMU_DIR/c/cfg.sock" s0,s1 $((4 << 20)) 60 || ferry_fail "the configured tunnel did not carry"
-bad=$("$FERRYD" --admin "$QEMU_DIR/x.sock" --tunnel "${FERRY_LISTEN[b]},$QEMU_DIR/x.sock" 2>&1) &&
+bad=$("$FERRYD" --admin "$QEMU_DIR/x.sock" --tls-psk "$QEMU_DIR/ferry.psk" --tunnel "${FERRY_LISTEN[b]},$QEMU_DIR/x.sock" 2>&1) &&
 	ferry_fail "ferryd took --tunnel without a target"
 echo "$bad" | grep -q "PEER,LISTEN,TARGET" || ferry_fail "unclear --tunnel error: $bad"
 

@@ -15,10 +15,13 @@
 #
 # Daemon "x" has its admin socket at $QEMU_DIR/x/admin.sock
 # (FERRY_ADMIN[x]), control address FERRY_LISTEN[x] (127.0.0.1:PORT, a free
-# random port), log $QEMU_DIR/ferryd-x.log. Every daemon, ferryctl and QEMU
-# started through these helpers is stopped on exit (ferry_cleanup chains
-# into qemu_cleanup); on a failing exit the logs are printed and the work dir
-# is kept.
+# random port), log $QEMU_DIR/ferryd-x.log. Its control connection is TLS
+# with the test's pre-shared key ($QEMU_DIR/ferry.psk, made on first use)
+# unless the caller passes its own --tls-psk, --tls-x509 or --insecure-no-tls
+# (ferry_make_psk and ferry_make_x509 make other credentials). Every
+# daemon, ferryctl and QEMU started through these helpers is stopped on exit
+# (ferry_cleanup chains into qemu_cleanup); on a failing exit the logs are
+# printed and the work dir is kept.
 #
 # Environment (all optional):
 #   FERRY_BUILD     build dir (default: <repo>/build, from this file's place)
@@ -54,6 +57,7 @@ declare -gA FERRY_PID=()     # daemon name -> pid of its `timeout` wrapper
 declare -gA FERRY_ADMIN=()   # daemon name -> admin socket
 declare -gA FERRY_LISTEN=()  # daemon name -> control HOST:PORT
 declare -gA FERRY_LOG=()     # daemon name -> log file
+declare -gA FERRY_HOST_UUID=() # daemon name -> its --host-uuid
 FERRY_EXTRA_PIDS=()          # other helpers to kill on exit (listeners, ...)
 FERRY_CLEANUP_DIRS=()        # extra directories removed on exit
 FERRY_MIG_PID=""             # background ferryctl migrate, if any
@@ -195,13 +199,26 @@ ferry_start_daemon() {
 	mkdir -p "$dir"
 	FERRY_ADMIN[$name]=$dir/admin.sock
 	FERRY_LOG[$name]=$log
+	# ferryd refuses to start without credentials for its control connection
+	local -a tls=() a
+	for a in "$@"; do
+		case $a in --tls-psk | --tls-psk=* | --tls-x509 | --tls-x509=* | --insecure-no-tls) tls=(none) ;; esac
+	done
+	if [ ${#tls[@]} -eq 0 ]; then
+		[ -f "$QEMU_DIR/ferry.psk" ] || ferry_make_psk "$QEMU_DIR/ferry.psk" || return 1
+		tls=(--tls-psk "$QEMU_DIR/ferry.psk")
+	else
+		tls=()
+	fi
 	for ((attempt = 1; attempt <= 8; attempt++)); do
 		# FERRY_FIXED_PORT: restart a daemon where its peers expect it
 		port=${FERRY_FIXED_PORT:-$(ferry_free_port)}
 		FERRY_LISTEN[$name]=127.0.0.1:$port
 		echo "=== attempt $attempt: $FERRYD --admin $dir/admin.sock --listen 127.0.0.1:$port --run-dir $QEMU_DIR $*" >>"$log"
+		# each daemon plays its own host: distinct host uuids (kept across restarts)
+		FERRY_HOST_UUID[$name]=${FERRY_HOST_UUID[$name]:-$(cat /proc/sys/kernel/random/uuid)}
 		timeout -k 5 "$FERRY_LIFETIME" "$FERRYD" --admin "$dir/admin.sock" --listen "127.0.0.1:$port" \
-			--run-dir "$QEMU_DIR" "$@" </dev/null >>"$log" 2>&1 &
+			--run-dir "$QEMU_DIR" --state-dir "$dir/state" --host-uuid "${FERRY_HOST_UUID[$name]}" "${tls[@]+"${tls[@]}"}" "$@" </dev/null >>"$log" 2>&1 &
 		pid=$!
 		FERRY_PID[$name]=$pid
 		deadline=$(($(now_ms) + 10000))
@@ -230,6 +247,48 @@ ferry_start_daemon() {
 	done
 	echo "ferry_start_daemon: no free port for ferryd $name after 8 attempts" >&2
 	return 1
+}
+
+# ferry_make_psk FILE [IDENTITY=ferry-test]: a fresh pre-shared key in
+# psktool's format (IDENTITY:HEXKEY), mode 0600, for ferryd --tls-psk.
+ferry_make_psk() {
+	local f=$1 id=${2:-ferry-test} key
+	key=$(head -c 32 /dev/urandom | od -An -tx1 -v | tr -d ' \n')
+	[ ${#key} -eq 64 ] || { echo "ferry_make_psk: no random key" >&2; return 1; }
+	(umask 077 && printf '%s:%s\n' "$id" "$key" >"$f") || { echo "ferry_make_psk: cannot write $f" >&2; return 1; }
+}
+
+# ferry_make_x509 DIR CADIR [CN=ferry-test]: DIR/ca-cert.pem,
+# server-cert.pem and server-key.pem for ferryd --tls-x509, signed by the CA
+# in CADIR (made there first if missing; its key stays in CADIR). The
+# certificate names localhost and 127.0.0.1 and serves as client and server
+# certificate. Skips the test (77) without certtool (package gnutls-bin).
+ferry_make_x509() {
+	local dir=$1 ca=$2 cn=${3:-ferry-test}
+	command -v certtool >/dev/null || ferry_skip "certtool not found (Debian package gnutls-bin)"
+	mkdir -p "$dir" "$ca" && chmod 700 "$dir" "$ca" || return 1
+	if [ ! -f "$ca/ca-cert.pem" ]; then
+		printf 'cn = "ferry test CA %s"\nca\ncert_signing_key\nexpiration_days = 2\n' "${ca##*/}" >"$ca/ca.tmpl"
+		if ! {
+			certtool --generate-privkey --key-type=ecdsa --outfile "$ca/ca-key.pem" &&
+				certtool --generate-self-signed --load-privkey "$ca/ca-key.pem" --template "$ca/ca.tmpl" \
+					--outfile "$ca/ca-cert.pem"
+		} >"$ca/certtool.log" 2>&1; then
+			cat "$ca/certtool.log" >&2
+			return 1
+		fi
+	fi
+	printf 'cn = "%s"\ndns_name = "localhost"\nip_address = "127.0.0.1"\ntls_www_server\ntls_www_client\nsigning_key\nexpiration_days = 2\n' \
+		"$cn" >"$dir/cert.tmpl"
+	if ! {
+		cp "$ca/ca-cert.pem" "$dir/ca-cert.pem" &&
+			(umask 077 && certtool --generate-privkey --key-type=ecdsa --outfile "$dir/server-key.pem") &&
+			certtool --generate-certificate --load-privkey "$dir/server-key.pem" --load-ca-certificate "$ca/ca-cert.pem" \
+				--load-ca-privkey "$ca/ca-key.pem" --template "$dir/cert.tmpl" --outfile "$dir/server-cert.pem"
+	} >"$dir/certtool.log" 2>&1; then
+		cat "$dir/certtool.log" >&2
+		return 1
+	fi
 }
 
 # ferry_start_daemons [extra ferryd args]: daemon "a" (source host) and "b"
@@ -524,13 +583,15 @@ ferry_cleanup() {
 #       127.0.0.1:0 and writes the port to PORTFILE. BEHAVIOUR: banner (send
 #       an SSH-like banner line, then read and discard), silent (accept and
 #       say nothing), close (accept and close at once).
-#   net_tool send unix:PATH|tcp:HOST:PORT DATA TIMEOUT [keep]
+#   net_tool send unix:PATH|tcp:HOST:PORT|tls:HOST:PORT DATA TIMEOUT [keep]
 #       connect, send DATA, shut down the write side (unless "keep"), print
 #       the first line received (bytes outside ASCII 32..126 shown as '?'),
 #       or <EOF> / <TIMEOUT> / <RESET>. DATA: str:TEXT (\n escapes allowed), random:N, big:N (N
 #       bytes of 'x', no newline), deep:N (N '[' + N ']' + newline),
 #       nul (a JSON line with a raw NUL byte), header (a 32-byte frame header
 #       with the right magic but a bad checksum).
+#       tls: TLS 1.3 with the certificate in $FERRY_NET_TLS_DIR (a
+#       ferry_make_x509 directory), as a peer daemon; never half-closed.
 #   net_tool hold unix:PATH|tcp:HOST:PORT N [DATA]
 #       open N connections (optionally send DATA without newline on each) and
 #       keep them open until killed; prints "held N" once they are up.
@@ -551,6 +612,14 @@ def connect(spec, timeout):
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(timeout)
     s.connect(a)
+    if spec.startswith("tls:"):
+        import ssl
+        d = os.environ["FERRY_NET_TLS_DIR"]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_verify_locations(d + "/ca-cert.pem")
+        ctx.load_cert_chain(d + "/server-cert.pem", d + "/server-key.pem")
+        s = ctx.wrap_socket(s, server_hostname=a[0])
     return s
 
 def printable(b):
@@ -610,7 +679,8 @@ elif mode == "send":
     s = connect(spec, timeout)
     try:
         s.sendall(d)
-        if not keep:
+        # (an SSL socket cannot half-close and still read)
+        if not keep and not spec.startswith("tls:"):
             s.shutdown(socket.SHUT_WR)
     except OSError as e:
         # the peer may close early (e.g. after an oversized line): that is fine
@@ -631,7 +701,7 @@ elif mode == "send":
     except socket.timeout:
         print("<TIMEOUT>" if not buf else printable(buf))
         sys.exit(0)
-    except ConnectionResetError:
+    except OSError:  # a reset, or a TLS layer that gave up
         print("<RESET>" if not buf else printable(buf))
         sys.exit(0)
     if not buf:
@@ -688,8 +758,9 @@ ferry_retry_migration() {
 	ferry_migrate "$src" "$dst2" 60 --channels "$ch"
 	[ "$FERRY_MIG_RC" -eq 0 ] || { ferry_mig_report; ferry_fail "$tag: migrating the source again afterwards exited $FERRY_MIG_RC"; }
 	wait_status "$(qemu_sock "$dst2")" running 10 || ferry_fail "$tag: $dst2 is not running after the retry"
-	st=$(qmp_get "$(qemu_sock "$src")" query-status status)
-	[ "$st" = postmigrate ] || ferry_fail "$tag: source status '$st' after the retry, expected postmigrate"
+	# v3 Confirm ends the source QEMU once the destination runs the VM
+	for _ in $(seq 50); do qemu_alive "$src" || break; sleep 0.1; done
+	qemu_alive "$src" && ferry_fail "$tag: the source QEMU still runs after the retry"
 	qemu_stop "$src"
 	qemu_stop "$dst2"
 	qemu_rm_ram "$src"

@@ -19,6 +19,8 @@
 # Environment knobs:
 #   QEMU_BIN        default qemu-system-x86_64
 #   QEMU_LIFETIME   hard cap on each QEMU's life in seconds (default 900)
+#   QEMU_VM_NAME    the guest name (-name) of every QEMU started (default ferry-vm):
+#                   a migration's two QEMUs are one VM, and ferry checks they agree
 #   QEMU_RAM_DIR    where RAM files go (default /dev/shm)
 #   QMP_TIMEOUT     seconds for each QMP connect/reply (default 30)
 #   QMP_VERBOSE=1   print QMP traffic and events on stderr
@@ -125,7 +127,7 @@ qemu_start() {
 	rm -f "$sock"
 
 	local -a cmd=(timeout -k 5 "$QEMU_LIFETIME" "$QEMU_BIN"
-		-name "$name" -nodefaults -no-user-config -display none
+		-name "${QEMU_VM_NAME:-ferry-vm}" -nodefaults -no-user-config -display none
 		-machine "pc,memory-backend=ram0" -accel "$accel" -m "$ram"
 		-object "memory-backend-file,id=ram0,size=$ram,mem-path=$ramfile,share=on,prealloc=$prealloc"
 		-qmp "unix:$sock,server=on,wait=off"

@@ -1118,7 +1118,7 @@ static void test_hostile(void)
 {
 	struct ferry_err err = { 0 };
 	struct ferry_rl_config c = { .conn_id = 7, .max_datagram = 1472 };
-	struct ferry_rl *tx, *rx;
+	struct ferry_rl *tx = NULL, *rx = NULL;
 	CHECK(ferry_rl_create(&c, 1, &tx, &err) == 0 && ferry_rl_create(&c, 1, &rx, &err) == 0, "hostile: two rlanes");
 	uint8_t hello[100];
 	memset(hello, 'x', sizeof(hello));

@@ -1,0 +1,133 @@
+#include "probe.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+int ferry_host_identity(const char *configured_uuid, char hostname[FERRY_COOKIE_HOSTNAME_MAX + 1],
+			char hostuuid[FERRY_COOKIE_UUID_LEN + 1], struct ferry_err *err)
+{
+	if (gethostname(hostname, FERRY_COOKIE_HOSTNAME_MAX) != 0)
+		return ferry_err_set(err, errno, "gethostname: %s", strerror(errno));
+	hostname[FERRY_COOKIE_HOSTNAME_MAX] = '\0';
+	for (char *p = hostname; *p; p++)
+		if (!isgraph((unsigned char)*p))
+			*p = '_'; /* the cookie wants printable ASCII without spaces */
+	if (!hostname[0])
+		strcpy(hostname, "localhost");
+	if (configured_uuid) {
+		if (strlen(configured_uuid) != FERRY_COOKIE_UUID_LEN)
+			return ferry_err_set(err, EINVAL, "host uuid '%s' is not of the form 8-4-4-4-12", configured_uuid);
+		for (int i = 0; i < FERRY_COOKIE_UUID_LEN; i++) {
+			bool dash = i == 8 || i == 13 || i == 18 || i == 23;
+			if (dash ? configured_uuid[i] != '-' : !isxdigit((unsigned char)configured_uuid[i]))
+				return ferry_err_set(err, EINVAL, "host uuid '%s' is not of the form 8-4-4-4-12",
+						     configured_uuid);
+			hostuuid[i] = (char)tolower((unsigned char)configured_uuid[i]);
+		}
+		hostuuid[FERRY_COOKIE_UUID_LEN] = '\0';
+		return 0;
+	}
+	FILE *f = fopen("/etc/machine-id", "r");
+	char id[64] = "";
+	if (!f || !fgets(id, sizeof(id), f)) {
+		if (f)
+			fclose(f);
+		return ferry_err_set(err, ENOENT, "no /etc/machine-id to derive the host uuid from: give --host-uuid");
+	}
+	fclose(f);
+	id[strcspn(id, "\n")] = '\0';
+	if (strlen(id) != 32 || strspn(id, "0123456789abcdef") != 32)
+		return ferry_err_set(err, EINVAL, "/etc/machine-id is not 32 hex digits: give --host-uuid");
+	snprintf(hostuuid, FERRY_COOKIE_UUID_LEN + 1, "%.8s-%.4s-%.4s-%.4s-%.12s", id, id + 8, id + 12, id + 16, id + 20);
+	return 0;
+}
+
+int ferry_probe_identity(struct ferry_qmp *q, const char *hostname, const char *hostuuid, struct ferry_cookie *c,
+			 struct ferry_err *err)
+{
+	json_t *name = NULL, *uuid = NULL;
+	int rc = ferry_qmp_execute(q, "query-name", NULL, &name, err);
+	if (!rc)
+		rc = ferry_qmp_execute(q, "query-uuid", NULL, &uuid, err);
+	if (rc)
+		goto out;
+	const char *n = json_string_value(json_object_get(name, "name"));
+	const char *u = json_string_value(json_object_get(uuid, "UUID"));
+	snprintf(c->name, sizeof(c->name), "%s", n && *n ? n : "unnamed");
+	if (!u || strlen(u) != FERRY_COOKIE_UUID_LEN) {
+		rc = ferry_err_set(err, EPROTO, "QEMU answered query-uuid without a valid UUID");
+		goto out;
+	}
+	for (int i = 0; i <= FERRY_COOKIE_UUID_LEN; i++)
+		c->uuid[i] = (char)tolower((unsigned char)u[i]);
+	snprintf(c->hostname, sizeof(c->hostname), "%s", hostname);
+	snprintf(c->hostuuid, sizeof(c->hostuuid), "%s", hostuuid);
+out:
+	json_decref(name);
+	json_decref(uuid);
+	return rc;
+}
+
+enum ferry_cookie_driver_kind ferry_probe_driver_kind(struct ferry_dp *dp)
+{
+	const char *n = ferry_dp_driver_name(dp);
+	for (enum ferry_cookie_driver_kind k = FERRY_COOKIE_DRIVER_TCP; k <= FERRY_COOKIE_DRIVER_RDMA; k++)
+		if (strcmp(n, ferry_cookie_driver_name(k)) == 0)
+			return k;
+	return 0;
+}
+
+int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled, struct ferry_side_caps *out,
+		     struct ferry_err *err)
+{
+	out->features = 0;
+	out->drivers = 0;
+	json_t *caps = NULL;
+	int rc = ferry_qmp_execute(q, "query-migrate-capabilities", NULL, &caps, err);
+	if (rc)
+		return rc;
+	size_t i;
+	json_t *c;
+	json_array_foreach(caps, i, c) {
+		const char *name = json_string_value(json_object_get(c, "capability"));
+		if (name && strcmp(name, "multifd") == 0)
+			out->features |= FERRY_F_MULTIFD;
+	}
+	json_decref(caps);
+	/* Storage migration and postcopy are advertised once ferry carries them. */
+	if (ferry_dp_can_handoff(dp))
+		out->features |= FERRY_F_HANDOFF;
+	out->features &= ~disabled;
+	enum ferry_cookie_driver_kind k = ferry_probe_driver_kind(dp);
+	if (k)
+		out->drivers |= 1u << k;
+	return 0;
+}
+
+int ferry_probe_cookie(struct ferry_qmp *q, struct ferry_dp *dp, const char *endpoint, uint32_t disabled,
+		       const char *hostname, const char *hostuuid, struct ferry_cookie *c, struct ferry_side_caps *caps,
+		       struct ferry_err *err)
+{
+	ferry_cookie_clear(c);
+	int rc = ferry_probe_identity(q, hostname, hostuuid, c, err);
+	if (!rc)
+		rc = ferry_probe_caps(q, dp, disabled, caps, err);
+	if (!rc)
+		rc = ferry_caps_to_cookie(caps, c, err);
+	if (rc)
+		return rc;
+	enum ferry_cookie_driver_kind k = ferry_probe_driver_kind(dp);
+	if (k) {
+		c->flags |= FERRY_COOKIE_TRANSPORT;
+		c->ndrivers = 1;
+		c->drivers[0].kind = k;
+		/* The endpoint's scheme is the driver's name; the cookie names the driver itself. */
+		const char *colon = strchr(endpoint, ':');
+		snprintf(c->drivers[0].endpoint, sizeof(c->drivers[0].endpoint), "%s", colon ? colon + 1 : endpoint);
+		c->drivers[0].handoff = (caps->features & FERRY_F_HANDOFF) != 0;
+	}
+	return 0;
+}

@@ -1,0 +1,90 @@
+/* Durable migration records: round trip, replace, damaged files skipped,
+ * removal. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "controlplane/state.h"
+
+int main(void)
+{
+	struct ferry_err err = { 0 };
+	char dir[] = "/tmp/ferry-state-test.XXXXXX";
+	if (!mkdtemp(dir)) {
+		perror("mkdtemp");
+		return 1;
+	}
+	char sub[256];
+	snprintf(sub, sizeof(sub), "%s/state", dir);
+	CHECK(ferry_state_init(sub, &err) == 0, "state dir created");
+	struct stat st;
+	CHECK(stat(sub, &st) == 0 && (st.st_mode & 0777) == 0700, "owner-only");
+	CHECK(ferry_state_init(sub, &err) == 0, "init again is fine");
+
+	struct ferry_state_record r = { .id = 42, .session = 7, .role = FERRY_ROLE_SOURCE, .phase = FERRY_PHASE_PERFORMING,
+					.was_running = true };
+	snprintf(r.vm, sizeof(r.vm), "vm \"one\"");
+	snprintf(r.peer, sizeof(r.peer), "10.0.0.2:7470");
+	snprintf(r.qmp, sizeof(r.qmp), "/run/vm1.qmp");
+	CHECK(ferry_state_write(sub, &r, &err) == 0, "written: %s", err.msg);
+	struct ferry_state_record back;
+	CHECK(ferry_state_read(sub, FERRY_ROLE_SOURCE, 42, &back, &err) == 0, "read back");
+	CHECK(back.id == 42 && back.session == 7 && back.role == FERRY_ROLE_SOURCE &&
+		      back.phase == FERRY_PHASE_PERFORMING && back.was_running && strcmp(back.vm, "vm \"one\"") == 0 &&
+		      strcmp(back.peer, r.peer) == 0 && strcmp(back.qmp, r.qmp) == 0 && back.updated > 0,
+	      "every field survives (quotes in names too)");
+
+	r.phase = FERRY_PHASE_SENT;
+	snprintf(r.note, sizeof(r.note), "waiting for the destination");
+	CHECK(ferry_state_write(sub, &r, &err) == 0, "rewritten");
+	CHECK(ferry_state_read(sub, FERRY_ROLE_SOURCE, 42, &back, &err) == 0 && back.phase == FERRY_PHASE_SENT &&
+		      strcmp(back.note, r.note) == 0,
+	      "the new phase replaced the old");
+
+	struct ferry_state_record d = { .id = 42, .role = FERRY_ROLE_DESTINATION, .phase = FERRY_PHASE_PREPARED };
+	CHECK(ferry_state_write(sub, &d, &err) == 0, "a destination record with the same id is another file");
+
+	char bad[300];
+	snprintf(bad, sizeof(bad), "%s/source-99.json", sub);
+	FILE *f = fopen(bad, "w");
+	fputs("{\"id\": 99, \"role\": \"source\", \"phase\": \"teleported\"}", f);
+	fclose(f);
+	snprintf(bad, sizeof(bad), "%s/source-100.json", sub);
+	f = fopen(bad, "w");
+	fputs("{ torn", f);
+	fclose(f);
+	snprintf(bad, sizeof(bad), "%s/unrelated.txt", sub);
+	f = fopen(bad, "w");
+	fclose(f);
+
+	struct ferry_state_record *all = NULL;
+	unsigned n = 0, nbad = 0;
+	CHECK(ferry_state_list(sub, &all, &n, &nbad, &err) == 0, "listed");
+	CHECK(n == 2 && nbad == 2, "two records, two damaged files skipped and counted (n=%u bad=%u)", n, nbad);
+	free(all);
+
+	ferry_err_clear(&err);
+	CHECK(ferry_state_read(sub, FERRY_ROLE_SOURCE, 99, &back, &err) == -EPROTO, "a bad phase is an error");
+	CHECK_MSG(err, "source-99.json", "naming the file: %s", err.msg);
+	ferry_err_clear(&err);
+	CHECK(ferry_state_read(sub, FERRY_ROLE_SOURCE, 5, &back, &err) == -ENOENT, "no record: ENOENT");
+
+	CHECK(ferry_state_remove(sub, FERRY_ROLE_SOURCE, 42, &err) == 0, "removed");
+	CHECK(ferry_state_remove(sub, FERRY_ROLE_SOURCE, 42, &err) == 0, "removing again is fine");
+	ferry_err_clear(&err);
+	CHECK(ferry_state_read(sub, FERRY_ROLE_SOURCE, 42, &back, &err) == -ENOENT, "gone");
+
+	CHECK(ferry_state_phase_final(FERRY_PHASE_DONE) && !ferry_state_phase_final(FERRY_PHASE_SENT) &&
+		      !ferry_state_phase_final(FERRY_PHASE_UNKNOWN),
+	      "done is final; sent and unknown need recovery");
+	CHECK(ferry_state_phase_parse("unknown") == FERRY_PHASE_UNKNOWN && ferry_state_phase_parse("x") == 0,
+	      "phase names parse");
+
+	char cmd[300];
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	CHECK(system(cmd) == 0, "cleaned up");
+	CHECK_DONE();
+}

@@ -58,6 +58,8 @@ declare -gA FERRY_ADMIN=()   # daemon name -> admin socket
 declare -gA FERRY_LISTEN=()  # daemon name -> control HOST:PORT
 declare -gA FERRY_LOG=()     # daemon name -> log file
 declare -gA FERRY_HOST_UUID=() # daemon name -> its --host-uuid
+declare -gA FERRY_NETNS=()    # daemon name -> network namespace to run it in (optional)
+declare -gA FERRY_ADDR=()     # daemon name -> address it listens on (default 127.0.0.1)
 FERRY_EXTRA_PIDS=()          # other helpers to kill on exit (listeners, ...)
 FERRY_CLEANUP_DIRS=()        # extra directories removed on exit
 FERRY_MIG_PID=""             # background ferryctl migrate, if any
@@ -210,14 +212,17 @@ ferry_start_daemon() {
 	else
 		tls=()
 	fi
+	local host=${FERRY_ADDR[$name]:-127.0.0.1}
+	local -a ns=()
+	[ -n "${FERRY_NETNS[$name]:-}" ] && ns=(ip netns exec "${FERRY_NETNS[$name]}")
 	for ((attempt = 1; attempt <= 8; attempt++)); do
 		# FERRY_FIXED_PORT: restart a daemon where its peers expect it
 		port=${FERRY_FIXED_PORT:-$(ferry_free_port)}
-		FERRY_LISTEN[$name]=127.0.0.1:$port
-		echo "=== attempt $attempt: $FERRYD --admin $dir/admin.sock --listen 127.0.0.1:$port --run-dir $QEMU_DIR $*" >>"$log"
+		FERRY_LISTEN[$name]=$host:$port
+		echo "=== attempt $attempt: ${ns[*]} $FERRYD --admin $dir/admin.sock --listen $host:$port --run-dir $QEMU_DIR $*" >>"$log"
 		# each daemon plays its own host: distinct host uuids (kept across restarts)
 		FERRY_HOST_UUID[$name]=${FERRY_HOST_UUID[$name]:-$(cat /proc/sys/kernel/random/uuid)}
-		timeout -k 5 "$FERRY_LIFETIME" "$FERRYD" --admin "$dir/admin.sock" --listen "127.0.0.1:$port" \
+		timeout -k 5 "$FERRY_LIFETIME" "${ns[@]+"${ns[@]}"}" "$FERRYD" --admin "$dir/admin.sock" --listen "$host:$port" \
 			--run-dir "$QEMU_DIR" --state-dir "$dir/state" --host-uuid "${FERRY_HOST_UUID[$name]}" "${tls[@]+"${tls[@]}"}" "$@" </dev/null >>"$log" 2>&1 &
 		pid=$!
 		FERRY_PID[$name]=$pid
@@ -226,7 +231,7 @@ ferry_start_daemon() {
 			if ! kill -0 "$pid" 2>/dev/null; then
 				wait "$pid" 2>/dev/null
 				unset "FERRY_PID[$name]"
-				if grep -q "cannot listen on 127.0.0.1:$port" "$log"; then
+				if grep -q "cannot listen on $host:$port" "$log"; then
 					continue 2 # port taken meanwhile: try another
 				fi
 				echo "ferry_start_daemon: ferryd $name exited during startup; log:" >&2

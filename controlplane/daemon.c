@@ -1000,8 +1000,20 @@ out:
 
 static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *err)
 {
+	/* A relative monitor path names a socket in this daemon's run dir (the
+	 * "ferryctl migrate VM" form); the admin is trusted with any other path. */
+	const char *src_in = req_str(req, "src_qmp");
+	char src_path[PATH_MAX];
+	if (src_in && src_in[0] != '/') {
+		if (strstr(src_in, "..") || strchr(src_in, '/') ||
+		    (size_t)snprintf(src_path, sizeof(src_path), "%s/%s", d->run_dir, src_in) >= sizeof(src_path)) {
+			ferry_err_set(err, EINVAL, "source monitor '%s': a relative name may not contain '/' or '..'", src_in);
+			return NULL;
+		}
+		src_in = src_path;
+	}
 	struct ferry_migration_params p = {
-		.src_qmp = req_str(req, "src_qmp"),
+		.src_qmp = src_in,
 		.dst_qmp = req_str(req, "dst_qmp"),
 		.peer = req_str(req, "peer"),
 		.run_dir = d->run_dir,

@@ -30,11 +30,13 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage: ferryctl [--admin PATH] COMMAND [options]\n"
 		"commands:\n"
-		"  migrate --src-qmp PATH --dst-qmp PATH --to HOST:PORT [--channels N] [--lanes N]\n"
+		"  migrate VM --to HOST[:PORT] | migrate --src-qmp PATH --dst-qmp PATH --to HOST[:PORT]\n"
+		"          [--channels N] [--lanes N]\n"
 		"          [--stall-timeout S] [--no-handoff] [--transport auto|rdma|dpdk|tcp] [--require F]...\n"
 		"          [--keep-source] [--json] [--quiet]\n"
 		"        live-migrate the VM behind --src-qmp into the QEMU behind --dst-qmp (started with\n"
-		"        -incoming defer) on the host whose ferryd listens at --to; exits 0 only when both\n"
+		"        -incoming defer) on the host whose ferryd listens at --to (port 7470 if omitted);\n"
+		"        VM names both: VM.qmp in each daemon's run directory. Exits 0 only when both\n"
 		"        QEMUs report the migration completed. Ctrl-C cancels (the source VM keeps running).\n"
 		"        A single-channel migration over tcp hands ferry's authenticated connection to both\n"
 		"        QEMUs (no copy in between); --no-handoff keeps ferry relaying every byte.\n"
@@ -196,8 +198,31 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		default: usage(stderr); json_decref(require); return EXIT_USAGE;
 		}
 	}
+	/* "migrate VM --to HOST": the VM's monitors are VM.qmp in each daemon's
+	 * run directory, where the management layer started the two QEMUs. */
+	const char *vm = optind < argc ? argv[optind++] : NULL;
+	char vmsock[300], tobuf[300];
+	if (vm) {
+		size_t n = strlen(vm);
+		if (n == 0 || n > 200 || strspn(vm, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") != n ||
+		    vm[0] == '.') {
+			fprintf(stderr, "ferryctl migrate: VM name '%s' must be 1-200 of [A-Za-z0-9._-], not starting with '.'\n",
+				vm);
+			json_decref(require);
+			return EXIT_USAGE;
+		}
+		snprintf(vmsock, sizeof(vmsock), "%s.qmp", vm);
+		if (!src)
+			src = vmsock;
+		if (!dst)
+			dst = vmsock;
+	}
+	if (to && !strchr(to, ':')) {
+		snprintf(tobuf, sizeof(tobuf), "%s:7470", to); /* ferryd's default control port */
+		to = tobuf;
+	}
 	if (!src || !dst || !to || optind < argc) {
-		fprintf(stderr, "ferryctl migrate: needs --src-qmp, --dst-qmp and --to (and nothing else)\n");
+		fprintf(stderr, "ferryctl migrate: needs VM (or --src-qmp and --dst-qmp) and --to (and nothing else)\n");
 		json_decref(require);
 		return EXIT_USAGE;
 	}
@@ -264,9 +289,9 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 				       str(st, "src_vm_status")[0] ? str(st, "src_vm_status") : "postmigrate (kept)");
 			} else {
 				fprintf(stderr, "ferryctl: migration %lld %s: %s\n", (long long)id, state, str(st, "error"));
-				const char *vm = str(st, "src_vm_status");
-				fprintf(stderr, "ferryctl: source VM is %s%s\n", vm[0] ? vm : "in an unknown state",
-					strcmp(vm, "running") == 0 ? " (nothing was lost)" : "");
+				const char *srcvm = str(st, "src_vm_status");
+				fprintf(stderr, "ferryctl: source VM is %s%s\n", srcvm[0] ? srcvm : "in an unknown state",
+					strcmp(srcvm, "running") == 0 ? " (nothing was lost)" : "");
 			}
 			json_decref(st);
 			return ok ? 0 : EXIT_FAILED;

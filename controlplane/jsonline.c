@@ -3,6 +3,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -308,6 +310,20 @@ int ferry_jl_accept_tls(struct ferry_jl *jl, struct ferry_tls *tls, int timeout_
 	return ferry_tls_handshake(tls, jl->fd, true, NULL, timeout_ms, &jl->tls, err);
 }
 
+void ferry_jl_tcp_keepalive(int fd)
+{
+	/* A peer host that vanishes (power, a cut link) sends no FIN: without
+	 * probes a daemon would hold the sessions it owns for hours. Idle 10 s,
+	 * then 3 probes 5 s apart; unacknowledged data gives up after 30 s. */
+	int one = 1, idle = 10, intvl = 5, cnt = 3;
+	unsigned user_timeout_ms = 30000;
+	(void)setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout_ms, sizeof(user_timeout_ms));
+}
+
 int ferry_jl_connect_tcp(const char *hostport, int timeout_ms, struct ferry_jl *jl, struct ferry_err *err)
 {
 	return ferry_jl_connect_tcp_tls(hostport, timeout_ms, atomic_load(&jl_tls), jl, err);
@@ -346,6 +362,7 @@ int ferry_jl_connect_tcp_tls(const char *hostport, int timeout_ms, struct ferry_
 		int soerr = 0;
 		socklen_t sl = sizeof(soerr);
 		if (pr == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) == 0 && soerr == 0) {
+			ferry_jl_tcp_keepalive(fd);
 			int fl = fcntl(fd, F_GETFL);
 			if (fl >= 0)
 				(void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);

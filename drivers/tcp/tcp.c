@@ -94,6 +94,16 @@ static void tune_socket(int fd)
 	/* Frames are written whole (header + payload); Nagle would only delay
 	 * the small control frames (credits) that the peer is waiting for. */
 	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	/* A lane whose peer host vanished (no FIN, no RST) must fail, not hang:
+	 * probes when idle, and give up on data unacknowledged for 60 s (long
+	 * enough for a destination that is slow to take its RAM). */
+	int idle = 10, intvl = 5, cnt = 3;
+	unsigned user_timeout_ms = 60000;
+	(void)setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout_ms, sizeof(user_timeout_ms));
 }
 
 static int tcp_open(const struct ferry_driver_config *cfg, struct ferry_device **out,

@@ -22,7 +22,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 [ "$(id -u)" = 0 ] || ferry_skip "needs root (network namespaces)"
 command -v ip >/dev/null || ferry_skip "ip (iproute2) not found"
 RAM=256M
-ferry_init --shm 3G --timeout 240
+ferry_init --shm 2G --timeout 240
 ferry_need_ramcheck
 ferry_need_dirty_bin
 
@@ -84,7 +84,7 @@ for ch in 0 2; do
 done
 
 # ---- 2: the link cut mid-migration ------------------------------------------
-guests src3 dst3 1G
+guests src3 dst3 512M
 ferry_migrate_start src3 dst3 --stall-timeout 5
 deadline=$(($(now_ms) + 30000))
 until [ "$(qmp_get "$(side_sock src3)" query-migrate status 2>/dev/null)" = active ]; do
@@ -111,8 +111,13 @@ st=$(qmp_get "$(qemu_sock dst3)" query-status status 2>/dev/null || echo gone)
 echo "link cut: ferryctl gave up after ${el} ms: $(grep -m1 'failed:' "$FERRY_MIG_ERR" | cut -c1-140)"
 
 ip -n "$nsa" link set "$va" up || ferry_fail "cannot restore the link"
+# the destination daemon lets go of the dead migration's session (its QEMU
+# monitor with it) once the source's connection ends or its probes go
+# unanswered
+wait_file_line "${FERRY_LOG[b]}" "the source daemon went away; tearing the session down" 45 ||
+	ferry_fail "ferryd b still holds the session of the cut migration"
 qemu_stop dst3
-qemu_start dst4 --ram 1G --boot "$QEMU_DIR/dst3.img" --prealloc --incoming || ferry_fail "starting dst4 failed"
+qemu_start dst4 --ram 512M --boot "$QEMU_DIR/dst3.img" --prealloc --incoming || ferry_fail "starting dst4 failed"
 ferry_migrate src3 dst4 90
 [ "$FERRY_MIG_RC" -eq 0 ] || { ferry_mig_report; ferry_fail "the retry after the cut exited $FERRY_MIG_RC"; }
 runs_on dst4 || ferry_fail "the guest does not run on dst4"

@@ -8,6 +8,7 @@
 #include "cookie.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -15,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #include <libxml/parser.h>
 #include <libxml/parserInternals.h>
@@ -1090,4 +1092,29 @@ const char *ferry_cookie_driver_name(enum ferry_cookie_driver_kind kind)
 	if ((size_t)kind > 0 && (size_t)kind < NDRIVER_NAMES)
 		return driver_names[kind];
 	return NULL;
+}
+
+int ferry_cookie_save(const char *dir, const char *name, const char *xml, struct ferry_err *err)
+{
+	char path[4096];
+	if ((size_t)snprintf(path, sizeof(path), "%s/%s.xml", dir, name) >= sizeof(path))
+		return ferry_err_set(err, ENAMETOOLONG, "cookie log path too long");
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (fd < 0)
+		return ferry_err_set(err, errno, "cannot write %s: %s", path, strerror(errno));
+	size_t len = strlen(xml), off = 0;
+	int rc = 0;
+	while (off < len) {
+		ssize_t w = write(fd, xml + off, len - off);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0) {
+			rc = ferry_err_set(err, errno ? errno : EIO, "cannot write %s: %s", path, strerror(errno));
+			break;
+		}
+		off += (size_t)w;
+	}
+	if (close(fd) && !rc)
+		rc = ferry_err_set(err, errno, "cannot write %s: %s", path, strerror(errno));
+	return rc;
 }

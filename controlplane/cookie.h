@@ -143,6 +143,11 @@ int ferry_cookie_parse(const char *xml, size_t len, struct ferry_cookie *out, st
 int ferry_cookie_check_peer(const struct ferry_cookie *mine, const struct ferry_cookie *theirs,
 			    struct ferry_err *err);
 
+/* Keep a copy of a cookie this daemon sent, as DIR/NAME.xml (mode 0600), for
+ * an operator who wants to see what the daemons told each other (ferryd
+ * --cookie-log). */
+int ferry_cookie_save(const char *dir, const char *name, const char *xml, struct ferry_err *err);
+
 /* Whether the cookie has the optional part <capabilities> listing name. */
 bool ferry_cookie_has_cap(const struct ferry_cookie *c, const char *name);
 

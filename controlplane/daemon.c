@@ -520,6 +520,15 @@ static int prepare_plan(struct daemon *d, struct dst_entry *e, json_t *req, cons
 	char *xml = NULL;
 	if ((rc = ferry_cookie_format(&mine, &xml, err)))
 		return rc;
+	if (d->cfg->cookie_log) {
+		/* The session has no id yet: number the prepares instead. */
+		static unsigned prepares;
+		char name[64];
+		struct ferry_err le = { 0 };
+		snprintf(name, sizeof(name), "destination-%u-prepare", __atomic_add_fetch(&prepares, 1, __ATOMIC_RELAXED));
+		if (ferry_cookie_save(d->cfg->cookie_log, name, xml, &le))
+			logf_(d, "%s", le.msg);
+	}
 	*cookie_out = json_string(xml);
 	free(xml);
 	return *cookie_out ? 0 : ferry_err_set(err, ENOMEM, "out of memory");
@@ -1040,6 +1049,7 @@ static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *er
 	}
 	p.disabled = d->cfg->disabled_features;
 	p.state_dir = d->state_dir;
+	p.cookie_log = d->cfg->cookie_log;
 	p.hostname = d->hostname;
 	p.hostuuid = d->hostuuid;
 	uint32_t id = new_id(d);

@@ -29,6 +29,7 @@ struct ferry_daemon_config {
 	struct ferry_tls_config tls;   /* credentials for the control connection between daemons */
 	const char *host_uuid;         /* this host's identity in cookies; NULL: from /etc/machine-id */
 	const char *state_dir;         /* durable migration records; NULL: <run dir>/state */
+	const char *cookie_log;        /* keep a copy of every cookie sent here; NULL: no */
 	uint32_t disabled_features;    /* FERRY_F_* (plan.h) this host never offers */
 	struct ferry_tunnel_config tunnels[FERRY_MAX_CONFIG_TUNNELS]; /* up to the first with peer == NULL */
 	int verbose;

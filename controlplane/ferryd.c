@@ -34,6 +34,7 @@ static void usage(FILE *f)
 		"  --allow-dir DIR     a further directory peers may name sockets in, repeatable\n"
 		"  --host-uuid UUID    this host's identity in migration cookies (default: from /etc/machine-id;\n"
 		"                      two daemons on one machine need distinct ones)\n"
+		"  --cookie-log DIR    keep a copy of every migration cookie this daemon sends (XML) in DIR\n"
 		"  --state-dir DIR     durable migration records (default: RUN-DIR/state), read by ferryctl recover\n"
 		"  --disable FEATURES  never offer these (comma-separated: multifd, handoff, nbd, postcopy,\n"
 		"                      postcopy-setup): migrations fall back as if this host lacked them\n"
@@ -78,7 +79,7 @@ int main(int argc, char **argv)
 		{ "tls-psk", required_argument, NULL, 'K' }, { "tls-x509", required_argument, NULL, 'C' },
 		{ "tls-no-name-check", no_argument, NULL, 'N' }, { "insecure-no-tls", no_argument, NULL, 'I' },
 		{ "host-uuid", required_argument, NULL, 'U' }, { "disable", required_argument, NULL, 'X' },
-		{ "state-dir", required_argument, NULL, 'Z' },
+		{ "state-dir", required_argument, NULL, 'Z' }, { "cookie-log", required_argument, NULL, 'L' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct ferry_daemon_config cfg = { .admin_path = "/run/ferry/ferryd.sock", .listen = "127.0.0.1:7470" };
@@ -146,6 +147,7 @@ int main(int argc, char **argv)
 		}
 		case 'U': cfg.host_uuid = optarg; break;
 		case 'Z': cfg.state_dir = optarg; break;
+		case 'L': cfg.cookie_log = optarg; break;
 		case 'X': {
 			struct ferry_err ferr = { 0 };
 			uint32_t f;

@@ -37,6 +37,7 @@ struct ferry_migration {
 	char hostname[FERRY_COOKIE_HOSTNAME_MAX + 1];
 	char hostuuid[FERRY_COOKIE_UUID_LEN + 1];
 	char *state_dir;
+	char *cookie_log;
 	struct ferry_state_record rec;   /* this migration's durable record, as last written */
 
 	pthread_t thread;
@@ -93,6 +94,20 @@ static double jd(json_t *o, const char *k)
 	return json_is_number(v) ? json_number_value(v) : 0.0;
 }
 
+static void log_cookie(struct ferry_migration *m, const char *step, const char *xml)
+{
+	if (!m->cookie_log)
+		return;
+	char name[64];
+	snprintf(name, sizeof(name), "source-%u-%s", m->id, step);
+	struct ferry_err e = { 0 };
+	if (ferry_cookie_save(m->cookie_log, name, xml, &e)) {
+		pthread_mutex_lock(&m->lock);
+		snprintf(m->prog.warning, sizeof(m->prog.warning), "%.250s", e.msg);
+		pthread_mutex_unlock(&m->lock);
+	}
+}
+
 static json_t *features_json(uint32_t f)
 {
 	json_t *a = json_array();
@@ -126,6 +141,7 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const st
 	int rc = ferry_cookie_format(mine, &xml, err);
 	if (rc)
 		return ferry_err_prefix(err, "our own cookie");
+	log_cookie(m, "begin", xml);
 	const char *tname = m->transport ? ferry_cookie_driver_name(m->transport) : "auto";
 	/* "channels", "lanes" and "handoff" are what a daemon without cookies reads. */
 	json_t *req = json_pack("{s:s, s:s, s:s, s:i, s:i, s:b, s:I, s:s, s:o, s:b}", "cmd", "migrate-prepare", "qmp",
@@ -622,6 +638,7 @@ static void *migration_main(void *arg)
 	char *fin_xml = NULL;
 	if ((rc = ferry_cookie_format(&mine, &fin_xml, &err)))
 		goto out;
+	log_cookie(m, "perform", fin_xml);
 	json_t *freq = json_pack("{s:s, s:I, s:b, s:s}", "cmd", "migrate-finish", "session", (json_int_t)sp.id, "resume",
 				 was_running, "cookie", fin_xml);
 	free(fin_xml);
@@ -732,7 +749,8 @@ int ferry_migration_start(struct ferry_dp *dp, const struct ferry_migration_para
 	snprintf(m->rec.peer, sizeof(m->rec.peer), "%s", p->peer);
 	snprintf(m->rec.qmp, sizeof(m->rec.qmp), "%s", p->src_qmp);
 	snprintf(m->rec.peer_qmp, sizeof(m->rec.peer_qmp), "%s", p->dst_qmp);
-	if (p->state_dir && !(m->state_dir = strdup(p->state_dir))) {
+	if ((p->state_dir && !(m->state_dir = strdup(p->state_dir))) ||
+	    (p->cookie_log && !(m->cookie_log = strdup(p->cookie_log)))) {
 		ferry_migration_free(m);
 		return ferry_err_set(err, ENOMEM, "out of memory");
 	}
@@ -789,5 +807,6 @@ void ferry_migration_free(struct ferry_migration *m)
 	free(m->peer);
 	free(m->run_dir);
 	free(m->state_dir);
+	free(m->cookie_log);
 	free(m);
 }

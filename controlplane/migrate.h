@@ -28,6 +28,7 @@ struct ferry_migration_params {
 	const char *hostname;     /* this host, for the cookie */
 	const char *hostuuid;
 	const char *state_dir;    /* where the migration's durable record goes (state.h); NULL: none */
+	const char *cookie_log;   /* keep each cookie sent here (ferryd --cookie-log); NULL: no */
 };
 
 enum ferry_migration_state {

@@ -6,6 +6,9 @@
 # the cookies must not be trusted (another VM, the same host), fails with a
 # clear error and the source VM untouched.
 #
+# Every cookie the daemons send (ferryd --cookie-log) is checked against the
+# schema, docs/cookie.rng, with xmllint.
+#
 # Exit: 0 pass, 1 fail, 77 skip. Environment: tests/lib/ferry.sh.
 set -uo pipefail
 
@@ -16,16 +19,18 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 RAM=64M
 ferry_init --shm 512M --timeout 280
 ferry_need_ramcheck
+command -v xmllint >/dev/null || ferry_skip "xmllint not found (./bootstrap.sh installs libxml2-utils)"
 row=0
 
 # daemons A_ARGS / B_ARGS: (re)start daemon a (source host) and b (destination)
 daemons() {
 	ferry_stop_daemon a
 	ferry_stop_daemon b
+	mkdir -p "$QEMU_DIR/cookies"
 	# shellcheck disable=SC2086
-	ferry_start_daemon a $1 || ferry_fail "row $row: starting ferryd a ($1) failed"
+	ferry_start_daemon a $1 --cookie-log "$QEMU_DIR/cookies" || ferry_fail "row $row: starting ferryd a ($1) failed"
 	# shellcheck disable=SC2086
-	ferry_start_daemon b $2 || ferry_fail "row $row: starting ferryd b ($2) failed"
+	ferry_start_daemon b $2 --cookie-log "$QEMU_DIR/cookies" || ferry_fail "row $row: starting ferryd b ($2) failed"
 	FERRY_TO=${FERRY_LISTEN[b]}
 }
 
@@ -125,5 +130,18 @@ FERRY_HOST_UUID[b]=${FERRY_HOST_UUID[a]}
 daemons "" ""
 refused "both daemons claim the same host" "to the same host"
 
+# every cookie the daemons sent in these rows is valid against the schema
+rng=$FERRY_ROOT/docs/cookie.rng
+n=0
+for c in "$QEMU_DIR"/cookies/*.xml; do
+	[ -e "$c" ] || continue
+	n=$((n + 1))
+	xmllint --noout --relaxng "$rng" "$c" 2>"$QEMU_DIR/xmllint.err" ||
+		{ cat "$QEMU_DIR/xmllint.err" "$c" >&2; ferry_fail "cookie $(basename "$c") does not validate against docs/cookie.rng"; }
+done
+for kind in begin prepare perform; do
+	ls "$QEMU_DIR"/cookies/*-"$kind".xml >/dev/null 2>&1 || ferry_fail "no '$kind' cookie was kept"
+done
+echo "$n cookies sent (begin, prepare, perform) validate against docs/cookie.rng"
 echo "PASS fallback-matrix: $row rows in $(ferry_elapsed)s"
 exit 0

@@ -156,7 +156,8 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 	};
 	const char *src = NULL, *dst = NULL, *to = NULL, *transport = "auto";
 	bool handoff = true, keep_source = false;
-	json_t *require = json_array();
+	const char *required[8];
+	unsigned nrequired = 0;
 	unsigned long long channels = 0, lanes = 0, stall = 0;
 	bool json = false, quiet = false;
 	int c;
@@ -176,7 +177,6 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		case 'T':
 			if (strcmp(optarg, "auto") && strcmp(optarg, "tcp") && strcmp(optarg, "dpdk") && strcmp(optarg, "rdma")) {
 				fprintf(stderr, "ferryctl migrate: --transport must be auto, rdma, dpdk or tcp, not '%s'\n", optarg);
-				json_decref(require);
 				return EXIT_USAGE;
 			}
 			transport = optarg;
@@ -189,26 +189,32 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 			if (!ok) {
 				fprintf(stderr, "ferryctl migrate: --require takes one of multifd, handoff, nbd, postcopy, "
 						"postcopy-setup, not '%s'\n", optarg);
-				json_decref(require);
 				return EXIT_USAGE;
 			}
-			json_array_append_new(require, json_string(optarg));
+			if (nrequired == sizeof(required) / sizeof(required[0])) {
+				fprintf(stderr, "ferryctl migrate: too many --require\n");
+				return EXIT_USAGE;
+			}
+			required[nrequired++] = optarg;
 			break;
 		}
-		default: usage(stderr); json_decref(require); return EXIT_USAGE;
+		default: usage(stderr); return EXIT_USAGE;
 		}
 	}
 	/* "migrate VM --to HOST": the VM's monitors are VM.qmp in each daemon's
 	 * run directory, where the management layer started the two QEMUs. */
 	const char *vm = optind < argc ? argv[optind++] : NULL;
 	char vmsock[300], tobuf[300];
+	if (vm && (src || dst)) {
+		fprintf(stderr, "ferryctl migrate: give a VM name or --src-qmp and --dst-qmp, not both ('%s')\n", vm);
+		return EXIT_USAGE;
+	}
 	if (vm) {
 		size_t n = strlen(vm);
 		if (n == 0 || n > 200 || strspn(vm, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") != n ||
 		    vm[0] == '.') {
 			fprintf(stderr, "ferryctl migrate: VM name '%s' must be 1-200 of [A-Za-z0-9._-], not starting with '.'\n",
 				vm);
-			json_decref(require);
 			return EXIT_USAGE;
 		}
 		snprintf(vmsock, sizeof(vmsock), "%s.qmp", vm);
@@ -223,9 +229,11 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 	}
 	if (!src || !dst || !to || optind < argc) {
 		fprintf(stderr, "ferryctl migrate: needs VM (or --src-qmp and --dst-qmp) and --to (and nothing else)\n");
-		json_decref(require);
 		return EXIT_USAGE;
 	}
+	json_t *require = json_array();
+	for (unsigned i = 0; require && i < nrequired; i++)
+		json_array_append_new(require, json_string(required[i]));
 	json_t *rep = NULL;
 	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:b, s:o, s:s, s:b}", "cmd", "migrate",
 				       "src_qmp", src, "dst_qmp", dst, "peer", to, "channels", (json_int_t)channels, "lanes",

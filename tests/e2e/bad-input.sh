@@ -148,7 +148,7 @@ expect c-nothing-listens 1 'destination daemon.*(refused|cannot connect)' "${mig
 grep -q "source VM is running" <<<"$("${mig[@]}" --src-qmp "$SRC" --dst-qmp "$DST" --to "$noport" 2>&1)" ||
 	ferry_fail "case c: ferryctl does not report the source VM running"
 expect c-not-ferryd 1 'destination daemon' "${mig[@]}" --src-qmp "$SRC" --dst-qmp "$DST" --to "$tcpbanner"
-expect c-not-hostport 1 'not HOST:PORT' "${mig[@]}" --src-qmp "$SRC" --dst-qmp "$DST" --to "no-port-here"
+expect c-no-port-means-7470 1 'no-port-here:7470' "${mig[@]}" --src-qmp "$SRC" --dst-qmp "$DST" --to "no-port-here"
 vms_ok "(c)"
 daemons_ok "(c)"
 w1=$(heartbeat_words "$(qemu_ramfile src)")
@@ -227,9 +227,9 @@ A=(--admin "${FERRY_ADMIN[a]}")
 expect f-unknown-command 2 "unknown command 'frobnicate'" "$FERRYCTL" "${A[@]}" frobnicate
 expect f-no-command 2 'usage' "$FERRYCTL" "${A[@]}"
 expect f-unknown-option 2 "unknown option '--bogus'" "$FERRYCTL" --bogus ping
-expect f-migrate-no-to 2 'needs --src-qmp, --dst-qmp and --to' "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST"
-expect f-migrate-nothing 2 'needs --src-qmp' "$FERRYCTL" "${A[@]}" migrate
-expect f-migrate-extra-arg 2 'nothing else' "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" extra
+expect f-migrate-no-to 2 'and --to' "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST"
+expect f-migrate-nothing 2 'needs VM' "$FERRYCTL" "${A[@]}" migrate
+expect f-migrate-extra-arg 2 'not both' "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" extra
 expect f-channels-word 2 "--channels 'two' is not a number" "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" --channels two
 expect f-channels-negative 2 "--channels '-1' is not a number" "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" --channels -1
 expect f-channels-too-many 2 "--channels '64' is not a number from 0 to 63" "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" --channels 64

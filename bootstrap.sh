@@ -20,6 +20,8 @@ PACKAGES=(
 	# clang: the libFuzzer run of the cookie parser in test.sh
 	clang
 	libjansson-dev libxml2-dev libxml2-utils libgnutls28-dev
+	# the DPDK driver (drivers/dpdk) and its virtual PMDs (memif, af_xdp, vhost)
+	libdpdk-dev
 	# QEMU guests for the demo, the e2e tests and perf/bench-migrate.sh
 	qemu-system-x86 qemu-utils
 	# test and benchmark tools

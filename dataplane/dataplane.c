@@ -21,6 +21,7 @@
 #include "../drivers/driver.h"
 #include "../drivers/wire.h"
 #include "credit.h"
+#include "rldrv.h"
 
 #define DEFAULT_WINDOW   (4u << 20)
 #define DEFAULT_SPIN_US  50
@@ -154,6 +155,8 @@ struct ferry_session {
 
 struct ferry_dp {
 	const struct ferry_driver_ops *ops;
+	bool rl;                            /* a datagram backend under the reliable-lane shim */
+	struct ferry_driver_ops rl_ops;     /* ... whose ops table ops points at */
 	struct ferry_device *dev;
 	enum ferry_poll_mode poll_mode;
 	uint64_t spin_ns;
@@ -981,6 +984,19 @@ static int lane_take_inbox(struct lane *l)
 
 /* ---- lane: idle waiting ------------------------------------------------- */
 
+/* Copy path: whether a chunk can take more of the local socket's bytes. All
+ * busy means waiting for the driver's completions (a datagram driver's come
+ * with the peer's acks), not for the socket: polling it would spin. */
+static bool stream_chunk_free(const struct ferry_dp *dp, const struct stream *st)
+{
+	if (dp->splice)
+		return true;
+	for (unsigned i = 0; i < TX_CHUNKS; i++)
+		if (!st->chunks[i].busy)
+			return true;
+	return false;
+}
+
 static void lane_sleep(struct lane *l)
 {
 	const struct ferry_driver_ops *ops = l->s->dp->ops;
@@ -1002,7 +1018,8 @@ static void lane_sleep(struct lane *l)
 		if (st->closed || st->fd < 0)
 			continue;
 		short e = 0;
-		if (!st->local_eof && !st->unframed && !l->tx_blocked && ferry_credit_tx_avail(&st->txc) > 0)
+		if (!st->local_eof && !st->unframed && !l->tx_blocked && ferry_credit_tx_avail(&st->txc) > 0 &&
+		    stream_chunk_free(l->s->dp, st))
 			e |= POLLIN;
 		if (!st->reset_due && (st->rxp_bytes > 0 || st->ring_len > 0))
 			e |= POLLOUT;
@@ -1011,8 +1028,19 @@ static void lane_sleep(struct lane *l)
 			p[np++].events = e;
 		}
 	}
+	/* Datagram lanes have timers (acks, retransmissions, pacing) that no
+	 * fd announces: sleep no longer than the next one. */
+	int64_t wait_ns = 200000000;
 	uint64_t t0 = now_ns();
-	int r = poll(p, np, 200);
+	if (l->s->dp->rl) {
+		uint64_t dl = ferry_rldrv_next_deadline(l->drv);
+		if (dl <= t0)
+			wait_ns = 0;
+		else if (dl - t0 < (uint64_t)wait_ns)
+			wait_ns = (int64_t)(dl - t0);
+	}
+	struct timespec ts = { .tv_sec = (time_t)(wait_ns / 1000000000), .tv_nsec = (long)(wait_ns % 1000000000) };
+	int r = ppoll(p, np, &ts, NULL);
 	l->idle_ns += now_ns() - t0;
 	if (r > 0 && (p[1].revents & POLLIN))
 		drain_evfd(l->evfd);
@@ -1546,11 +1574,18 @@ int ferry_dp_open(const struct ferry_dp_config *cfg, struct ferry_dp **out, stru
 {
 	const char *name = cfg->driver ? cfg->driver : "tcp";
 	const struct ferry_driver_ops *ops = ferry_driver_find(name);
-	if (!ops)
+	const struct ferry_dgram_ops *backend = ops ? NULL : ferry_dgram_find(name);
+	if (!ops && !backend)
 		return ferry_err_set(err, ENOENT, "no driver named '%s' in this build", name);
 	struct ferry_dp *dp = calloc(1, sizeof(*dp));
 	if (!dp)
 		return ferry_err_set(err, ENOMEM, "data plane: out of memory");
+	if (backend) {
+		/* A datagram backend: the shim makes it a reliable driver. */
+		ferry_rldrv_ops(backend, &dp->rl_ops);
+		dp->rl = true;
+		ops = &dp->rl_ops;
+	}
 	dp->ops = ops;
 	dp->poll_mode = cfg->poll_mode;
 	dp->spin_ns = (uint64_t)(cfg->spin_us ? cfg->spin_us : DEFAULT_SPIN_US) * 1000ull;
@@ -1558,7 +1593,7 @@ int ferry_dp_open(const struct ferry_dp_config *cfg, struct ferry_dp **out, stru
 	dp->window = cfg->window ? cfg->window : DEFAULT_WINDOW;
 	pthread_mutex_init(&dp->lock, NULL);
 	struct ferry_driver_config dcfg = { .options = cfg->driver_options };
-	int rc = ops->open(&dcfg, &dp->dev, err);
+	int rc = backend ? ferry_rldrv_open(backend, &dcfg, &dp->dev, err) : ops->open(&dcfg, &dp->dev, err);
 	if (rc) {
 		free(dp);
 		return rc;

@@ -8,7 +8,14 @@ static const struct ferry_driver_ops *const drivers[] = {
 	&ferry_tcp_driver,
 };
 
-static const char *const names[] = { "tcp", NULL };
+/* Datagram backends (dgram.h) are drivers too, through the data plane's
+ * reliable-lane shim; best first. */
+static const char *const names[] = {
+#ifdef FERRY_HAVE_DPDK
+	"dpdk",
+#endif
+	"tcp", "udp", NULL
+};
 
 const struct ferry_driver_ops *ferry_driver_find(const char *name)
 {

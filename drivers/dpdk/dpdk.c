@@ -1,0 +1,498 @@
+#include "dpdk.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <rte_eal.h>
+#include <rte_errno.h>
+#include <rte_ethdev.h>
+#include <rte_flow.h>
+#include <rte_ip.h>
+#include <rte_mbuf.h>
+#include <rte_udp.h>
+
+#define BATCH 32
+#define MAX_QUEUES 64
+#define HDRS (RTE_ETHER_HDR_LEN + 20 + 8)  /* Ethernet + IPv4 + UDP */
+#define MAX_EAL_ARGS 64
+
+struct dpdk_queue {
+	struct rte_mbuf *tx[BATCH];
+	unsigned tx_count;
+};
+
+struct ferry_dgram_dev {
+	uint16_t port;
+	unsigned nq;
+	size_t dgram;
+	uint16_t port0;             /* UDP port of queue 0 */
+	struct rte_ether_addr mac;
+	uint32_t ip;                /* network order */
+	struct rte_mempool *pool;
+	bool started;
+	struct dpdk_queue q[];
+};
+
+/* One EAL per process: rte_eal_init cannot run twice. */
+static pthread_mutex_t eal_lock = PTHREAD_MUTEX_INITIALIZER;
+static bool eal_up;
+static unsigned devs_open;
+
+static unsigned long free_hugepages(void)
+{
+	FILE *f = fopen("/proc/meminfo", "r");
+	char line[128];
+	unsigned long n = 0;
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "HugePages_Free: %lu", &n) == 1)
+			break;
+	fclose(f);
+	return n;
+}
+
+static bool has_arg(char **argv, int argc, const char *a)
+{
+	size_t n = strlen(a);
+	bool shortopt = n == 2 && a[0] == '-'; /* "-l0" is "-l 0" */
+	for (int i = 0; i < argc; i++)
+		if (strncmp(argv[i], a, n) == 0 && (argv[i][n] == '\0' || argv[i][n] == '=' || shortopt))
+			return true;
+	return false;
+}
+
+static int eal_init(const struct ferry_driver_config *cfg, struct ferry_err *err)
+{
+	if (eal_up)
+		return 0;
+	static char buf[4096];
+	static char *argv[MAX_EAL_ARGS + 1];
+	static char pfx[64];
+	int argc = 0;
+	argv[argc++] = "ferryd";
+	const char *eal = ferry_driver_option(cfg, "eal");
+	if (eal) {
+		if (strlen(eal) >= sizeof(buf))
+			return ferry_err_set(err, E2BIG, "dpdk driver: eal= is longer than %zu bytes", sizeof(buf) - 1);
+		strcpy(buf, eal);
+		for (char *t = strtok(buf, " \t"); t; t = strtok(NULL, " \t")) {
+			if (argc >= MAX_EAL_ARGS - 12)
+				return ferry_err_set(err, E2BIG, "dpdk driver: more than %d eal= arguments", MAX_EAL_ARGS - 12);
+			argv[argc++] = t;
+		}
+	}
+	/* Defaults that work on a small host, unless eal= says otherwise. */
+	if (!has_arg(argv, argc, "-l") && !has_arg(argv, argc, "-c") && !has_arg(argv, argc, "--lcores")) {
+		argv[argc++] = "-l";
+		argv[argc++] = "0";
+	}
+	if (!has_arg(argv, argc, "--in-memory") && !has_arg(argv, argc, "--no-huge") &&
+	    !has_arg(argv, argc, "--huge-dir")) {
+		if (free_hugepages() >= 512) {
+			argv[argc++] = "--in-memory";
+		} else {
+			argv[argc++] = "--no-huge";
+			argv[argc++] = "-m";
+			argv[argc++] = "1024";
+		}
+	}
+	if (!has_arg(argv, argc, "--file-prefix") && !has_arg(argv, argc, "--in-memory")) {
+		snprintf(pfx, sizeof(pfx), "--file-prefix=ferry%d", (int)getpid());
+		argv[argc++] = pfx;
+	}
+	if (!has_arg(argv, argc, "--no-pci") && !has_arg(argv, argc, "-a") && !has_arg(argv, argc, "--allow"))
+		argv[argc++] = "--no-pci";
+	if (!has_arg(argv, argc, "--log-level"))
+		argv[argc++] = "--log-level=notice";
+	const char *vdev = ferry_driver_option(cfg, "vdev");
+	if (vdev) {
+		argv[argc++] = "--vdev";
+		argv[argc++] = (char *)vdev;
+	}
+	argv[argc] = NULL;
+	/* rte_eal_init pins the calling thread to the main lcore: give the
+	 * daemon's thread its CPUs back afterwards. */
+	cpu_set_t before;
+	bool restore = pthread_getaffinity_np(pthread_self(), sizeof(before), &before) == 0;
+	int rc = rte_eal_init(argc, argv);
+	if (restore)
+		(void)pthread_setaffinity_np(pthread_self(), sizeof(before), &before);
+	if (rc < 0) {
+		char all[1024] = "";
+		for (int i = 1; i < argc; i++)
+			snprintf(all + strlen(all), sizeof(all) - strlen(all), " %s", argv[i]);
+		return ferry_err_set(err, rte_errno ? rte_errno : EINVAL, "dpdk driver: rte_eal_init(%s) failed: %s",
+				     all, rte_strerror(rte_errno));
+	}
+	eal_up = true;
+	return 0;
+}
+
+static int opt(const struct ferry_driver_config *cfg, const char *key, unsigned long def, unsigned long min,
+	       unsigned long max, unsigned long *out, struct ferry_err *err)
+{
+	int rc = ferry_dgram_opt_uint(cfg, key, def, min, max, out, err);
+	return rc ? ferry_err_prefix(err, "dpdk driver") : 0;
+}
+
+/* Steer queue q's UDP port to rx queue q where the PMD takes flow rules. */
+static void steer(struct ferry_dgram_dev *dev)
+{
+	for (unsigned q = 0; q < dev->nq && dev->nq > 1; q++) {
+		struct rte_flow_attr attr = { .ingress = 1 };
+		struct rte_flow_item_udp spec = { .hdr.dst_port = htons((uint16_t)(dev->port0 + q)) };
+		struct rte_flow_item_udp mask = { .hdr.dst_port = 0xffff };
+		struct rte_flow_item pattern[] = {
+			{ .type = RTE_FLOW_ITEM_TYPE_ETH },
+			{ .type = RTE_FLOW_ITEM_TYPE_IPV4 },
+			{ .type = RTE_FLOW_ITEM_TYPE_UDP, .spec = &spec, .mask = &mask },
+			{ .type = RTE_FLOW_ITEM_TYPE_END },
+		};
+		struct rte_flow_action_queue qa = { .index = (uint16_t)q };
+		struct rte_flow_action actions[] = {
+			{ .type = RTE_FLOW_ACTION_TYPE_QUEUE, .conf = &qa },
+			{ .type = RTE_FLOW_ACTION_TYPE_END },
+		};
+		struct rte_flow_error fe;
+		/* No rules (memif, af_packet): the sender's queue index or the
+		 * shim's hand-over between lanes does the steering. */
+		if (!rte_flow_create(dev->port, &attr, pattern, actions, &fe))
+			return;
+	}
+}
+
+static void dpdk_close(struct ferry_dgram_dev *dev)
+{
+	if (!dev)
+		return;
+	for (unsigned i = 0; i < dev->nq; i++)
+		for (unsigned k = 0; k < dev->q[i].tx_count; k++)
+			rte_pktmbuf_free(dev->q[i].tx[k]);
+	if (dev->started) {
+		(void)rte_eth_dev_stop(dev->port);
+		(void)rte_eth_dev_close(dev->port);
+	}
+	if (dev->pool)
+		rte_mempool_free(dev->pool);
+	free(dev);
+	pthread_mutex_lock(&eal_lock);
+	devs_open--;
+	pthread_mutex_unlock(&eal_lock);
+}
+
+static int dpdk_open(const struct ferry_driver_config *cfg, struct ferry_dgram_dev **out, struct ferry_err *err)
+{
+	unsigned long nq, mtu, port0, ring, mbufs, portid;
+	int rc;
+	if ((rc = opt(cfg, "queues", 1, 1, MAX_QUEUES, &nq, err)) || (rc = opt(cfg, "mtu", 9000, 576, 9600, &mtu, err)) ||
+	    (rc = opt(cfg, "udp_port", 47000, 1, 65535, &port0, err)) || (rc = opt(cfg, "ring", 1024, 64, 16384, &ring, err)) ||
+	    (rc = opt(cfg, "mbufs", 0, 0, 1u << 22, &mbufs, err)) || (rc = opt(cfg, "port", 0xffff, 0, 0xffff, &portid, err)))
+		return rc;
+	const char *ipstr = ferry_driver_option(cfg, "ip");
+	struct in_addr ia;
+	if (inet_pton(AF_INET, ipstr ? ipstr : "198.18.0.1", &ia) != 1)
+		return ferry_err_set(err, EINVAL, "dpdk driver: ip=%s is not an IPv4 address", ipstr);
+
+	pthread_mutex_lock(&eal_lock);
+	if (devs_open > 0) {
+		pthread_mutex_unlock(&eal_lock);
+		return ferry_err_set(err, EBUSY, "dpdk driver: one device per process");
+	}
+	rc = eal_init(cfg, err);
+	if (!rc)
+		devs_open++;
+	pthread_mutex_unlock(&eal_lock);
+	if (rc)
+		return rc;
+
+	struct ferry_dgram_dev *dev = calloc(1, sizeof(*dev) + nq * sizeof(struct dpdk_queue));
+	if (!dev) {
+		pthread_mutex_lock(&eal_lock);
+		devs_open--;
+		pthread_mutex_unlock(&eal_lock);
+		return ferry_err_set(err, ENOMEM, "dpdk driver: out of memory");
+	}
+	dev->ip = ia.s_addr;
+	dev->port0 = (uint16_t)port0;
+	if (portid == 0xffff) {
+		uint16_t p;
+		bool found = false;
+		RTE_ETH_FOREACH_DEV(p) {
+			portid = p;
+			found = true;
+			break;
+		}
+		if (!found) {
+			rc = ferry_err_set(err, ENODEV, "dpdk driver: no port (give vdev=... or a PCI device in eal=)");
+			dpdk_close(dev);
+			return rc;
+		}
+	}
+	if (!rte_eth_dev_is_valid_port((uint16_t)portid)) {
+		rc = ferry_err_set(err, ENODEV, "dpdk driver: no port %lu", portid);
+		dpdk_close(dev);
+		return rc;
+	}
+	dev->port = (uint16_t)portid;
+	struct rte_eth_dev_info info;
+	if ((rc = rte_eth_dev_info_get(dev->port, &info))) {
+		rc = ferry_err_set(err, -rc, "dpdk driver: port %u: no device info: %s", dev->port, rte_strerror(-rc));
+		dpdk_close(dev);
+		return rc;
+	}
+	if (nq > info.max_rx_queues || nq > info.max_tx_queues) {
+		rc = ferry_err_set(err, EINVAL, "dpdk driver: port %u (%s) has %u rx / %u tx queues, %lu asked for",
+				     dev->port, info.driver_name, info.max_rx_queues, info.max_tx_queues, nq);
+		dpdk_close(dev);
+		return rc;
+	}
+	dev->nq = (unsigned)nq;
+	if (mtu > info.max_mtu)
+		mtu = info.max_mtu;
+	if (mtu > info.max_rx_pktlen - RTE_ETHER_HDR_LEN - RTE_ETHER_CRC_LEN)
+		mtu = info.max_rx_pktlen - RTE_ETHER_HDR_LEN - RTE_ETHER_CRC_LEN;
+	/* dgram= overrides for PMDs that carry more than their MTU says
+	 * (memif carries frames up to its bsize whatever the MTU). */
+	unsigned long dg;
+	if ((rc = opt(cfg, "dgram", mtu - 28, 128, 9600, &dg, err))) {
+		dpdk_close(dev);
+		return rc;
+	}
+	dev->dgram = dg;
+
+	uint16_t room = (uint16_t)(RTE_PKTMBUF_HEADROOM + HDRS + dev->dgram + 64);
+	if (!mbufs)
+		mbufs = nq * (2 * ring + 4 * BATCH) + 2048;
+	char name[RTE_MEMPOOL_NAMESIZE];
+	snprintf(name, sizeof(name), "ferry%u", dev->port);
+	dev->pool = rte_pktmbuf_pool_create(name, (unsigned)mbufs, 256, 0, room, (int)rte_eth_dev_socket_id(dev->port));
+	if (!dev->pool) {
+		rc = ferry_err_set(err, rte_errno, "dpdk driver: no pool of %lu mbufs of %u bytes: %s", mbufs, room,
+				   rte_strerror(rte_errno));
+		dpdk_close(dev);
+		return rc;
+	}
+	struct rte_eth_conf conf = { 0 };
+	conf.rxmode.mtu = (uint32_t)mtu;
+	if ((rc = rte_eth_dev_configure(dev->port, (uint16_t)nq, (uint16_t)nq, &conf))) {
+		rc = ferry_err_set(err, -rc, "dpdk driver: configuring port %u (%s) with %lu queues, MTU %lu: %s", dev->port,
+				     info.driver_name, nq, mtu, rte_strerror(-rc));
+		dpdk_close(dev);
+		return rc;
+	}
+	for (unsigned i = 0; i < nq; i++) {
+		int s = (int)rte_eth_dev_socket_id(dev->port);
+		if ((rc = rte_eth_rx_queue_setup(dev->port, (uint16_t)i, (uint16_t)ring, (unsigned)s, NULL, dev->pool)) ||
+		    (rc = rte_eth_tx_queue_setup(dev->port, (uint16_t)i, (uint16_t)ring, (unsigned)s, NULL))) {
+			rc = ferry_err_set(err, -rc, "dpdk driver: port %u queue %u set-up: %s", dev->port, i, rte_strerror(-rc));
+			dpdk_close(dev);
+			return rc;
+		}
+	}
+	if ((rc = rte_eth_dev_start(dev->port))) {
+		rc = ferry_err_set(err, -rc, "dpdk driver: starting port %u: %s", dev->port, rte_strerror(-rc));
+		dpdk_close(dev);
+		return rc;
+	}
+	dev->started = true;
+	(void)rte_eth_promiscuous_enable(dev->port);
+	if ((rc = rte_eth_macaddr_get(dev->port, &dev->mac))) {
+		rc = ferry_err_set(err, -rc, "dpdk driver: port %u has no MAC address: %s", dev->port, rte_strerror(-rc));
+		dpdk_close(dev);
+		return rc;
+	}
+	steer(dev);
+	*out = dev;
+	return 0;
+}
+
+static int dpdk_local_endpoint(struct ferry_dgram_dev *dev, char *buf, size_t len, struct ferry_err *err)
+{
+	const uint8_t *m = dev->mac.addr_bytes;
+	char ip[INET_ADDRSTRLEN];
+	inet_ntop(AF_INET, &dev->ip, ip, sizeof(ip));
+	int n = snprintf(buf, len, "dpdk:%02x:%02x:%02x:%02x:%02x:%02x/%s:%u-%u", m[0], m[1], m[2], m[3], m[4], m[5], ip,
+			 dev->port0, dev->port0 + dev->nq - 1);
+	if (n < 0 || (size_t)n >= len)
+		return ferry_err_set(err, ENOSPC, "endpoint buffer too small");
+	return 0;
+}
+
+static unsigned dpdk_queues(const struct ferry_dgram_dev *dev)
+{
+	return dev->nq;
+}
+
+static size_t dpdk_max_datagram(const struct ferry_dgram_dev *dev)
+{
+	return dev->dgram;
+}
+
+/* Address bytes: MAC (6), IPv4 (4), UDP port (2), network order. */
+static void make_addr(struct ferry_dgram_addr *a, const uint8_t mac[6], uint32_t ip, uint16_t port_be)
+{
+	memset(a, 0, sizeof(*a));
+	memcpy(a->b, mac, 6);
+	memcpy(a->b + 6, &ip, 4);
+	memcpy(a->b + 10, &port_be, 2);
+	a->len = 12;
+}
+
+static int dpdk_resolve(struct ferry_dgram_dev *dev, const char *endpoint, unsigned queue,
+			struct ferry_dgram_addr *out, unsigned *peer_queues, struct ferry_err *err)
+{
+	unsigned m[6], lo, hi;
+	char ip[32];
+	int n = 0;
+	if (strncmp(endpoint, "dpdk:", 5) != 0 ||
+	    sscanf(endpoint + 5, "%2x:%2x:%2x:%2x:%2x:%2x/%31[0-9.]:%u-%u%n", &m[0], &m[1], &m[2], &m[3], &m[4], &m[5], ip,
+		   &lo, &hi, &n) != 9 || endpoint[5 + n] != '\0')
+		return ferry_err_set(err, EINVAL, "dpdk driver cannot reach endpoint '%s' (want dpdk:MAC/IPV4:PORT-PORT)",
+				     endpoint);
+	struct in_addr ia;
+	if (inet_pton(AF_INET, ip, &ia) != 1 || lo == 0 || hi < lo || hi > 65535 || hi - lo >= MAX_QUEUES)
+		return ferry_err_set(err, EINVAL, "dpdk endpoint '%s' has a bad address or port range", endpoint);
+	*peer_queues = hi - lo + 1;
+	if (queue >= *peer_queues)
+		return -ERANGE;
+	uint8_t mac[6];
+	for (int i = 0; i < 6; i++)
+		mac[i] = (uint8_t)m[i];
+	make_addr(out, mac, ia.s_addr, htons((uint16_t)(lo + queue)));
+	return 0;
+}
+
+static void dpdk_addr_str(const struct ferry_dgram_addr *a, char *buf, size_t len)
+{
+	char ip[INET_ADDRSTRLEN];
+	uint16_t port;
+	memcpy(&port, a->b + 10, 2);
+	inet_ntop(AF_INET, a->b + 6, ip, sizeof(ip));
+	snprintf(buf, len, "%02x:%02x:%02x:%02x:%02x:%02x/%s:%u", a->b[0], a->b[1], a->b[2], a->b[3], a->b[4], a->b[5], ip,
+		 ntohs(port));
+}
+
+static int dpdk_flush(struct ferry_dgram_dev *dev, unsigned qi, struct ferry_err *err)
+{
+	struct dpdk_queue *q = &dev->q[qi];
+	if (q->tx_count == 0)
+		return 0;
+	uint16_t n = rte_eth_tx_burst(dev->port, (uint16_t)qi, q->tx, (uint16_t)q->tx_count);
+	if (n < q->tx_count)
+		memmove(q->tx, q->tx + n, (q->tx_count - n) * sizeof(q->tx[0]));
+	q->tx_count -= n;
+	return q->tx_count ? -EAGAIN : 0;
+}
+
+static int dpdk_send(struct ferry_dgram_dev *dev, unsigned qi, const struct ferry_dgram_addr *to,
+		     const struct iovec *iov, unsigned iovcnt, size_t len, struct ferry_err *err)
+{
+	struct dpdk_queue *q = &dev->q[qi];
+	if (len > dev->dgram)
+		return ferry_err_set(err, EMSGSIZE, "dpdk queue %u: datagram of %zu bytes, at most %zu", qi, len, dev->dgram);
+	if (q->tx_count == BATCH && dpdk_flush(dev, qi, err))
+		return -EAGAIN;
+	struct rte_mbuf *m = rte_pktmbuf_alloc(dev->pool);
+	if (!m)
+		return -EAGAIN; /* all mbufs in flight: the wire is full */
+	uint8_t *p = (uint8_t *)rte_pktmbuf_append(m, (uint16_t)(HDRS + len));
+	if (!p) {
+		rte_pktmbuf_free(m);
+		return ferry_err_set(err, EMSGSIZE, "dpdk queue %u: a %zu-byte frame does not fit an mbuf", qi, HDRS + len);
+	}
+	struct rte_ether_hdr *eh = (struct rte_ether_hdr *)p;
+	memcpy(eh->dst_addr.addr_bytes, to->b, 6);
+	eh->src_addr = dev->mac;
+	eh->ether_type = htons(RTE_ETHER_TYPE_IPV4);
+	struct rte_ipv4_hdr *ih = (struct rte_ipv4_hdr *)(eh + 1);
+	memset(ih, 0, sizeof(*ih));
+	ih->version_ihl = 0x45;
+	ih->total_length = htons((uint16_t)(20 + 8 + len));
+	ih->fragment_offset = htons(RTE_IPV4_HDR_DF_FLAG);
+	ih->time_to_live = 64;
+	ih->next_proto_id = IPPROTO_UDP;
+	ih->src_addr = dev->ip;
+	memcpy(&ih->dst_addr, to->b + 6, 4);
+	ih->hdr_checksum = rte_ipv4_cksum(ih);
+	struct rte_udp_hdr *uh = (struct rte_udp_hdr *)(ih + 1);
+	uh->src_port = htons((uint16_t)(dev->port0 + qi));
+	memcpy(&uh->dst_port, to->b + 10, 2);
+	uh->dgram_len = htons((uint16_t)(8 + len));
+	uh->dgram_cksum = 0; /* none: ferry's CRC32C covers every datagram byte */
+	uint8_t *d = (uint8_t *)(uh + 1);
+	for (unsigned i = 0; i < iovcnt; i++) {
+		memcpy(d, iov[i].iov_base, iov[i].iov_len);
+		d += iov[i].iov_len;
+	}
+	q->tx[q->tx_count++] = m;
+	return 0;
+}
+
+static int dpdk_recv(struct ferry_dgram_dev *dev, unsigned qi, struct ferry_dgram_buf *bufs, unsigned n,
+		     struct ferry_err *err)
+{
+	struct rte_mbuf *pkts[BATCH];
+	if (n > BATCH)
+		n = BATCH;
+	uint16_t got = rte_eth_rx_burst(dev->port, (uint16_t)qi, pkts, (uint16_t)n);
+	unsigned k = 0;
+	for (uint16_t i = 0; i < got; i++) {
+		struct rte_mbuf *m = pkts[i];
+		const uint8_t *p = rte_pktmbuf_mtod(m, const uint8_t *);
+		const struct rte_ether_hdr *eh = (const struct rte_ether_hdr *)p;
+		const struct rte_ipv4_hdr *ih = (const struct rte_ipv4_hdr *)(eh + 1);
+		const struct rte_udp_hdr *uh = (const struct rte_udp_hdr *)(ih + 1);
+		uint16_t dport = ntohs(uh->dst_port);
+		size_t ulen;
+		/* Only whole, single-segment UDP/IPv4 frames to our ports; the
+		 * rest (ARP, IPv6, strangers) is not ferry's. */
+		if (m->nb_segs != 1 || m->data_len < HDRS || eh->ether_type != htons(RTE_ETHER_TYPE_IPV4) ||
+		    ih->version_ihl != 0x45 || ih->next_proto_id != IPPROTO_UDP || dport < dev->port0 ||
+		    dport >= dev->port0 + dev->nq || (ulen = ntohs(uh->dgram_len)) < 8 || HDRS - 8 + ulen > m->data_len) {
+			rte_pktmbuf_free(m);
+			continue;
+		}
+		bufs[k].data = (const uint8_t *)(uh + 1);
+		bufs[k].len = ulen - 8;
+		make_addr(&bufs[k].src, eh->src_addr.addr_bytes, ih->src_addr, uh->src_port);
+		bufs[k].priv = m;
+		k++;
+	}
+	return (int)k;
+}
+
+static void dpdk_release(struct ferry_dgram_dev *dev, unsigned q, struct ferry_dgram_buf *bufs, unsigned n)
+{
+	for (unsigned i = 0; i < n; i++)
+		rte_pktmbuf_free(bufs[i].priv);
+}
+
+static int dpdk_wakeup_fd(struct ferry_dgram_dev *dev, unsigned q, bool want_tx, short *events)
+{
+	/* Polled: the shim wakes its lanes on a short timer. */
+	*events = 0;
+	return -1;
+}
+
+const struct ferry_dgram_ops ferry_dpdk_dgram = {
+	.name = "dpdk",
+	.open = dpdk_open,
+	.close = dpdk_close,
+	.local_endpoint = dpdk_local_endpoint,
+	.queues = dpdk_queues,
+	.max_datagram = dpdk_max_datagram,
+	.resolve = dpdk_resolve,
+	.addr_str = dpdk_addr_str,
+	.send = dpdk_send,
+	.flush = dpdk_flush,
+	.recv = dpdk_recv,
+	.release = dpdk_release,
+	.wakeup_fd = dpdk_wakeup_fd,
+};

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# dpdk-memif.sh - two ferryd --driver dpdk joined by net_memif (a shared-memory
+# NIC between the two processes, DPDK in copy mode, 9000-byte frames): one
+# session of 4 streams over 4 lanes (4 memif queue pairs), DPDK_MEMIF_MB
+# (default 1024) of random data on each; sha256 identical at the far end.
+# Then the same with injected loss, reordering, duplication and corruption.
+#
+# Exit: 0 pass, 1 fail, 77 skip (no DPDK driver in this build, or DPDK cannot
+# start here). Environment: tests/lib/ferry.sh.
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=../lib/ferry.sh
+. "$here/../lib/ferry.sh"
+check=$here/../tools/streamcheck.py
+mb=${DPDK_MEMIF_MB:-1024}
+
+ferry_init --timeout 280
+allow=$QEMU_DIR/b-allowed
+mkdir -p "$allow"
+python3 "$check" serve "$allow/target.sock" "$QEMU_DIR/accepted.log" </dev/null >"$QEMU_DIR/serve.out" 2>&1 &
+FERRY_EXTRA_PIDS+=("$!")
+
+# pair NAME-SUFFIX [extra driver options]: a memif server "a$1" and client "b$1"
+pair() {
+	local sfx=$1 sock=$QEMU_DIR/memif$1.sock
+	shift
+	local -a common=(--driver dpdk --driver-opt queues=4 --driver-opt dgram=8972 "$@")
+	ferry_start_daemon "a$sfx" "${common[@]}" --driver-opt "vdev=net_memif0,role=server,socket=$sock,bsize=9216" \
+		--driver-opt eal=-l0 --driver-opt ip=198.18.0.1 || return 1
+	ferry_start_daemon "b$sfx" "${common[@]}" --driver-opt "vdev=net_memif0,role=client,socket=$sock,bsize=9216" \
+		--driver-opt eal=-l1 --driver-opt ip=198.18.0.2 --allow-dir "$allow" || return 1
+}
+
+if ! pair 1; then
+	grep -q "no driver named 'dpdk'" "$QEMU_DIR"/ferryd-a1.log && ferry_skip "this build has no DPDK driver (libdpdk-dev)"
+	grep -q "rte_eal_init" "$QEMU_DIR"/ferryd-a1.log && ferry_skip "DPDK cannot start here: $(grep -m1 rte_eal_init "$QEMU_DIR"/ferryd-a1.log)"
+	ferry_fail "starting the memif pair failed"
+fi
+grep -q "data dpdk:[0-9a-f:]*/198.18.0.1:47000-47003 (dpdk driver" "${FERRY_LOG[a1]}" ||
+	ferry_fail "ferryd a1 does not report its dpdk endpoint with 4 queues"
+
+round() { # label daemon-suffix
+	local out t0
+	out=$(ferry_ctl "a$2" tunnel-open --to "${FERRY_LISTEN[b$2]}" --listen "$QEMU_DIR/t$2.sock" \
+		--target "$allow/target.sock" --streams 4) || ferry_fail "$1: tunnel-open failed: $out"
+	t0=$(now_ms)
+	out=$(python3 "$check" client "$QEMU_DIR/t$2.sock" "x$2a,x$2b,x$2c,x$2d" $((mb << 20)) 240) ||
+		ferry_fail "$1: 4 x $mb MiB were not carried whole: $out"
+	echo "$1: 4 x $mb MiB, sha256 identical, in $(($(now_ms) - t0)) ms"
+}
+round "memif" 1
+ferry_stop_daemon a1
+ferry_stop_daemon b1
+
+# the same with faults on every datagram both daemons send
+fmb=$((mb / 4))
+[ "$fmb" -ge 1 ] || fmb=1
+pair 2 --driver-opt fault=drop=1%,reorder=2%,dup=1%,corrupt=0.1%,seed=5 || ferry_fail "starting the faulty memif pair failed"
+mb=$fmb round "memif, 1% loss + reorder + dup + corruption" 2
+ferry_stop_daemon a2
+ferry_stop_daemon b2
+echo "PASS dpdk-memif in $(ferry_elapsed)s"
+exit 0

@@ -1,0 +1,548 @@
+/* The reliable-lane shim over two kernel UDP backends in one process,
+ * through the driver ops table: the handshake, control frames, pending
+ * payloads, several lanes sharing queues, streams in both directions with
+ * and without injected faults (every byte once, in order), and peers that
+ * close or go silent. FERRY_TEST_MB sets the bytes per lane and direction
+ * (default 8; valgrind runs use less). */
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "dataplane/rldrv.h"
+#include "drivers/dgram.h"
+
+#define NLANES 3
+#define SESSION 77
+
+static struct ferry_driver_ops ops;
+static const struct ferry_dgram_ops *udp;
+
+static uint64_t ms_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static int dev_open(struct ferry_device **dev, const char *o1, const char *o2, const char *o3,
+		    struct ferry_err *err)
+{
+	const char *opts[] = { "bind=127.0.0.1:0", o1, o2, o3, NULL };
+	struct ferry_driver_config cfg = { .options = opts };
+	return ferry_rldrv_open(udp, &cfg, dev, err);
+}
+
+static int send_frame(struct ferry_lane_drv *l, uint8_t type, uint32_t stream, uint64_t seq, const void *p,
+		      uint32_t len, void *cookie, struct ferry_err *err)
+{
+	struct iovec iov = { (void *)p, len };
+	struct ferry_tx_frame f = { .hdr = { .type = type, .session = SESSION, .stream = stream, .seq = seq, .length = len },
+				    .iov = len ? &iov : NULL, .iovcnt = len ? 1 : 0, .cookie = cookie };
+	for (int i = 0; i < 5000; i++) {
+		int n = ops.tx_burst(l, &f, 1, err);
+		if (n == 1) {
+			int rc = ops.tx_flush(l, err);
+			return rc == -EAGAIN ? 0 : rc;
+		}
+		if (n < 0)
+			return n;
+		ops.tx_flush(l, err);
+		void *c[16];
+		ops.poll_completions(l, c, 16);
+		usleep(200);
+	}
+	return -ETIMEDOUT;
+}
+
+/* Drive a lane until a frame (or an error) comes out, up to ms; also run
+ * the timers of 'other' (the peer lane, which may owe a retransmission). */
+static int recv_frame2(struct ferry_lane_drv *l, struct ferry_lane_drv *other, struct ferry_rx_frame *f, int ms,
+		       struct ferry_err *err)
+{
+	uint64_t end = ms_now() + (uint64_t)ms;
+	while (ms_now() < end) {
+		int n = ops.rx_burst(l, f, 1, err);
+		if (n != 0)
+			return n;
+		int rc = ops.tx_flush(l, err);
+		if (rc && rc != -EAGAIN)
+			return rc;
+		if (other) {
+			struct ferry_err ignored = { 0 };
+			ops.tx_flush(other, &ignored);
+		}
+		short ev;
+		struct pollfd p = { .fd = ops.wakeup_fd(l, &ev, false) };
+		p.events = ev;
+		poll(&p, 1, 1);
+	}
+	return 0;
+}
+
+static int recv_frame(struct ferry_lane_drv *l, struct ferry_rx_frame *f, int ms, struct ferry_err *err)
+{
+	return recv_frame2(l, NULL, f, ms, err);
+}
+
+/* Connect lane 'index' from a to b with the data plane's HELLO handshake. */
+static int lane_pair(struct ferry_device *a, struct ferry_device *b, unsigned index, struct ferry_lane_drv **la,
+		     struct ferry_lane_drv **lb, struct ferry_err *err)
+{
+	char ep[FERRY_ENDPOINT_MAX];
+	int rc = ops.local_endpoint(b, ep, sizeof(ep), err);
+	if (rc || (rc = ops.lane_connect(a, ep, index, 1000, la, err)))
+		return rc;
+	static const uint8_t token[16] = "0123456789abcdef";
+	if ((rc = send_frame(*la, FERRY_FT_HELLO, index, NLANES, token, 16, NULL, err)) < 0)
+		return rc;
+	uint64_t end = ms_now() + 5000;
+	*lb = NULL;
+	while (!*lb && ms_now() < end) {
+		struct pollfd p = { .fd = ops.listen_fd(b), .events = POLLIN };
+		poll(&p, 1, 2);
+		rc = ops.lane_accept(b, lb, err);
+		if (rc && rc != -EAGAIN)
+			return rc;
+		ops.tx_flush(*la, err); /* repeats a lost HELLO */
+		struct ferry_rx_frame f;
+		if ((rc = ops.rx_burst(*la, &f, 1, err)) < 0)
+			return rc;
+	}
+	if (!*lb)
+		return ferry_err_set(err, ETIMEDOUT, "no lane accepted");
+	struct ferry_rx_frame f;
+	rc = recv_frame2(*lb, *la, &f, 5000, err);
+	if (rc != 1 || f.hdr.type != FERRY_FT_HELLO || f.hdr.stream != index || f.hdr.length != 16 ||
+	    memcmp(f.payload, token, 16) != 0)
+		return rc < 0 ? rc : ferry_err_set(err, EPROTO, "accepted lane did not start with the HELLO");
+	if ((rc = send_frame(*lb, FERRY_FT_HELLO_ACK, index, 0, NULL, 0, NULL, err)) < 0)
+		return rc;
+	rc = recv_frame2(*la, *lb, &f, 5000, err);
+	if (rc != 1 || f.hdr.type != FERRY_FT_HELLO_ACK)
+		return rc < 0 ? rc : ferry_err_set(err, EPROTO, "no HELLO_ACK");
+	return 0;
+}
+
+/* ---- streams both ways on every lane -------------------------------------- */
+
+struct side {
+	struct ferry_lane_drv *l;
+	const uint8_t *out;        /* what this side sends */
+	uint8_t *in;               /* what it received */
+	const uint8_t *want;       /* what it should receive */
+	size_t bytes;
+	unsigned seed;
+	char result[FERRY_ERR_MSG_MAX];
+	bool ok;
+	bool done;                 /* atomic: finished (either way) */
+	struct side *peer;         /* the other end of the lane: keep answering it until it is done */
+};
+
+static void *side_main(void *arg)
+{
+	struct side *sd = arg;
+	struct ferry_err err = { 0 };
+	struct ferry_lane_drv *l = sd->l;
+	size_t sent = 0, got = 0, framed_since_credit = 0;
+	unsigned inflight = 0;
+	bool fin_sent = false, fin_rcvd = false;
+	size_t rx_left = 0;
+	uint64_t credit_seq_expect = 0;
+	unsigned rnd = sd->seed;
+	uint64_t end = ms_now() + 120000;
+	snprintf(sd->result, sizeof(sd->result), "timed out");
+	for (;;) {
+		if (fin_sent && fin_rcvd && inflight == 0)
+			__atomic_store_n(&sd->done, true, __ATOMIC_RELEASE);
+		if (ms_now() >= end || (sd->done && __atomic_load_n(&sd->peer->done, __ATOMIC_ACQUIRE)))
+			break;
+		void *c[64];
+		int k = ops.poll_completions(l, c, 64);
+		if (k > 0)
+			inflight -= (unsigned)k;
+		/* send: DATA of 1 B .. 256 KiB, a CREDIT every few frames */
+		while (!fin_sent && inflight < 32) {
+			if (sent == sd->bytes) {
+				/* counted in flight too: we stop only once the peer has it */
+				int n = ops.tx_burst(l, &(struct ferry_tx_frame){ .hdr = { .type = FERRY_FT_FIN, .session = SESSION,
+						      .stream = 1, .seq = sent }, .cookie = (void *)2 }, 1, &err);
+				if (n < 0)
+					goto fail;
+				fin_sent = n == 1;
+				inflight += (unsigned)n;
+				break;
+			}
+			if (framed_since_credit >= 5) {
+				int n = ops.tx_burst(l, &(struct ferry_tx_frame){ .hdr = { .type = FERRY_FT_CREDIT, .session = SESSION,
+						      .stream = 1, .seq = sent }, .cookie = (void *)3 }, 1, &err);
+				if (n < 0)
+					goto fail;
+				if (n == 0)
+					break;
+				inflight++;
+				framed_since_credit = 0;
+			}
+			rnd = rnd * 1103515245u + 12345u;
+			size_t len = 1 + (rnd >> 8) % (256u << 10);
+			if (len > sd->bytes - sent)
+				len = sd->bytes - sent;
+			struct iovec iov = { (void *)(sd->out + sent), len };
+			struct ferry_tx_frame f = { .hdr = { .type = FERRY_FT_DATA, .session = SESSION, .stream = 1, .seq = sent,
+							     .length = (uint32_t)len }, .iov = &iov, .iovcnt = 1, .cookie = (void *)1 };
+			int n = ops.tx_burst(l, &f, 1, &err);
+			if (n < 0)
+				goto fail;
+			if (n == 0)
+				break;
+			sent += len;
+			inflight++;
+			framed_since_credit++;
+		}
+		int rc = ops.tx_flush(l, &err);
+		if (rc && rc != -EAGAIN)
+			goto fail;
+		/* receive */
+		bool progress = false;
+		for (int b = 0; b < 64; b++) {
+			if (rx_left > 0) {
+				ssize_t r = ops.rx_payload(l, sd->in + got, rx_left, &err);
+				if (r < 0)
+					goto fail;
+				if (r == 0)
+					break;
+				got += (size_t)r;
+				rx_left -= (size_t)r;
+				progress = true;
+				continue;
+			}
+			struct ferry_rx_frame f;
+			int n = ops.rx_burst(l, &f, 1, &err);
+			if (n < 0)
+				goto fail;
+			if (n == 0)
+				break;
+			progress = true;
+			if (f.hdr.type == FERRY_FT_DATA) {
+				if (f.hdr.seq != got || !f.pending || f.hdr.length > sd->bytes - got) {
+					snprintf(sd->result, sizeof(sd->result), "DATA at %llu, expected %zu (pending %d, %u bytes)",
+						 (unsigned long long)f.hdr.seq, got, f.pending, f.hdr.length);
+					goto stop;
+				}
+				rx_left = f.hdr.length;
+			} else if (f.hdr.type == FERRY_FT_CREDIT) {
+				if (f.hdr.seq != got || f.hdr.seq < credit_seq_expect) {
+					snprintf(sd->result, sizeof(sd->result), "CREDIT says %llu, %zu bytes arrived before it",
+						 (unsigned long long)f.hdr.seq, got);
+					goto stop;
+				}
+				credit_seq_expect = f.hdr.seq;
+			} else if (f.hdr.type == FERRY_FT_FIN) {
+				if (f.hdr.seq != got || got != sd->bytes) {
+					snprintf(sd->result, sizeof(sd->result), "FIN says %llu, %zu arrived of %zu",
+						 (unsigned long long)f.hdr.seq, got, sd->bytes);
+					goto stop;
+				}
+				fin_rcvd = true;
+			} else {
+				snprintf(sd->result, sizeof(sd->result), "unexpected %s frame", ferry_wire_type_name(f.hdr.type));
+				goto stop;
+			}
+			ops.rx_release(l, &f, 1);
+		}
+		if (!progress) {
+			short ev;
+			struct pollfd p = { .fd = ops.wakeup_fd(l, &ev, false) };
+			p.events = ev;
+			uint64_t dl = ferry_rldrv_next_deadline(l);
+			struct timespec now;
+			clock_gettime(CLOCK_MONOTONIC, &now);
+			uint64_t nn = (uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec;
+			int ms = dl <= nn ? 0 : dl - nn > 20000000 ? 20 : (int)((dl - nn) / 1000000);
+			poll(&p, 1, ms);
+		}
+	}
+	__atomic_store_n(&sd->done, true, __ATOMIC_RELEASE);
+	if (!(fin_sent && fin_rcvd && inflight == 0))
+		return NULL;
+	if (memcmp(sd->in, sd->want, sd->bytes) != 0) {
+		snprintf(sd->result, sizeof(sd->result), "bytes differ");
+		return NULL;
+	}
+	sd->ok = true;
+	snprintf(sd->result, sizeof(sd->result), "ok");
+	return NULL;
+fail:
+	snprintf(sd->result, sizeof(sd->result), "lane failed: %.400s", err.msg);
+stop:
+	__atomic_store_n(&sd->done, true, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+static void fill(uint8_t *p, size_t n, uint64_t seed)
+{
+	uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
+	for (size_t i = 0; i < n; i++) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		p[i] = (uint8_t)x;
+	}
+}
+
+static void streams(const char *label, const char *fault, const char *queues, size_t bytes)
+{
+	struct ferry_err err = { 0 };
+	struct ferry_device *a = NULL, *b = NULL;
+	int rc = dev_open(&a, fault, queues, NULL, &err);
+	if (!rc)
+		rc = dev_open(&b, fault, queues, NULL, &err);
+	CHECK(rc == 0, "%s: two udp devices open: %s", label, err.msg);
+	if (rc)
+		goto out;
+	struct ferry_lane_drv *la[NLANES] = { 0 }, *lb[NLANES] = { 0 };
+	for (unsigned i = 0; i < NLANES; i++) {
+		rc = lane_pair(a, b, i, &la[i], &lb[i], &err);
+		CHECK(rc == 0, "%s: lane %u connected with the HELLO handshake: %s", label, i, err.msg);
+		if (rc)
+			goto out_lanes;
+	}
+	struct side sides[2 * NLANES];
+	uint8_t *bufs[4 * NLANES] = { 0 };
+	for (unsigned i = 0; i < NLANES; i++) {
+		uint8_t *ab = malloc(bytes), *ba = malloc(bytes), *ain = malloc(bytes), *bin = malloc(bytes);
+		bufs[4 * i] = ab, bufs[4 * i + 1] = ba, bufs[4 * i + 2] = ain, bufs[4 * i + 3] = bin;
+		if (!ab || !ba || !ain || !bin) {
+			CHECK(0, "out of memory");
+			goto out_bufs;
+		}
+		fill(ab, bytes, 2 * i + 1);
+		fill(ba, bytes, 2 * i + 2);
+		sides[2 * i] = (struct side){ .l = la[i], .out = ab, .in = ain, .want = ba, .bytes = bytes, .seed = 2 * i + 11 };
+		sides[2 * i + 1] = (struct side){ .l = lb[i], .out = ba, .in = bin, .want = ab, .bytes = bytes, .seed = 2 * i + 12 };
+	}
+	for (unsigned i = 0; i < 2 * NLANES; i++)
+		sides[i].peer = &sides[i ^ 1];
+	pthread_t th[2 * NLANES];
+	uint64_t t0 = ms_now();
+	for (unsigned i = 0; i < 2 * NLANES; i++)
+		pthread_create(&th[i], NULL, side_main, &sides[i]);
+	for (unsigned i = 0; i < 2 * NLANES; i++)
+		pthread_join(th[i], NULL);
+	uint64_t el = ms_now() - t0;
+	for (unsigned i = 0; i < 2 * NLANES; i++)
+		CHECK(sides[i].ok, "%s: lane %u %s: %zu bytes each way, every byte once and in order: %s", label, i / 2,
+		      i % 2 ? "b->a" : "a->b", bytes, sides[i].result);
+	struct ferry_rl_stats rs, tot = { 0 };
+	struct ferry_fault_stats fs, ftot = { 0 };
+	for (unsigned i = 0; i < NLANES; i++) {
+		for (int s = 0; s < 2; s++) {
+			ferry_rldrv_lane_stats(s ? lb[i] : la[i], &rs, &fs);
+			tot.retransmits += rs.retransmits;
+			tot.corrupt_drops += rs.corrupt_drops;
+			tot.dup_drops += rs.dup_drops;
+			tot.reorder_buffered += rs.reorder_buffered;
+			tot.tx_datagrams += rs.tx_datagrams;
+			ftot.dropped += fs.dropped;
+			ftot.duplicated += fs.duplicated;
+			ftot.reordered += fs.reordered;
+			ftot.corrupted += fs.corrupted;
+		}
+	}
+	printf("# %s: %.1f MB in %llu ms (%.2f GB/s); datagrams %llu, injected drop %llu dup %llu reorder %llu corrupt %llu; "
+	       "retransmits %llu, dup drops %llu, corrupt drops %llu, reorder buffered %llu\n",
+	       label, 2.0 * NLANES * bytes / 1e6, (unsigned long long)el, el ? 2.0 * NLANES * bytes / 1e6 / el : 0.0,
+	       (unsigned long long)tot.tx_datagrams, (unsigned long long)ftot.dropped, (unsigned long long)ftot.duplicated,
+	       (unsigned long long)ftot.reordered, (unsigned long long)ftot.corrupted, (unsigned long long)tot.retransmits,
+	       (unsigned long long)tot.dup_drops, (unsigned long long)tot.corrupt_drops,
+	       (unsigned long long)tot.reorder_buffered);
+	if (fault) {
+		CHECK(ftot.dropped > 0 && tot.retransmits > 0, "%s: datagrams were dropped and sent again", label);
+		CHECK(ftot.duplicated > 0 && tot.dup_drops > 0, "%s: duplicates were made and dropped", label);
+		CHECK(ftot.reordered > 0 && tot.reorder_buffered > 0, "%s: reordered datagrams waited for the gap", label);
+		CHECK(ftot.corrupted > 0 && tot.corrupt_drops > 0, "%s: corrupted datagrams were dropped, never delivered", label);
+	}
+out_bufs:
+	for (unsigned i = 0; i < 4 * NLANES; i++)
+		free(bufs[i]);
+out_lanes:
+	for (unsigned i = 0; i < NLANES; i++) {
+		ops.lane_close(la[i]);
+		ops.lane_close(lb[i]);
+	}
+out:
+	ops.close(a);
+	ops.close(b);
+}
+
+/* ---- single-lane behaviour ------------------------------------------------ */
+
+static void basics(void)
+{
+	struct ferry_err err = { 0 };
+	struct ferry_device *a = NULL, *b = NULL;
+	CHECK(dev_open(&a, "queues=2", NULL, NULL, &err) == 0 && dev_open(&b, "queues=2", NULL, NULL, &err) == 0,
+	      "open two devices: %s", err.msg);
+	char ep[FERRY_ENDPOINT_MAX];
+	CHECK(ops.local_endpoint(b, ep, sizeof(ep), &err) == 0 && strncmp(ep, "udp:127.0.0.1:", 14) == 0 &&
+	      strchr(ep + 14, '-'), "endpoint names the port range: %s", ep);
+	struct ferry_lane_drv *x = NULL;
+	ferry_err_clear(&err);
+	CHECK(ops.lane_connect(a, "tcp:127.0.0.1:1", 0, 100, &x, &err) == -EINVAL && strstr(err.msg, "udp"),
+	      "a foreign endpoint is refused: %s", err.msg);
+
+	struct ferry_lane_drv *la = NULL, *lb = NULL;
+	ferry_err_clear(&err);
+	CHECK(lane_pair(a, b, 0, &la, &lb, &err) == 0, "a lane with the HELLO handshake: %s", err.msg);
+	if (!la || !lb)
+		goto out;
+
+	/* a control payload larger than the inline head, from memory that is
+	 * reused right after tx_burst: the shim keeps its own copy */
+	char reason[3000];
+	memset(reason, 'r', sizeof(reason));
+	struct ferry_rx_frame f;
+	CHECK(send_frame(la, FERRY_FT_RESET, 5, 0, reason, sizeof(reason), (void *)0x77, &err) >= 0, "queue a 3000-byte RESET");
+	memset(reason, 'X', sizeof(reason));
+	int n = recv_frame(lb, &f, 3000, &err);
+	bool same = n == 1 && f.hdr.length == 3000 && f.payload && !f.pending;
+	for (size_t i = 0; same && i < 3000; i++)
+		same = ((char *)f.payload)[i] == 'r';
+	CHECK(same, "it arrives whole, as it was when queued: %s", err.msg);
+	void *c[4] = { 0 };
+	int k = 0;
+	for (int i = 0; i < 200 && k == 0; i++) {
+		ops.rx_burst(la, &f, 1, &err);
+		ops.tx_flush(la, &err);
+		k = ops.poll_completions(la, c, 4);
+		usleep(1000);
+	}
+	CHECK(k == 1 && c[0] == (void *)0x77, "its cookie comes back once the peer has it");
+
+	/* REGION_WRITE: 1 MiB payload pending, read into place */
+	size_t rlen = 1u << 20;
+	uint8_t *src = malloc(rlen), *dst = calloc(1, rlen);
+	fill(src, rlen, 99);
+	CHECK(send_frame(la, FERRY_FT_REGION_WRITE, 3, 4096, src, (uint32_t)rlen, (void *)0x88, &err) >= 0,
+	      "queue a 1 MiB REGION_WRITE");
+	n = recv_frame(lb, &f, 3000, &err);
+	CHECK(n == 1 && f.hdr.type == FERRY_FT_REGION_WRITE && f.pending && f.hdr.seq == 4096 && f.hdr.length == rlen,
+	      "its header comes first, payload pending");
+	size_t got = 0;
+	uint64_t end = ms_now() + 5000;
+	while (got < rlen && ms_now() < end) {
+		ops.tx_flush(la, &err);
+		ops.rx_burst(la, &f, 1, &err); /* acks */
+		ssize_t r = ops.rx_payload(lb, dst + got, rlen - got, &err);
+		if (r < 0)
+			break;
+		got += (size_t)r;
+		if (r == 0)
+			usleep(100);
+	}
+	CHECK(got == rlen && memcmp(src, dst, rlen) == 0, "rx_payload places all of it (%zu bytes)", got);
+	CHECK(ops.rx_payload(lb, dst, 10, &err) == 0, "nothing more is pending");
+	free(src);
+	free(dst);
+
+	/* a peer that closes its lane: the other end learns at once */
+	ops.lane_close(lb);
+	uint64_t t0 = ms_now();
+	ferry_err_clear(&err);
+	n = recv_frame(la, &f, 3000, &err);
+	CHECK(n == -ECONNRESET && strstr(err.msg, "peer closed"), "closing one end fails the other with ECONNRESET in %llu ms: %s",
+	      (unsigned long long)(ms_now() - t0), err.msg);
+	ops.lane_close(la);
+	la = lb = NULL;
+out:
+	ops.close(a);
+	ops.close(b);
+}
+
+/* A peer that stops answering mid-transfer: the lane fails by rl_dead_ms. */
+static void silent_peer(void)
+{
+	struct ferry_err err = { 0 };
+	struct ferry_device *a = NULL, *b = NULL;
+	CHECK(dev_open(&a, "rl_dead_ms=800", NULL, NULL, &err) == 0 && dev_open(&b, "rl_dead_ms=800", NULL, NULL, &err) == 0,
+	      "open two devices that give up after 800 ms: %s", err.msg);
+	struct ferry_lane_drv *la = NULL, *lb = NULL;
+	CHECK(lane_pair(a, b, 0, &la, &lb, &err) == 0, "a lane: %s", err.msg);
+	if (!la || !lb)
+		goto out;
+	static uint8_t data[1 << 20];
+	CHECK(send_frame(la, FERRY_FT_DATA, 1, 0, data, sizeof(data), (void *)1, &err) >= 0, "queue 1 MiB; the peer never reads again");
+	uint64_t t0 = ms_now();
+	struct ferry_rx_frame f;
+	ferry_err_clear(&err);
+	int n = recv_frame(la, &f, 5000, &err);
+	uint64_t el = ms_now() - t0;
+	CHECK(n == -ETIMEDOUT && strstr(err.msg, "peer silent") && strstr(err.msg, "127.0.0.1"),
+	      "the sender fails with a clear error: %s", err.msg);
+	CHECK(el >= 700 && el < 2500, "within a bounded time (%llu ms, limit 800 ms)", (unsigned long long)el);
+	ops.lane_close(la);
+	ops.lane_close(lb);
+out:
+	ops.close(a);
+	ops.close(b);
+
+	/* nobody there at all: the handshake fails by the same bound */
+	CHECK(dev_open(&a, "rl_dead_ms=500", NULL, NULL, &err) == 0, "open a device");
+	struct ferry_lane_drv *l = NULL;
+	CHECK(ops.lane_connect(a, "udp:127.0.0.1:9-10", 0, 1000, &l, &err) == 0, "connecting needs no answer yet");
+	static const uint8_t token[16];
+	send_frame(l, FERRY_FT_HELLO, 0, 1, token, 16, NULL, &err);
+	ferry_err_clear(&err);
+	t0 = ms_now();
+	n = recv_frame(l, &f, 3000, &err);
+	CHECK(n == -ETIMEDOUT && strstr(err.msg, "peer silent") && strstr(err.msg, "127.0.0.1:9"),
+	      "a HELLO into the void fails in %llu ms: %s", (unsigned long long)(ms_now() - t0), err.msg);
+	ops.lane_close(l);
+	ops.close(a);
+}
+
+static void options(void)
+{
+	struct ferry_err err = { 0 };
+	struct ferry_device *d = NULL;
+	CHECK(dev_open(&d, "fault=drop=2", NULL, NULL, &err) == -EINVAL && strstr(err.msg, "drop"),
+	      "a bad fault spec is refused: %s", err.msg);
+	ferry_err_clear(&err);
+	CHECK(dev_open(&d, "rl_window=1", NULL, NULL, &err) == -EINVAL && strstr(err.msg, "rl_window"),
+	      "a bad window is refused: %s", err.msg);
+	ferry_err_clear(&err);
+	CHECK(dev_open(&d, "queues=0", NULL, NULL, &err) == -EINVAL && strstr(err.msg, "queues"),
+	      "zero queues are refused: %s", err.msg);
+	ferry_err_clear(&err);
+	const char *o[] = { "bind=127.0.0.1:notaport", NULL };
+	struct ferry_driver_config cfg = { .options = o };
+	CHECK(ferry_rldrv_open(udp, &cfg, &d, &err) == -EINVAL && strstr(err.msg, "notaport"),
+	      "a malformed bind is refused: %s", err.msg);
+}
+
+int main(void)
+{
+	udp = ferry_dgram_find("udp");
+	CHECK(udp != NULL, "the udp backend is registered");
+	if (!udp)
+		CHECK_DONE();
+	ferry_rldrv_ops(udp, &ops);
+	CHECK(strcmp(ops.name, "udp") == 0 && ops.caps == FERRY_DRV_RELIABLE && !ops.tx_splice,
+	      "the shim's ops table: udp, reliable, no splice");
+	const char *mb = getenv("FERRY_TEST_MB");
+	size_t bytes = (size_t)(mb ? atof(mb) * 1048576.0 : 8.0 * 1048576.0);
+	if (bytes < 4096)
+		bytes = 4096;
+	options();
+	basics();
+	silent_peer();
+	/* 3 lanes over 2 queues: one queue is shared, its poller hands datagrams over */
+	streams("clean", NULL, "queues=2", bytes);
+	streams("1% loss", "fault=drop=0.01,reorder=0.02,dup=0.01,corrupt=0.002,seed=1", "queues=2", bytes);
+	streams("5% loss", "fault=drop=0.05,reorder=0.05,dup=0.02,corrupt=0.01,seed=2", "queues=4", bytes);
+	CHECK_DONE();
+}

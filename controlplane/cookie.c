@@ -588,6 +588,86 @@ out:
 	return r;
 }
 
+static int parse_u64_attr(xmlNode *n, const char *attr, const char *ctx, uint64_t min, uint64_t max, uint64_t *out,
+			  struct ferry_err *err)
+{
+	char *v = NULL;
+	struct quoted q;
+	const char *why;
+	int r = need_attr(n, attr, ctx, &v, err);
+	if (r < 0)
+		return r;
+	if (!(why = parse_u64(v, out)) && (*out < min || *out > max))
+		why = "is out of range";
+	if (why)
+		r = bad(err, "cookie %s attribute %s='%s' %s", ctx, attr, quote(&q, v), why);
+	free(v);
+	return r;
+}
+
+static int parse_blockdev(xmlNode *n, struct ferry_cookie *c, struct ferry_err *err)
+{
+	struct ferry_cookie_blockdev *b = &c->vm.blockdevs[c->vm.nblockdevs];
+	char *name = NULL;
+	struct quoted q;
+	const char *why;
+	int r;
+
+	if ((r = need_attr(n, "name", "<blockdev>", &name, err)) < 0)
+		return r;
+	if ((why = check_token(name, strlen(name)))) {
+		r = bad(err, "cookie <blockdev> attribute name='%s' %s", quote(&q, name), why);
+		goto out;
+	}
+	for (size_t i = 0; i < c->vm.nblockdevs; i++)
+		if (strcmp(c->vm.blockdevs[i].name, name) == 0) {
+			r = bad(err, "cookie lists <blockdev name='%s'> twice", name);
+			goto out;
+		}
+	if ((r = parse_u64_attr(n, "capacity", "<blockdev>", 0, UINT64_MAX, &b->capacity, err)) < 0)
+		goto out;
+	memcpy(b->name, name, strlen(name) + 1);
+	c->vm.nblockdevs++;
+out:
+	if (r < 0)
+		memset(b, 0, sizeof(*b));
+	free(name);
+	return r;
+}
+
+static int parse_vm(xmlNode *vm, struct ferry_cookie *c, struct ferry_err *err)
+{
+	char *machine = NULL;
+	struct quoted q;
+	const char *why;
+	size_t count = 0;
+	int r;
+
+	if ((r = parse_u64_attr(vm, "memory", "<vm>", 1, UINT64_MAX, &c->vm.memory, err)) < 0 ||
+	    (r = parse_u64_attr(vm, "vcpus", "<vm>", 1, FERRY_COOKIE_MAX_VCPUS, &c->vm.vcpus, err)) < 0 ||
+	    (r = need_attr(vm, "machine", "<vm>", &machine, err)) < 0)
+		goto out;
+	if ((why = check_token(machine, strlen(machine)))) {
+		r = bad(err, "cookie <vm> attribute machine='%s' %s", quote(&q, machine), why);
+		goto out;
+	}
+	memcpy(c->vm.machine, machine, strlen(machine) + 1);
+	for (xmlNode *n = vm->children; n; n = n->next) {
+		if (!is_elem(n, "blockdev"))
+			continue;
+		if (++count > FERRY_COOKIE_MAX_BLOCKDEVS) {
+			r = bad(err, "cookie has more than %d <blockdev> elements", FERRY_COOKIE_MAX_BLOCKDEVS);
+			goto out;
+		}
+		if ((r = parse_blockdev(n, c, err)) < 0)
+			goto out;
+	}
+	c->flags |= FERRY_COOKIE_VM;
+out:
+	free(machine);
+	return r;
+}
+
 static int parse_stats(xmlNode *st, struct ferry_cookie *c, struct ferry_err *err)
 {
 	unsigned seen = 0;
@@ -621,11 +701,11 @@ static int parse_stats(xmlNode *st, struct ferry_cookie *c, struct ferry_err *er
 
 /* The elements of <ferry-migration> that may appear at most once; the first
  * four must appear. */
-enum { E_NAME, E_UUID, E_HOSTNAME, E_HOSTUUID, E_CAPS, E_TRANSPORT, E_NBD, E_STATS, E_COUNT };
+enum { E_NAME, E_UUID, E_HOSTNAME, E_HOSTUUID, E_CAPS, E_TRANSPORT, E_NBD, E_STATS, E_VM, E_COUNT };
 static const char *const single_elems[E_COUNT] = {
 	[E_NAME] = "name", [E_UUID] = "uuid", [E_HOSTNAME] = "hostname", [E_HOSTUUID] = "hostuuid",
 	[E_CAPS] = "capabilities", [E_TRANSPORT] = "transport", [E_NBD] = "nbd",
-	[E_STATS] = "statistics",
+	[E_STATS] = "statistics", [E_VM] = "vm",
 };
 
 static void lower_hex(char *s)
@@ -683,6 +763,9 @@ static int parse_root(xmlNode *root, struct ferry_cookie *c, struct ferry_err *e
 			break;
 		case E_NBD:
 			r = parse_nbd(n, c, err);
+			break;
+		case E_VM:
+			r = parse_vm(n, c, err);
 			break;
 		default:
 			r = parse_stats(n, c, err);
@@ -887,6 +970,22 @@ static int validate(const struct ferry_cookie *c, struct ferry_err *err)
 			CHECK_FIELD(d->endpoint, "<driver endpoint>", check_endpoint);
 		}
 	}
+	if (c->flags & FERRY_COOKIE_VM) {
+		if (c->vm.memory == 0 || c->vm.vcpus == 0 || c->vm.vcpus > FERRY_COOKIE_MAX_VCPUS)
+			return ferry_err_set(err, EINVAL, "cookie <vm> needs memory > 0 and 1..%d vcpus",
+					     FERRY_COOKIE_MAX_VCPUS);
+		CHECK_FIELD(c->vm.machine, "<vm machine>", check_token);
+		if (c->vm.nblockdevs > FERRY_COOKIE_MAX_BLOCKDEVS)
+			return ferry_err_set(err, EINVAL, "cookie has %zu block devices (at most %d)",
+					     c->vm.nblockdevs, FERRY_COOKIE_MAX_BLOCKDEVS);
+		for (size_t i = 0; i < c->vm.nblockdevs; i++) {
+			CHECK_FIELD(c->vm.blockdevs[i].name, "<blockdev name>", check_token);
+			for (size_t j = 0; j < i; j++)
+				if (strcmp(c->vm.blockdevs[i].name, c->vm.blockdevs[j].name) == 0)
+					return ferry_err_set(err, EINVAL, "cookie lists block device '%s' twice",
+							     c->vm.blockdevs[i].name);
+		}
+	}
 	if (c->flags & FERRY_COOKIE_NBD) {
 		if (c->nbd.port && c->nbd.socket[0])
 			return ferry_err_set(err, EINVAL, "cookie <nbd> has both a port and a socket");
@@ -971,6 +1070,22 @@ static bool build(const struct ferry_cookie *c, xmlNode *root)
 		for (size_t i = 0; i < c->nbd.ndisks; i++) {
 			snprintf(num, sizeof(num), "%" PRIu64, c->nbd.disks[i].capacity);
 			if (!(k = add_elem(n, "disk")) || !add_prop(k, "target", c->nbd.disks[i].target) ||
+			    !add_prop(k, "capacity", num))
+				return false;
+		}
+	}
+	if (c->flags & FERRY_COOKIE_VM) {
+		if (!(n = add_elem(root, "vm")))
+			return false;
+		snprintf(num, sizeof(num), "%" PRIu64, c->vm.memory);
+		if (!add_prop(n, "memory", num))
+			return false;
+		snprintf(num, sizeof(num), "%" PRIu64, c->vm.vcpus);
+		if (!add_prop(n, "vcpus", num) || !add_prop(n, "machine", c->vm.machine))
+			return false;
+		for (size_t i = 0; i < c->vm.nblockdevs; i++) {
+			snprintf(num, sizeof(num), "%" PRIu64, c->vm.blockdevs[i].capacity);
+			if (!(k = add_elem(n, "blockdev")) || !add_prop(k, "name", c->vm.blockdevs[i].name) ||
 			    !add_prop(k, "capacity", num))
 				return false;
 		}
@@ -1117,4 +1232,32 @@ int ferry_cookie_save(const char *dir, const char *name, const char *xml, struct
 	if (close(fd) && !rc)
 		rc = ferry_err_set(err, errno, "cannot write %s: %s", path, strerror(errno));
 	return rc;
+}
+
+int ferry_cookie_check_shape(const struct ferry_cookie *src, const struct ferry_cookie *dst, struct ferry_err *err)
+{
+	if (!(src->flags & FERRY_COOKIE_VM) || !(dst->flags & FERRY_COOKIE_VM))
+		return 0;
+	const struct ferry_cookie_vm *a = &src->vm, *b = &dst->vm;
+	if (a->memory != b->memory)
+		return ferry_err_set(err, EINVAL, "the destination VM has %" PRIu64 " bytes of memory, the source %" PRIu64,
+				     b->memory, a->memory);
+	if (a->vcpus != b->vcpus)
+		return ferry_err_set(err, EINVAL, "the destination VM has %" PRIu64 " vCPUs, the source %" PRIu64, b->vcpus,
+				     a->vcpus);
+	if (strcmp(a->machine, b->machine) != 0)
+		return ferry_err_set(err, EINVAL, "the destination VM is machine type '%s', the source '%s'", b->machine,
+				     a->machine);
+	for (size_t i = 0; i < a->nblockdevs; i++) {
+		size_t j;
+		for (j = 0; j < b->nblockdevs && strcmp(a->blockdevs[i].name, b->blockdevs[j].name) != 0; j++)
+			;
+		if (j == b->nblockdevs)
+			return ferry_err_set(err, EINVAL, "the destination VM has no block device '%s'", a->blockdevs[i].name);
+		if (b->blockdevs[j].capacity < a->blockdevs[i].capacity)
+			return ferry_err_set(err, EINVAL,
+					     "the destination's block device '%s' holds %" PRIu64 " bytes, the source's %" PRIu64,
+					     a->blockdevs[i].name, b->blockdevs[j].capacity, a->blockdevs[i].capacity);
+	}
+	return 0;
 }

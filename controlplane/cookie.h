@@ -39,6 +39,8 @@
 #define FERRY_COOKIE_MAX_CAPS      64
 #define FERRY_COOKIE_MAX_DRIVERS   8
 #define FERRY_COOKIE_MAX_DISKS     64
+#define FERRY_COOKIE_MAX_BLOCKDEVS 64
+#define FERRY_COOKIE_MAX_VCPUS     4096
 
 /* Mandatory features (ferry_cookie.features): the reader must understand
  * every one the writer lists. */
@@ -56,8 +58,9 @@ enum {
 	FERRY_COOKIE_TRANSPORT = 1u << 1, /* <transport> */
 	FERRY_COOKIE_NBD       = 1u << 2, /* <nbd> */
 	FERRY_COOKIE_STATS     = 1u << 3, /* <statistics> */
+	FERRY_COOKIE_VM        = 1u << 4, /* <vm>: what the VM is made of */
 };
-#define FERRY_COOKIE_FLAGS_ALL 0xfu
+#define FERRY_COOKIE_FLAGS_ALL 0x1fu
 
 enum ferry_cookie_driver_kind {
 	FERRY_COOKIE_DRIVER_TCP = 1,
@@ -74,6 +77,22 @@ struct ferry_cookie_driver {
 struct ferry_cookie_disk {
 	char target[FERRY_COOKIE_TARGET_MAX + 1]; /* [A-Za-z0-9_-]+ */
 	uint64_t capacity;                        /* bytes */
+};
+
+/* A block device of the VM: QEMU's device name and its size. */
+struct ferry_cookie_blockdev {
+	char name[FERRY_COOKIE_TOKEN_MAX + 1];    /* [A-Za-z0-9._-]{1,64} */
+	uint64_t capacity;                        /* bytes */
+};
+
+/* FERRY_COOKIE_VM: the VM's shape, so a destination QEMU that is not the same
+ * machine is refused before anything moves. */
+struct ferry_cookie_vm {
+	uint64_t memory;                          /* bytes of base RAM, > 0 */
+	uint64_t vcpus;                           /* 1..FERRY_COOKIE_MAX_VCPUS */
+	char machine[FERRY_COOKIE_TOKEN_MAX + 1]; /* QEMU machine type, [A-Za-z0-9._-] */
+	size_t nblockdevs;
+	struct ferry_cookie_blockdev blockdevs[FERRY_COOKIE_MAX_BLOCKDEVS]; /* unique names */
 };
 
 struct ferry_cookie_stats {
@@ -115,7 +134,16 @@ struct ferry_cookie {
 
 	/* FERRY_COOKIE_STATS: fields absent from a parsed cookie read as 0. */
 	struct ferry_cookie_stats stats;
+
+	/* FERRY_COOKIE_VM */
+	struct ferry_cookie_vm vm;
 };
+
+/* Refuse a destination VM whose shape differs from the source's (both
+ * cookies carry <vm>): memory, vCPUs, machine type, and every source block
+ * device present with at least its size. -EINVAL naming the difference; 0
+ * when either cookie lacks <vm> (an older peer: nothing to compare). */
+int ferry_cookie_check_shape(const struct ferry_cookie *src, const struct ferry_cookie *dst, struct ferry_err *err);
 
 /* Zero the cookie (an empty cookie: no features, no optional parts). */
 void ferry_cookie_clear(struct ferry_cookie *c);

@@ -496,7 +496,7 @@ static int prepare_plan(struct daemon *d, struct dst_entry *e, json_t *req, cons
 	if ((rc = ferry_probe_cookie(e->qmp, d->dp, d->endpoint, d->cfg->disabled_features, d->hostname, d->hostuuid,
 				     &mine, &mycaps, err)))
 		return ferry_err_prefix(err, "describing the destination");
-	if ((rc = ferry_cookie_check_peer(&mine, &theirs, err)))
+	if ((rc = ferry_cookie_check_peer(&mine, &theirs, err)) || (rc = ferry_cookie_check_shape(&theirs, &mine, err)))
 		return rc;
 	snprintf(vm, vmlen, "%s", mine.name);
 	snprintf(src_host, hostlen, "%s", theirs.hostname);

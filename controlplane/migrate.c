@@ -189,7 +189,7 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const st
 		ferry_err_prefix(err, "the destination's cookie");
 		goto out;
 	}
-	if ((rc = ferry_cookie_check_peer(mine, &theirs, err)))
+	if ((rc = ferry_cookie_check_peer(mine, &theirs, err)) || (rc = ferry_cookie_check_shape(mine, &theirs, err)))
 		goto out;
 	struct ferry_side_caps dcaps;
 	ferry_caps_from_cookie(&theirs, &dcaps);

@@ -107,6 +107,51 @@ int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled
 	return 0;
 }
 
+/* The VM's shape for <vm>: base memory, vCPUs, machine type, block devices. */
+static int probe_shape(struct ferry_qmp *q, struct ferry_cookie_vm *vm, struct ferry_err *err)
+{
+	json_t *mem = NULL, *cpus = NULL, *type = NULL, *blk = NULL;
+	int rc = ferry_qmp_execute(q, "query-memory-size-summary", NULL, &mem, err);
+	if (!rc)
+		rc = ferry_qmp_execute(q, "query-cpus-fast", NULL, &cpus, err);
+	if (!rc)
+		rc = ferry_qmp_executef(q, &type, err, "qom-get", "{s:s, s:s}", "path", "/machine", "property", "type");
+	if (!rc)
+		rc = ferry_qmp_execute(q, "query-block", NULL, &blk, err);
+	if (rc)
+		goto out;
+	json_t *base = json_object_get(mem, "base-memory");
+	vm->memory = json_is_integer(base) ? (uint64_t)json_integer_value(base) : 0;
+	vm->vcpus = json_is_array(cpus) ? json_array_size(cpus) : 0;
+	snprintf(vm->machine, sizeof(vm->machine), "%s", json_is_string(type) ? json_string_value(type) : "");
+	if (!vm->memory || !vm->vcpus || !vm->machine[0]) {
+		rc = ferry_err_set(err, EPROTO, "QEMU did not say its memory size, vCPUs and machine type");
+		goto out;
+	}
+	size_t i;
+	json_t *b;
+	vm->nblockdevs = 0;
+	json_array_foreach(blk, i, b) {
+		const char *dev = json_string_value(json_object_get(b, "device"));
+		json_t *size = json_object_get(json_object_get(json_object_get(b, "inserted"), "image"), "virtual-size");
+		size_t n = dev ? strlen(dev) : 0;
+		/* Legacy drive names only: they are what both QEMUs' command lines share. */
+		if (!n || n > FERRY_COOKIE_TOKEN_MAX || strspn(dev, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+								"0123456789._-") != n ||
+		    !json_is_integer(size) || vm->nblockdevs == FERRY_COOKIE_MAX_BLOCKDEVS)
+			continue;
+		struct ferry_cookie_blockdev *d = &vm->blockdevs[vm->nblockdevs++];
+		memcpy(d->name, dev, n + 1);
+		d->capacity = (uint64_t)json_integer_value(size);
+	}
+out:
+	json_decref(mem);
+	json_decref(cpus);
+	json_decref(type);
+	json_decref(blk);
+	return rc;
+}
+
 int ferry_probe_cookie(struct ferry_qmp *q, struct ferry_dp *dp, const char *endpoint, uint32_t disabled,
 		       const char *hostname, const char *hostuuid, struct ferry_cookie *c, struct ferry_side_caps *caps,
 		       struct ferry_err *err)
@@ -117,6 +162,8 @@ int ferry_probe_cookie(struct ferry_qmp *q, struct ferry_dp *dp, const char *end
 		rc = ferry_probe_caps(q, dp, disabled, caps, err);
 	if (!rc)
 		rc = ferry_caps_to_cookie(caps, c, err);
+	if (!rc && (rc = probe_shape(q, &c->vm, err)) == 0)
+		c->flags |= FERRY_COOKIE_VM;
 	if (rc)
 		return rc;
 	enum ferry_cookie_driver_kind k = ferry_probe_driver_kind(dp);

@@ -37,7 +37,7 @@ daemons() {
 guests() {
 	qemu_start src$row --ram "$RAM" --stopped --accel kvm "${@}" || ferry_fail "row $row: starting the source failed"
 	fill_guest_ram "src$row"
-	qemu_start dst$row --ram "$RAM" --stopped --prealloc --incoming --accel kvm "${DST_EXTRA[@]}" ||
+	qemu_start dst$row --ram "${DST_RAM:-$RAM}" --stopped --prealloc --incoming --accel kvm "${DST_EXTRA[@]}" ||
 		ferry_fail "row $row: starting the destination failed"
 }
 
@@ -125,6 +125,13 @@ ok "destination masks handoff" "tcp relay, single channel" "handoff: the destina
 daemons "" ""
 DST_EXTRA=(-- -name other-vm)
 refused "the destination QEMU is another VM" "cookie is for VM 'ferry-vm'"
+DST_EXTRA=()
+# A destination QEMU that is not the same machine: refused before anything moves.
+DST_RAM=32M
+refused "the destination QEMU has half the memory" "the destination VM has 33554432 bytes of memory, the source 67108864"
+DST_RAM=
+DST_EXTRA=(-- -smp 2)
+refused "the destination QEMU has another vCPU count" "the destination VM has 2 vCPUs, the source 1"
 DST_EXTRA=()
 FERRY_HOST_UUID[b]=${FERRY_HOST_UUID[a]}
 daemons "" ""

@@ -118,6 +118,14 @@ static void fill_full(struct ferry_cookie *c)
 	c->nbd.disks[2].capacity = UINT64_MAX;
 	c->stats = (struct ferry_cookie_stats){ .ram_total = 1ull << 30, .ram_transferred = 123456789,
 						.total_time_ms = 4321, .setup_time_ms = 12, .downtime_ms = 37 };
+	c->vm.memory = 1ull << 30;
+	c->vm.vcpus = 4096;
+	strcpy(c->vm.machine, "pc-i440fx-7.2-machine");
+	c->vm.nblockdevs = 2;
+	strcpy(c->vm.blockdevs[0].name, "ide0-hd0");
+	c->vm.blockdevs[0].capacity = 512;
+	strcpy(c->vm.blockdevs[1].name, "drive-virtio-disk0");
+	c->vm.blockdevs[1].capacity = UINT64_MAX;
 }
 
 /* Format, check against the schema, parse back, compare. */
@@ -199,9 +207,12 @@ static void test_round_trip(void)
 	base(&c, "vm1", VM_UUID, "src.example", SRC_HUUID);
 	round_trip(&c, "minimal cookie", false);
 
-	/* Empty optional parts are kept as present. */
+	/* Empty optional parts are kept as present (<vm> has mandatory
+	 * attributes: the smallest one). */
 	base(&c, "vm1", VM_UUID, "h", SRC_HUUID);
 	c.flags = FERRY_COOKIE_FLAGS_ALL;
+	c.vm.memory = c.vm.vcpus = 1;
+	strcpy(c.vm.machine, "m");
 	round_trip(&c, "empty optional parts", false);
 
 	/* 256 two-byte characters: the limit is in characters. */
@@ -291,6 +302,7 @@ static void test_compat(void)
 		"<driver name='ucx' endpoint='anything at all'/></transport>"
 		"<nbd tls='yes'><frob/><disk target='vda' capacity='1' format='raw'/></nbd>"
 		"<statistics><new-stat>x</new-stat><downtime-ms>5</downtime-ms></statistics>"
+		"<vm memory='1' vcpus='1' machine='pc' numa='no'><gpu/><blockdev name='a' capacity='2' ro='1'/></vm>"
 		"<!-- comment --><?pi data?>" TAIL, &c, "unknown optional elements and attributes");
 	CHECK(strcmp(c.name, "vm1") == 0, "namespaced <x:name> ignored");
 	CHECK(c.flags == FERRY_COOKIE_FLAGS_ALL && c.ndrivers == 1 &&
@@ -356,6 +368,61 @@ static void test_identity(void)
 		-EPROTO, "no <hostuuid> element", "missing hostuuid");
 	REJECTS(HEAD "<name>vm2</name>" TAIL, -EPROTO, "more than one <name>", "duplicate name");
 	REJECTS(HEAD "<nbd/><nbd/>" TAIL, -EPROTO, "more than one <nbd>", "duplicate nbd");
+	REJECTS(HEAD "<vm memory='0' vcpus='1' machine='pc'/>" TAIL, -EPROTO, "<vm> attribute memory='0' is out of range",
+		"vm with no memory");
+	REJECTS(HEAD "<vm memory='1' vcpus='4097' machine='pc'/>" TAIL, -EPROTO, "vcpus='4097' is out of range",
+		"vm with too many vcpus");
+	REJECTS(HEAD "<vm memory='1' vcpus='1'/>" TAIL, -EPROTO, "<vm> has no machine attribute", "vm without machine");
+	REJECTS(HEAD "<vm memory='1' vcpus='1' machine='pc q35'/>" TAIL, -EPROTO, "machine='pc q35'", "machine with a space");
+	REJECTS(HEAD "<vm memory='1' vcpus='1' machine='pc'><blockdev name='a' capacity='1'/>"
+		"<blockdev name='a' capacity='2'/></vm>" TAIL, -EPROTO, "<blockdev name='a'> twice", "blockdev twice");
+	REJECTS(HEAD "<vm memory='1' vcpus='1' machine='pc'/><vm memory='1' vcpus='1' machine='pc'/>" TAIL, -EPROTO,
+		"more than one <vm>", "duplicate vm");
+	{
+		char *many = repeat_doc("<vm memory='1' vcpus='1' machine='pc'>", "<blockdev name='d%d' capacity='1'/>", 65,
+					"</vm>");
+		REJECTS(many, -EPROTO, "more than 64 <blockdev>", "65 block devices");
+		free(many);
+	}
+	{
+		/* The shape check between the two sides' cookies. */
+		struct ferry_cookie a, b;
+		struct ferry_err se;
+		fill_full(&a);
+		fill_full(&b);
+		ferry_err_clear(&se);
+		CHECK(ferry_cookie_check_shape(&a, &b, &se) == 0, "same shape accepted");
+		b.vm.memory /= 2;
+		ferry_err_clear(&se);
+		CHECK(ferry_cookie_check_shape(&a, &b, &se) == -EINVAL && strstr(se.msg, "536870912 bytes of memory, the source 1073741824"),
+		      "memory differs: %s", se.msg);
+		fill_full(&b);
+		b.vm.vcpus = 2;
+		ferry_err_clear(&se);
+		CHECK(ferry_cookie_check_shape(&a, &b, &se) == -EINVAL && strstr(se.msg, "2 vCPUs"), "vcpus differ: %s", se.msg);
+		fill_full(&b);
+		strcpy(b.vm.machine, "q35");
+		ferry_err_clear(&se);
+		CHECK(ferry_cookie_check_shape(&a, &b, &se) == -EINVAL && strstr(se.msg, "machine type 'q35'"),
+		      "machine differs: %s", se.msg);
+		fill_full(&b);
+		b.vm.nblockdevs = 1;
+		ferry_err_clear(&se);
+		CHECK(ferry_cookie_check_shape(&a, &b, &se) == -EINVAL && strstr(se.msg, "no block device 'drive-virtio-disk0'"),
+		      "a missing disk: %s", se.msg);
+		fill_full(&b);
+		b.vm.blockdevs[0].capacity = 511;
+		ferry_err_clear(&se);
+		CHECK(ferry_cookie_check_shape(&a, &b, &se) == -EINVAL && strstr(se.msg, "'ide0-hd0' holds 511 bytes"),
+		      "a smaller disk: %s", se.msg);
+		b.vm.blockdevs[0].capacity = 4096;
+		b.vm.nblockdevs = 2;
+		ferry_err_clear(&se);
+		CHECK(ferry_cookie_check_shape(&a, &b, &se) == 0, "a larger destination disk is fine");
+		b.flags &= ~FERRY_COOKIE_VM;
+		b.vm.memory = 1;
+		CHECK(ferry_cookie_check_shape(&a, &b, &se) == 0, "a peer without <vm> (older): nothing to compare");
+	}
 	REJECTS("<ferry><name>v</name></ferry>", -EPROTO, "root element is <ferry>", "wrong root");
 	REJECTS("<ferry-migration xmlns='urn:x'><name>v</name></ferry-migration>", -EPROTO,
 		"root element is <namespaced ferry-migration>", "namespaced root");

@@ -13,6 +13,8 @@
 #             "socat UNIX-LISTEN:… TCP:…" gives)
 #   socat1m   the same with a 1 MiB buffer (-b 1048576)
 #   ferry-tcp ferry's standing tunnels (ferryd --driver tcp)
+#   ferry-dpdk the same between two ferryd on the DPDK driver over net_memif
+#             (skipped, and said so, where DPDK cannot start)
 # Per migration: wall time of virsh migrate, and from `virsh domjobinfo
 # --completed` on the target the job's time and the downtime. Prints every
 # sample and a median table with each arm's ratio to socat8k.
@@ -24,7 +26,7 @@ set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$here/.." && pwd)
 ROUNDS=3
-ARMS=socat8k,socat1m,ferry-tcp
+ARMS=socat8k,socat1m,ferry-tcp,ferry-dpdk
 RAM_MIB=1040    # the guest fills 1 GiB from 16 MiB up
 DISK_MIB=1024
 while [ $# -gt 0 ]; do
@@ -40,13 +42,27 @@ done
 [ "$RAM_MIB" -ge 32 ] || { echo "bench-libvirt: --ram must be at least 32 (MiB)" >&2; exit 2; }
 IFS=, read -r -a arms <<<"$ARMS"
 for a in "${arms[@]}"; do
-	case $a in socat8k | socat1m | ferry-tcp) ;; *) echo "bench-libvirt: unknown arm $a" >&2; exit 2 ;; esac
+	case $a in socat8k | socat1m | ferry-tcp | ferry-dpdk) ;; *) echo "bench-libvirt: unknown arm $a" >&2; exit 2 ;; esac
 done
 
 # shellcheck source-path=SCRIPTDIR source=../tests/lib/libvirt.sh
 . "$ROOT/tests/lib/libvirt.sh"
 lv_init --timeout $((900 + ROUNDS * 600))
 lv_start_pair || ferry_fail "starting the libvirt pair failed"
+# ferry-dpdk: a second pair of daemons ("da" for host A, "db" for B) on the
+# DPDK driver, joined by a net_memif port (a shared-memory NIC)
+if [[ ,$ARMS, == *,ferry-dpdk,* ]]; then
+	memif=$QEMU_DIR/memif.sock
+	dpdk_opts=(--driver dpdk --driver-opt queues=2 --driver-opt dgram=8972)
+	if ! ferry_start_daemon da "${dpdk_opts[@]}" --driver-opt "vdev=net_memif0,role=server,socket=$memif,bsize=9216" \
+		--driver-opt eal=-l0 --driver-opt ip=198.18.0.1 --allow-dir "${LV_RUN[A]}/ferry" --allow-dir "${LV_RUN[A]}/libvirt" ||
+		! ferry_start_daemon db "${dpdk_opts[@]}" --driver-opt "vdev=net_memif0,role=client,socket=$memif,bsize=9216" \
+			--driver-opt eal=-l1 --driver-opt ip=198.18.0.2 --allow-dir "${LV_RUN[B]}/ferry" --allow-dir "${LV_RUN[B]}/libvirt"; then
+		log "SKIP ferry-dpdk: the DPDK daemons do not start here (see $QEMU_DIR/ferryd-da.log)"
+		arms=("${arms[@]/ferry-dpdk/}")
+		read -r -a arms <<<"${arms[*]}"
+	fi
+fi
 
 # The guest: tests/guest/dirty.S filling [16 MiB, RAM) once with non-zero words, then halting.
 area=$(((RAM_MIB - 16) << 20))
@@ -103,14 +119,18 @@ socat_down() {
 	SOCAT_PIDS=()
 }
 
-# ferry: standing tunnels, opened once per direction and kept for every round.
+# ferry: standing tunnels, opened once per direction and kept while the same
+# daemons serve; another arm on the same paths closes them first.
 declare -A FERRY_TUN=()
+FERRY_TUN_ARM=""
 ferry_up() {
-	local from=$1 to=$2 what target out
-	[ -n "${FERRY_TUN[$from]:-}" ] && return 0
+	local from=$1 to=$2 pfx=$3 what target out
+	[ "$FERRY_TUN_ARM" = "$pfx" ] && [ -n "${FERRY_TUN[$from]:-}" ] && return 0
+	[ "$FERRY_TUN_ARM" = "$pfx" ] || ferry_park
+	FERRY_TUN_ARM=$pfx
 	for what in libvirt migration nbd; do
 		if [ "$what" = libvirt ]; then target=${LV_RUN[$to]}/libvirt/libvirt-sock; else target=${LV_RUN[$to]}/ferry/to-$to/$what.sock; fi
-		out=$(ferry_ctl "${from,,}" tunnel-open --standing --to "${FERRY_LISTEN[${to,,}]}" \
+		out=$(ferry_ctl "$pfx${from,,}" tunnel-open --standing --to "${FERRY_LISTEN[$pfx${to,,}]}" \
 			--listen "${LV_RUN[$from]}/ferry/to-$to/$what.sock" --target "$target") || ferry_fail "tunnel-open $what: $out"
 		FERRY_TUN[$from]+="$(echo "$out" | json_field tunnel) "
 	done
@@ -119,7 +139,7 @@ ferry_park() {
 	# a standing tunnel keeps its socket; socat arms need the paths: close ours meanwhile
 	local x id
 	for x in "${!FERRY_TUN[@]}"; do
-		for id in ${FERRY_TUN[$x]}; do ferry_ctl "${x,,}" tunnel-close "$id" >/dev/null; done
+		for id in ${FERRY_TUN[$x]}; do ferry_ctl "$FERRY_TUN_ARM${x,,}" tunnel-close "$id" >/dev/null; done
 		unset "FERRY_TUN[$x]"
 	done
 }
@@ -136,7 +156,8 @@ one() {
 	case $arm in
 	socat8k) ferry_park; socat_up "$from" "$to" 8192 ;;
 	socat1m) ferry_park; socat_up "$from" "$to" 1048576 ;;
-	ferry-tcp) ferry_up "$from" "$to" ;;
+	ferry-tcp) ferry_up "$from" "$to" "" ;;
+	ferry-dpdk) ferry_up "$from" "$to" d ;;
 	esac
 	LV_FERRY_DIR=/run/ferry/to-$to lv_migrate "$from" "$to" "$DOM" 600
 	local rc=$LV_MIG_RC

@@ -501,7 +501,8 @@ static int prepare_plan(struct daemon *d, struct dst_entry *e, json_t *req, cons
 	snprintf(vm, vmlen, "%s", mine.name);
 	snprintf(src_host, hostlen, "%s", theirs.hostname);
 	ferry_caps_from_cookie(&theirs, &scaps);
-	struct ferry_plan_request preq = { .no_handoff = json_is_true(json_object_get(req, "no_handoff")) };
+	struct ferry_plan_request preq = { .no_handoff = json_is_true(json_object_get(req, "no_handoff")),
+					   .postcopy = json_is_true(json_object_get(req, "postcopy")) };
 	unsigned channels;
 	if ((rc = req_uint(req, "channels", 0, FERRY_MAX_STREAMS - 1, &channels, err)) ||
 	    (rc = req_features(req, "require", &preq.require, err)))
@@ -582,6 +583,10 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 		for (unsigned i = 0; i < plan.nnotes; i++)
 			logf_(d, "migration from %s: fallback: %s", d->hostname, plan.notes[i]);
 	}
+	if ((plan.features & FERRY_F_POSTCOPY) &&
+	    ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
+			       "capability", "postcopy-ram", "state", 1))
+		goto fail;
 	if (channels > 0) {
 		if (ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
 				       "capability", "multifd", "state", 1) ||
@@ -1035,6 +1040,21 @@ static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *er
 	p.stall_timeout_s = (int)stall;
 	p.no_handoff = json_is_false(json_object_get(req, "handoff"));
 	p.keep_source = json_is_true(json_object_get(req, "keep_source"));
+	p.postcopy = json_is_true(json_object_get(req, "postcopy"));
+	if (p.postcopy && !json_is_true(json_object_get(req, "force_postcopy"))) {
+		/* Issue: ferry cannot yet hold the switch until the destination
+		 * acknowledged it loaded every device (QEMU 7.2 has no such state):
+		 * a destination failing then would leave the source paused for good. */
+		ferry_err_set(err, ENOTSUP, "postcopy: ferry cannot yet confirm the destination loaded every device before it "
+			      "runs the VM, so a failure during the switch would leave the source paused for good; "
+			      "add --force-postcopy to accept that risk");
+		return NULL;
+	}
+	json_t *jafter = json_object_get(req, "postcopy_after_ms");
+	p.postcopy_after_ms = json_is_integer(jafter) && json_integer_value(jafter) >= 0 &&
+				      json_integer_value(jafter) <= 86400000
+			      ? (unsigned)json_integer_value(jafter)
+			      : 1000;
 	if (req_features(req, "require", &p.require, err))
 		return NULL;
 	const char *t = req_str(req, "transport");
@@ -1109,6 +1129,9 @@ static json_t *admin_migrate_status(struct daemon *d, json_t *req, bool cancel, 
 	if (r) {
 		json_object_set_new(r, "plan", json_string(p.plan));
 		json_object_set_new(r, "fallbacks", json_string(p.fallbacks));
+		json_object_set_new(r, "postcopy_at_s", json_real(p.postcopy_at_s));
+		if (p.warning[0])
+			json_object_set_new(r, "warning", json_string(p.warning));
 	}
 	return r;
 }
@@ -1601,10 +1624,17 @@ out:
 			break;
 		usleep(20000);
 	}
+	/* Tunnels tell their peers goodbye (a bounded call each): not under the
+	 * table lock, which a connection thread may still want. */
+	for (unsigned i = 0; i < MAX_ENTRIES; i++) {
+		pthread_mutex_lock(&d->lock);
+		struct src_tunnel *t = d->tun[i];
+		d->tun[i] = NULL;
+		pthread_mutex_unlock(&d->lock);
+		tunnel_free(t);
+	}
 	pthread_mutex_lock(&d->lock);
 	for (unsigned i = 0; i < MAX_ENTRIES; i++) {
-		tunnel_free(d->tun[i]);
-		d->tun[i] = NULL;
 		dst_free(d->dst[i]);
 		d->dst[i] = NULL;
 	}

@@ -33,7 +33,7 @@ static void usage(FILE *f)
 		"  migrate VM --to HOST[:PORT] | migrate --src-qmp PATH --dst-qmp PATH --to HOST[:PORT]\n"
 		"          [--channels N] [--lanes N]\n"
 		"          [--stall-timeout S] [--no-handoff] [--transport auto|rdma|dpdk|tcp] [--require F]...\n"
-		"          [--keep-source] [--json] [--quiet]\n"
+		"          [--keep-source] [--postcopy --force-postcopy [--postcopy-after S]] [--json] [--quiet]\n"
 		"        live-migrate the VM behind --src-qmp into the QEMU behind --dst-qmp (started with\n"
 		"        -incoming defer) on the host whose ferryd listens at --to (port 7470 if omitted);\n"
 		"        VM names both: VM.qmp in each daemon's run directory. Exits 0 only when both\n"
@@ -43,7 +43,9 @@ static void usage(FILE *f)
 		"        The daemons swap migration cookies and pick the best plan both hosts and both QEMUs\n"
 		"        support, falling back (and saying so) where one lacks a feature; --require F\n"
 		"        (multifd, handoff, nbd, postcopy, postcopy-setup) makes a missing F an error.\n"
-		"        On success the source QEMU is ended (--keep-source leaves it paused).\n"
+		"        On success the source QEMU is ended (--keep-source leaves it paused). Postcopy (switch\n"
+		"        after S seconds, default 1) is refused without --force-postcopy: ferry cannot yet\n"
+		"        confirm the destination loaded every device before it runs the VM.\n"
 		"  status ID [--json]      progress of migration ID\n"
 		"  recover [ID] [--json]   settle migrations this daemon's last stop (or a lost peer) cut short:\n"
 		"                          from both hosts' records, end the source VM if the destination runs it,\n"
@@ -152,10 +154,13 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		{ "json", no_argument, NULL, 'j' },          { "quiet", no_argument, NULL, 'q' },
 		{ "no-handoff", no_argument, NULL, 'H' },    { "require", required_argument, NULL, 'r' },
 		{ "transport", required_argument, NULL, 'T' }, { "keep-source", no_argument, NULL, 'k' },
+		{ "postcopy", no_argument, NULL, 'P' },      { "force-postcopy", no_argument, NULL, 'F' },
+		{ "postcopy-after", required_argument, NULL, 'A' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *src = NULL, *dst = NULL, *to = NULL, *transport = "auto";
-	bool handoff = true, keep_source = false;
+	bool handoff = true, keep_source = false, postcopy = false, force_postcopy = false;
+	unsigned long long postcopy_after_ms = 1000;
 	const char *required[8];
 	unsigned nrequired = 0;
 	unsigned long long channels = 0, lanes = 0, stall = 0;
@@ -174,6 +179,19 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		case 'q': quiet = true; break;
 		case 'H': handoff = false; break;
 		case 'k': keep_source = true; break;
+		case 'P': postcopy = true; break;
+		case 'F': postcopy = force_postcopy = true; break;
+		case 'A': {
+			char *end;
+			double sec = strtod(optarg, &end);
+			if (end == optarg || *end || sec < 0 || sec > 86400) {
+				fprintf(stderr, "ferryctl migrate: --postcopy-after wants seconds (0..86400), not '%s'\n", optarg);
+				return EXIT_USAGE;
+			}
+			postcopy_after_ms = (unsigned long long)(sec * 1000.0);
+			postcopy = true;
+			break;
+		}
 		case 'T':
 			if (strcmp(optarg, "auto") && strcmp(optarg, "tcp") && strcmp(optarg, "dpdk") && strcmp(optarg, "rdma")) {
 				fprintf(stderr, "ferryctl migrate: --transport must be auto, rdma, dpdk or tcp, not '%s'\n", optarg);
@@ -235,10 +253,12 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 	for (unsigned i = 0; require && i < nrequired; i++)
 		json_array_append_new(require, json_string(required[i]));
 	json_t *rep = NULL;
-	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:b, s:o, s:s, s:b}", "cmd", "migrate",
-				       "src_qmp", src, "dst_qmp", dst, "peer", to, "channels", (json_int_t)channels, "lanes",
-				       (json_int_t)lanes, "stall_timeout", (json_int_t)stall, "handoff", handoff, "require",
-				       require, "transport", transport, "keep_source", keep_source), &rep);
+	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:b, s:o, s:s, s:b, s:b, s:b, s:I}", "cmd",
+				       "migrate", "src_qmp", src, "dst_qmp", dst, "peer", to, "channels", (json_int_t)channels,
+				       "lanes", (json_int_t)lanes, "stall_timeout", (json_int_t)stall, "handoff", handoff,
+				       "require", require, "transport", transport, "keep_source", keep_source, "postcopy",
+				       postcopy, "force_postcopy", force_postcopy, "postcopy_after_ms",
+				       (json_int_t)postcopy_after_ms), &rep);
 	if (rc)
 		return rc;
 	json_int_t id = json_integer_value(json_object_get(rep, "migration"));

@@ -31,7 +31,8 @@ struct ferry_migration {
 	char *src_qmp, *dst_qmp, *peer, *run_dir;
 	unsigned channels, lanes;
 	int stall_timeout_s;
-	bool no_handoff, keep_source;
+	bool no_handoff, keep_source, postcopy;
+	unsigned postcopy_after_ms;
 	uint32_t require, disabled;
 	int transport;
 	char hostname[FERRY_COOKIE_HOSTNAME_MAX + 1];
@@ -144,10 +145,10 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const st
 	log_cookie(m, "begin", xml);
 	const char *tname = m->transport ? ferry_cookie_driver_name(m->transport) : "auto";
 	/* "channels", "lanes" and "handoff" are what a daemon without cookies reads. */
-	json_t *req = json_pack("{s:s, s:s, s:s, s:i, s:i, s:b, s:I, s:s, s:o, s:b}", "cmd", "migrate-prepare", "qmp",
+	json_t *req = json_pack("{s:s, s:s, s:s, s:i, s:i, s:b, s:I, s:s, s:o, s:b, s:b}", "cmd", "migrate-prepare", "qmp",
 				m->dst_qmp, "cookie", xml, "channels", (int)m->channels, "lanes", (int)m->lanes,
 				"handoff", false, "window", (json_int_t)ferry_dp_window(m->dp), "transport", tname,
-				"require", features_json(m->require), "no_handoff", m->no_handoff);
+				"require", features_json(m->require), "no_handoff", m->no_handoff, "postcopy", m->postcopy);
 	free(xml);
 	if (!req)
 		return ferry_err_set(err, ENOMEM, "out of memory");
@@ -194,7 +195,7 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const st
 	struct ferry_side_caps dcaps;
 	ferry_caps_from_cookie(&theirs, &dcaps);
 	struct ferry_plan_request preq = { .transport = m->transport, .channels = m->channels, .require = m->require,
-					   .no_handoff = m->no_handoff };
+					   .no_handoff = m->no_handoff, .postcopy = m->postcopy };
 	if ((rc = ferry_plan_choose(mycaps, &dcaps, &preq, plan, err)))
 		goto out;
 	struct ferry_plan told = { 0 };
@@ -279,7 +280,7 @@ static bool peer_gone(struct ferry_jl *jl)
 	return ferry_jl_peer_gone(jl);
 }
 
-static int set_source_caps(struct ferry_qmp *q, unsigned channels, struct ferry_err *err)
+static int set_source_caps(struct ferry_qmp *q, unsigned channels, bool postcopy, struct ferry_err *err)
 {
 	json_t *caps = NULL;
 	int rc = ferry_qmp_execute(q, "query-migrate-capabilities", NULL, &caps, err);
@@ -305,6 +306,9 @@ static int set_source_caps(struct ferry_qmp *q, unsigned channels, struct ferry_
 	if (channels > 0)
 		rc = ferry_qmp_executef(q, NULL, err, "migrate-set-parameters", "{s:i}", "multifd-channels",
 					(int)channels);
+	if (rc == 0 && postcopy)
+		rc = ferry_qmp_executef(q, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
+					"capability", "postcopy-ram", "state", 1);
 	/* QEMU 7.2 throttles migration to 32 MiB/s unless told otherwise; the
 	 * transport, not a default, should set the pace. */
 	if (rc == 0)
@@ -487,7 +491,7 @@ static void *migration_main(void *arg)
 		snprintf(m->prog.transport, sizeof(m->prog.transport), "%s relay, %u lane%s", ferry_dp_driver_name(m->dp),
 			 sp.lanes, sp.lanes == 1 ? "" : "s");
 	pthread_mutex_unlock(&m->lock);
-	if ((rc = set_source_caps(q, plan.channels, &err)))
+	if ((rc = set_source_caps(q, plan.channels, (plan.features & FERRY_F_POSTCOPY) != 0, &err)))
 		goto out;
 	if (cancelled(m))
 		goto cancel;
@@ -530,6 +534,8 @@ static void *migration_main(void *arg)
 	record(m, FERRY_PHASE_PERFORMING, NULL);
 
 	uint64_t last_bytes = 0, stall_bytes = 0;
+	bool postcopy_started = false;
+	double active_t = since(&m->t0);
 	double last_t = 0, stall_t = since(&m->t0);
 	double switch_t = -1;
 	for (;;) {
@@ -570,12 +576,35 @@ static void *migration_main(void *arg)
 		/* In the final stop-and-copy the destination may already hold the
 		 * whole stream: cancelling now could leave the VM running on both
 		 * hosts. Only QEMU's own verdict counts until it is over. */
-		bool switching = status && (strcmp(status, "device") == 0 || strcmp(status, "pre-switchover") == 0);
+		/* Forced postcopy (the user accepted it): once switched, the
+		 * destination runs the VM and the source can never resume. */
+		if ((plan.features & FERRY_F_POSTCOPY) && !postcopy_started && status && strcmp(status, "active") == 0 &&
+		    since(&m->t0) - active_t >= m->postcopy_after_ms / 1000.0) {
+			if ((rc = ferry_qmp_execute(q, "migrate-start-postcopy", NULL, NULL, &err))) {
+				json_decref(info);
+				goto out;
+			}
+			postcopy_started = true;
+			pthread_mutex_lock(&m->lock);
+			m->prog.postcopy_at_s = since(&m->t0);
+			pthread_mutex_unlock(&m->lock);
+		}
+		bool in_postcopy = status && strncmp(status, "postcopy", 8) == 0;
+		if (in_postcopy)
+			src_completed = true; /* the destination may run the VM now: never resume the source */
+		bool switching = status && (strcmp(status, "device") == 0 || strcmp(status, "pre-switchover") == 0 ||
+					    in_postcopy);
 		json_decref(info);
+		if (in_postcopy && strcmp(status, "postcopy-paused") == 0) {
+			json_decref(info);
+			rc = ferry_err_set(&err, EIO, "postcopy paused: the stream to the destination broke after the switch");
+			goto out;
+		}
 		if (switching) {
 			if (switch_t < 0)
 				switch_t = since(&m->t0);
-			if (since(&m->t0) - switch_t > SWITCHOVER_TIMEOUT_S) {
+			/* Postcopy lasts as long as the remaining RAM takes: no bound. */
+			if (!in_postcopy && since(&m->t0) - switch_t > SWITCHOVER_TIMEOUT_S) {
 				src_completed = true; /* outcome unknown: never resume */
 				rc = ferry_err_set(&err, ETIMEDOUT, "the source QEMU stayed in its final phase for %d s",
 						   SWITCHOVER_TIMEOUT_S);
@@ -740,6 +769,8 @@ int ferry_migration_start(struct ferry_dp *dp, const struct ferry_migration_para
 	m->lanes = p->lanes;
 	m->no_handoff = p->no_handoff;
 	m->keep_source = p->keep_source;
+	m->postcopy = p->postcopy;
+	m->postcopy_after_ms = p->postcopy_after_ms;
 	m->require = p->require;
 	m->disabled = p->disabled;
 	m->transport = p->transport;

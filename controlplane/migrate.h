@@ -25,6 +25,8 @@ struct ferry_migration_params {
 	uint32_t disabled;        /* FERRY_F_* this daemon's configuration masks */
 	int transport;            /* enum ferry_cookie_driver_kind; 0 = the best both sides have */
 	bool keep_source;         /* after success leave the source QEMU paused instead of ending it */
+	bool postcopy;            /* switch to postcopy postcopy_after_ms into the migration */
+	unsigned postcopy_after_ms;
 	const char *hostname;     /* this host, for the cookie */
 	const char *hostuuid;
 	const char *state_dir;    /* where the migration's durable record goes (state.h); NULL: none */
@@ -53,6 +55,7 @@ struct ferry_migration_progress {
 	char plan[96];              /* what was agreed, e.g. "tcp relay, 2 multifd channels" */
 	char fallbacks[600];        /* fallbacks taken, "; "-separated ("" = none) */
 	char warning[256];          /* e.g. the durable record could not be written */
+	double postcopy_at_s;       /* when the switch to postcopy was made (0: never) */
 	char error[FERRY_ERR_MSG_MAX];
 };
 

@@ -159,6 +159,13 @@ int ferry_plan_choose(const struct ferry_side_caps *src, const struct ferry_side
 		}
 	}
 
+	if (req->postcopy) {
+		if (both & FERRY_F_POSTCOPY)
+			out->features |= FERRY_F_POSTCOPY;
+		else
+			note(out, "postcopy: %s; migrating in precopy", lacking(src->features, dst->features, FERRY_F_POSTCOPY));
+	}
+
 	/* Handing the connection to QEMU saves every copy, but only a single
 	 * kernel TCP stream can be handed over. */
 	if (out->transport == FERRY_COOKIE_DRIVER_TCP && out->channels == 0 && !req->no_handoff) {
@@ -183,9 +190,10 @@ bool ferry_plan_equal(const struct ferry_plan *a, const struct ferry_plan *b)
 
 void ferry_plan_describe(const struct ferry_plan *p, char *buf, size_t len)
 {
+	const char *pc = (p->features & FERRY_F_POSTCOPY) ? ", postcopy" : "";
 	if (p->channels)
-		snprintf(buf, len, "%s %s, %u multifd channel%s", driver_name(p->transport), p->handoff ? "handoff" : "relay",
-			 p->channels, p->channels == 1 ? "" : "s");
+		snprintf(buf, len, "%s %s, %u multifd channel%s%s", driver_name(p->transport), p->handoff ? "handoff" : "relay",
+			 p->channels, p->channels == 1 ? "" : "s", pc);
 	else
-		snprintf(buf, len, "%s %s, single channel", driver_name(p->transport), p->handoff ? "handoff" : "relay");
+		snprintf(buf, len, "%s %s, single channel%s", driver_name(p->transport), p->handoff ? "handoff" : "relay", pc);
 }

@@ -41,6 +41,7 @@ struct ferry_plan_request {
 	unsigned channels;                       /* multifd channels wanted; 0: one stream */
 	uint32_t require;                        /* FERRY_F_* the user insists on */
 	bool no_handoff;                         /* keep ferry in the data path */
+	bool postcopy;                           /* switch to postcopy during the migration */
 };
 
 struct ferry_plan {

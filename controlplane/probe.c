@@ -95,9 +95,11 @@ int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled
 		const char *name = json_string_value(json_object_get(c, "capability"));
 		if (name && strcmp(name, "multifd") == 0)
 			out->features |= FERRY_F_MULTIFD;
+		if (name && strcmp(name, "postcopy-ram") == 0)
+			out->features |= FERRY_F_POSTCOPY;
 	}
 	json_decref(caps);
-	/* Storage migration and postcopy are advertised once ferry carries them. */
+	/* Storage migration is advertised once ferry carries it. */
 	if (ferry_dp_can_handoff(dp))
 		out->features |= FERRY_F_HANDOFF;
 	out->features &= ~disabled;

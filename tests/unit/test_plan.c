@@ -41,6 +41,7 @@ int main(void)
 	struct ferry_plan p;
 	struct ferry_side_caps full = { FULL, TCP }, src, dst;
 	struct ferry_plan_request req = { 0 };
+	char desc0[128];
 
 	/* Single channel over tcp, both can hand over: handoff. */
 	CHECK(choose(&full, &full, &req, &p, &err) == 0, "a plan for two full sides");
@@ -105,6 +106,22 @@ int main(void)
 	memset(&req, 0, sizeof(req));
 	struct ferry_side_caps none = { FULL, 0 };
 	CHECK(choose(&full, &none, &req, &p, &err) == -ENOTSUP, "no common transport is an error");
+
+	/* Postcopy when both sides (and QEMUs) can; precopy with a note otherwise. */
+	memset(&req, 0, sizeof(req));
+	req.postcopy = true;
+	CHECK(choose(&full, &full, &req, &p, &err) == 0 && (p.features & FERRY_F_POSTCOPY) && p.nnotes == 0,
+	      "postcopy when both have it");
+	ferry_plan_describe(&p, desc0, sizeof(desc0));
+	CHECK(strcmp(desc0, "tcp handoff, single channel, postcopy") == 0, "described: %s", desc0);
+	struct ferry_side_caps nopc = full;
+	nopc.features &= ~FERRY_F_POSTCOPY;
+	CHECK(choose(&full, &nopc, &req, &p, &err) == 0 && !(p.features & FERRY_F_POSTCOPY) &&
+		      notes_mention(&p, "postcopy: the destination does not support it; migrating in precopy"),
+	      "no postcopy on the destination: precopy, noted");
+	req.require = FERRY_F_POSTCOPY;
+	CHECK(choose(&full, &nopc, &req, &p, &err) == -ENOTSUP, "--require postcopy: an error instead");
+	memset(&req, 0, sizeof(req));
 
 	/* Both sides compute the same plan. */
 	struct ferry_plan a, b;

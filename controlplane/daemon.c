@@ -1173,6 +1173,46 @@ static bool mig_running(uint32_t id, void *ctx)
 	return running;
 }
 
+/* Every migration this daemon knows: those it runs or ran since it started,
+ * and the unfinished ones its records hold from before. */
+static json_t *admin_migrate_list(struct daemon *d, struct ferry_err *err)
+{
+	json_t *live = json_array(), *recorded = json_array();
+	if (!live || !recorded) {
+		json_decref(live);
+		json_decref(recorded);
+		ferry_err_set(err, ENOMEM, "out of memory");
+		return NULL;
+	}
+	pthread_mutex_lock(&d->lock);
+	for (unsigned i = 0; i < MAX_ENTRIES; i++) {
+		if (!d->mig[i].m)
+			continue;
+		struct ferry_migration_progress p;
+		ferry_migration_progress(d->mig[i].m, &p);
+		json_array_append_new(live, json_pack("{s:I, s:s, s:s, s:f, s:s}", "migration", (json_int_t)d->mig[i].id,
+						      "state", ferry_migration_state_name(p.state), "plan", p.plan,
+						      "elapsed_s", p.elapsed_s, "error", p.error));
+	}
+	pthread_mutex_unlock(&d->lock);
+	struct ferry_state_record *all = NULL;
+	unsigned n = 0, bad = 0;
+	struct ferry_err e = { 0 };
+	if (ferry_state_list(d->state_dir, &all, &n, &bad, &e) == 0) {
+		for (unsigned i = 0; i < n; i++)
+			if (all[i].role == FERRY_ROLE_SOURCE && !ferry_state_phase_final(all[i].phase) && !mig_running(all[i].id, d))
+				json_array_append_new(recorded, json_pack("{s:I, s:s, s:s, s:s, s:I}", "migration",
+									  (json_int_t)all[i].id, "vm", all[i].vm, "phase",
+									  ferry_state_phase_name(all[i].phase), "peer", all[i].peer,
+									  "updated", (json_int_t)all[i].updated));
+		free(all);
+	}
+	json_t *r = reply_ok();
+	json_object_set_new(r, "migrations", live);
+	json_object_set_new(r, "unfinished", recorded);
+	return r;
+}
+
 static json_t *admin_recover(struct daemon *d, json_t *req, struct ferry_err *err)
 {
 	uint64_t id = 0;
@@ -1307,6 +1347,8 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 			return admin_perf_region(d, req, err);
 		if (strcmp(cmd, "recover") == 0)
 			return admin_recover(d, req, err);
+		if (strcmp(cmd, "migrate-list") == 0)
+			return admin_migrate_list(d, err);
 	}
 	ferry_err_set(err, EINVAL, "unknown command '%s'", cmd);
 	return NULL;

@@ -46,7 +46,8 @@ static void usage(FILE *f)
 		"        On success the source QEMU is ended (--keep-source leaves it paused). Postcopy (switch\n"
 		"        after S seconds, default 1) is refused without --force-postcopy: ferry cannot yet\n"
 		"        confirm the destination loaded every device before it runs the VM.\n"
-		"  status ID [--json]      progress of migration ID\n"
+		"  status [ID] [--json]    progress of migration ID; without ID every migration the daemon\n"
+		"                          knows, and those its records say an earlier stop cut short\n"
 		"  recover [ID] [--json]   settle migrations this daemon's last stop (or a lost peer) cut short:\n"
 		"                          from both hosts' records, end the source VM if the destination runs it,\n"
 		"                          resume it if the destination does not have it; undecided while the\n"
@@ -330,6 +331,36 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 	}
 }
 
+/* "status" without an ID: every migration the daemon knows. */
+static int cmd_list(const char *admin, bool json)
+{
+	json_t *rep = NULL;
+	int rc = call(admin, json_pack("{s:s}", "cmd", "migrate-list"), &rep);
+	if (rc)
+		return rc;
+	if (json) {
+		print_json(rep);
+		json_decref(rep);
+		return 0;
+	}
+	size_t i;
+	json_t *it;
+	json_t *live = json_object_get(rep, "migrations"), *rec = json_object_get(rep, "unfinished");
+	json_array_foreach(live, i, it)
+		printf("migration %lld: %s%s%s, %.1f s%s%s\n", (long long)json_integer_value(json_object_get(it, "migration")),
+		       str(it, "state"), str(it, "plan")[0] ? ", " : "", str(it, "plan"), num(it, "elapsed_s"),
+		       str(it, "error")[0] ? ": " : "", str(it, "error"));
+	json_array_foreach(rec, i, it)
+		printf("migration %lld (%s, to %s): cut short in phase '%s' by an earlier stop of this daemon: "
+		       "ferryctl recover %lld\n",
+		       (long long)json_integer_value(json_object_get(it, "migration")), str(it, "vm"), str(it, "peer"),
+		       str(it, "phase"), (long long)json_integer_value(json_object_get(it, "migration")));
+	if (json_array_size(live) == 0 && json_array_size(rec) == 0)
+		printf("no migrations\n");
+	json_decref(rep);
+	return 0;
+}
+
 static int cmd_recover(const char *admin, int argc, char **argv)
 {
 	bool json = false;
@@ -538,6 +569,8 @@ int main(int argc, char **argv)
 	char **sub_argv = argv + i;
 	if (strcmp(cmd, "migrate") == 0)
 		return cmd_migrate(admin, sub_argc, sub_argv);
+	if (strcmp(cmd, "status") == 0 && (sub_argc < 2 || strcmp(sub_argv[1], "--json") == 0))
+		return cmd_list(admin, sub_argc > 1);
 	if (strcmp(cmd, "status") == 0)
 		return cmd_id(admin, "migrate-status", "migration", sub_argc, sub_argv);
 	if (strcmp(cmd, "cancel") == 0)

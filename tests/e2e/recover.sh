@@ -74,6 +74,9 @@ ferry_stop_daemon b
 restart a
 grep -q "was 'performing' when this daemon last stopped: run \`ferryctl recover\`" "${FERRY_LOG[a]}" ||
 	ferry_fail "the restarted daemon does not say where the migration stood"
+out=$(ferry_ctl a status) || ferry_fail "ferryctl status failed: $out"
+echo "$out" | grep -q "cut short in phase 'performing' by an earlier stop of this daemon: ferryctl recover" ||
+	ferry_fail "ferryctl status does not list the cut-short migration: $out"
 out=$(ferry_ctl a recover) && ferry_fail "recover decided with the destination daemon down: $out"
 echo "$out" | grep -q "undecided: cannot decide: the destination daemon" || ferry_fail "unclear undecided report: $out"
 st=$(qmp_get "$(side_sock src1)" query-status status)
@@ -95,6 +98,8 @@ qmp "$(qemu_sock dst1)" stop >/dev/null
 o=$("$RAMCHECK" pattern "$(qemu_ramfile dst1)") || { echo "$o" >&2; ferry_fail "dst1's memory is inconsistent"; }
 out=$(ferry_ctl a recover) || ferry_fail "a second recover failed: $out"
 [ "$out" = "nothing to recover" ] || ferry_fail "a settled migration came back: $out"
+out=$(ferry_ctl a status)
+[ "$out" = "no migrations" ] || ferry_fail "ferryctl status still lists something: $out"
 qemu_stop dst1
 qemu_rm_ram src1
 qemu_rm_ram dst1

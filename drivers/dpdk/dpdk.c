@@ -9,11 +9,14 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <rte_dev.h>
+#include <rte_devargs.h>
 #include <rte_eal.h>
 #include <rte_errno.h>
 #include <rte_ethdev.h>
 #include <rte_flow.h>
 #include <rte_ip.h>
+#include <rte_kvargs.h>
 #include <rte_mbuf.h>
 #include <rte_udp.h>
 
@@ -106,6 +109,10 @@ static int eal_init(const struct ferry_driver_config *cfg, struct ferry_err *err
 	if (!has_arg(argv, argc, "--file-prefix") && !has_arg(argv, argc, "--in-memory")) {
 		snprintf(pfx, sizeof(pfx), "--file-prefix=ferry%d", (int)getpid());
 		argv[argc++] = pfx;
+		/* ferry is a single DPDK process: without this every daemon
+		 * leaves ~12 MB of runtime files in /var/run/dpdk behind. */
+		if (!has_arg(argv, argc, "--no-shconf"))
+			argv[argc++] = "--no-shconf";
 	}
 	if (!has_arg(argv, argc, "--no-pci") && !has_arg(argv, argc, "-a") && !has_arg(argv, argc, "--allow"))
 		argv[argc++] = "--no-pci";
@@ -258,23 +265,71 @@ static int dpdk_open(const struct ferry_driver_config *cfg, struct ferry_dgram_d
 		mtu = info.max_mtu;
 	if (mtu > info.max_rx_pktlen - RTE_ETHER_HDR_LEN - RTE_ETHER_CRC_LEN)
 		mtu = info.max_rx_pktlen - RTE_ETHER_HDR_LEN - RTE_ETHER_CRC_LEN;
+	/* Frame and mbuf limits of PMDs that do not say them (DPDK 22.11):
+	 * - af_packet copies each frame of its ring (framesz= in its devargs,
+	 *   default 2048, less 32 B of ring header) into one mbuf and refuses
+	 *   rx queues whose mbufs hold less; it drops larger frames on tx. Its
+	 *   MTU says 1500 whatever the ring holds: dgram= goes up to the ring's
+	 *   frame.
+	 * - af_xdp takes the mbufs as its umem: an mbuf with its headers must
+	 *   fit a 4 KiB page (mempool objects are an odd number of cache lines:
+	 *   4032 B at most) and the kernel writes a frame 256 B into the data
+	 *   room: a data room of 3840 B carries frames of 3456 B. */
+	size_t room_min = RTE_MBUF_DEFAULT_BUF_SIZE, room_fixed = 0, frame_max = 9600 + HDRS;
+	if (strcmp(info.driver_name, "net_af_packet") == 0) {
+		unsigned long fsz = 2048;
+		const struct rte_devargs *da = info.device ? rte_dev_devargs(info.device) : NULL;
+		struct rte_kvargs *kv = da && da->args ? rte_kvargs_parse(da->args, NULL) : NULL;
+		const char *v = kv ? rte_kvargs_get(kv, "framesz") : NULL;
+		if (v)
+			fsz = strtoul(v, NULL, 0);
+		rte_kvargs_free(kv);
+		if (fsz > 32 && fsz <= 65536) {
+			frame_max = fsz - 32;
+			if (RTE_PKTMBUF_HEADROOM + frame_max > room_min)
+				room_min = RTE_PKTMBUF_HEADROOM + frame_max;
+		}
+	} else if (strcmp(info.driver_name, "net_af_xdp") == 0) {
+		room_fixed = 3840;
+		frame_max = room_fixed - RTE_PKTMBUF_HEADROOM - 256;
+	}
+	if (mtu > frame_max - RTE_ETHER_HDR_LEN)
+		mtu = frame_max - RTE_ETHER_HDR_LEN;
 	/* dgram= overrides for PMDs that carry more than their MTU says
-	 * (memif carries frames up to its bsize whatever the MTU). */
+	 * (memif carries frames up to its bsize whatever the MTU, af_packet
+	 * up to its framesz). */
 	unsigned long dg;
 	if ((rc = opt(cfg, "dgram", mtu - 28, 128, 9600, &dg, err))) {
 		dpdk_close(dev);
 		return rc;
 	}
+	if (HDRS + dg > frame_max) {
+		rc = ferry_err_set(err, EMSGSIZE, "dpdk driver: dgram=%lu does not fit port %u (%s): frames of %zu bytes at most",
+				   dg, dev->port, info.driver_name, frame_max);
+		dpdk_close(dev);
+		return rc;
+	}
 	dev->dgram = dg;
 
-	uint16_t room = (uint16_t)(RTE_PKTMBUF_HEADROOM + HDRS + dev->dgram + 64);
+	size_t room = RTE_PKTMBUF_HEADROOM + HDRS + dev->dgram + 64;
+	if (room < room_min)
+		room = room_min;
+	if (room_fixed)
+		room = room_fixed;
+	if (room > UINT16_MAX) {
+		rc = ferry_err_set(err, EMSGSIZE, "dpdk driver: port %u (%s) wants mbufs of %zu bytes, more than DPDK has",
+				   dev->port, info.driver_name, room);
+		dpdk_close(dev);
+		return rc;
+	}
 	if (!mbufs)
 		mbufs = nq * (2 * ring + 4 * BATCH) + 2048;
 	char name[RTE_MEMPOOL_NAMESIZE];
 	snprintf(name, sizeof(name), "ferry%u", dev->port);
-	dev->pool = rte_pktmbuf_pool_create(name, (unsigned)mbufs, 256, 0, room, (int)rte_eth_dev_socket_id(dev->port));
+	dev->pool = rte_pktmbuf_pool_create(name, (unsigned)mbufs, 256, 0, (uint16_t)room,
+					    (int)rte_eth_dev_socket_id(dev->port));
 	if (!dev->pool) {
-		rc = ferry_err_set(err, rte_errno, "dpdk driver: no pool of %lu mbufs of %u bytes: %s", mbufs, room,
+		rc = ferry_err_set(err, rte_errno, "dpdk driver: no pool of %lu mbufs of %zu bytes: %s", mbufs, room,
 				   rte_strerror(rte_errno));
 		dpdk_close(dev);
 		return rc;

@@ -594,9 +594,9 @@ static void *migration_main(void *arg)
 			src_completed = true; /* the destination may run the VM now: never resume the source */
 		bool switching = status && (strcmp(status, "device") == 0 || strcmp(status, "pre-switchover") == 0 ||
 					    in_postcopy);
-		json_decref(info);
-		if (in_postcopy && strcmp(status, "postcopy-paused") == 0) {
-			json_decref(info);
+		bool postcopy_paused = in_postcopy && strcmp(status, "postcopy-paused") == 0;
+		json_decref(info); /* status points into it: not used below */
+		if (postcopy_paused) {
 			rc = ferry_err_set(&err, EIO, "postcopy paused: the stream to the destination broke after the switch");
 			goto out;
 		}

@@ -1261,3 +1261,11 @@ int ferry_cookie_check_shape(const struct ferry_cookie *src, const struct ferry_
 	}
 	return 0;
 }
+
+enum ferry_cookie_driver_kind ferry_cookie_driver_kind(const char *name)
+{
+	for (int k = FERRY_COOKIE_DRIVER_TCP; name && k <= FERRY_COOKIE_DRIVER_RDMA; k++)
+		if (strcmp(name, driver_names[k]) == 0)
+			return (enum ferry_cookie_driver_kind)k;
+	return 0;
+}

@@ -184,5 +184,7 @@ const char *ferry_cookie_feature_name(uint32_t feature);
 
 /* "tcp", "dpdk", "rdma"; NULL for anything else. */
 const char *ferry_cookie_driver_name(enum ferry_cookie_driver_kind kind);
+/* The kind named "tcp", "dpdk" or "rdma"; 0 for anything else (or NULL). */
+enum ferry_cookie_driver_kind ferry_cookie_driver_kind(const char *name);
 
 #endif

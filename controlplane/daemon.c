@@ -510,9 +510,7 @@ static int prepare_plan(struct daemon *d, struct dst_entry *e, json_t *req, cons
 	preq.channels = channels;
 	const char *t = req_str(req, "transport");
 	if (t && strcmp(t, "auto") != 0) {
-		for (int k = FERRY_COOKIE_DRIVER_TCP; k <= FERRY_COOKIE_DRIVER_RDMA; k++)
-			if (strcmp(t, ferry_cookie_driver_name(k)) == 0)
-				preq.transport = k;
+		preq.transport = ferry_cookie_driver_kind(t);
 		if (!preq.transport)
 			return ferry_err_set(err, EINVAL, "unknown transport '%s'", t);
 	}
@@ -622,12 +620,9 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 	dst_record(d, id, FERRY_PHASE_PREPARED, vm, src_host, qmp_path, NULL);
 	json_t *r = session_reply(d, e, token);
 	if (my_cookie) {
-		json_t *notes = json_array(), *feats = json_array();
+		json_t *notes = json_array(), *feats = ferry_features_json(plan.features);
 		for (unsigned i = 0; i < plan.nnotes; i++)
 			json_array_append_new(notes, json_string(plan.notes[i]));
-		for (uint32_t bit = 1; bit & FERRY_F_ALL; bit <<= 1)
-			if (plan.features & bit)
-				json_array_append_new(feats, json_string(ferry_feature_name(bit)));
 		json_object_set_new(r, "cookie", my_cookie);
 		json_object_set_new(r, "plan", json_pack("{s:s, s:i, s:b, s:i, s:o, s:o}", "transport",
 							 ferry_cookie_driver_name(plan.transport), "channels", (int)channels,
@@ -1059,9 +1054,7 @@ static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *er
 		return NULL;
 	const char *t = req_str(req, "transport");
 	if (t && strcmp(t, "auto") != 0) {
-		for (int k = FERRY_COOKIE_DRIVER_TCP; k <= FERRY_COOKIE_DRIVER_RDMA; k++)
-			if (strcmp(t, ferry_cookie_driver_name(k)) == 0)
-				p.transport = k;
+		p.transport = ferry_cookie_driver_kind(t);
 		if (!p.transport) {
 			ferry_err_set(err, EINVAL, "unknown transport '%s' (auto, rdma, dpdk or tcp)", t);
 			return NULL;

@@ -109,15 +109,6 @@ static void log_cookie(struct ferry_migration *m, const char *step, const char *
 	}
 }
 
-static json_t *features_json(uint32_t f)
-{
-	json_t *a = json_array();
-	for (uint32_t bit = 1; bit & FERRY_F_ALL; bit <<= 1)
-		if (f & bit)
-			json_array_append_new(a, json_string(ferry_feature_name(bit)));
-	return a;
-}
-
 static void plan_to_progress(struct ferry_migration *m, const struct ferry_plan *plan)
 {
 	pthread_mutex_lock(&m->lock);
@@ -148,7 +139,7 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const st
 	json_t *req = json_pack("{s:s, s:s, s:s, s:i, s:i, s:b, s:I, s:s, s:o, s:b, s:b}", "cmd", "migrate-prepare", "qmp",
 				m->dst_qmp, "cookie", xml, "channels", (int)m->channels, "lanes", (int)m->lanes,
 				"handoff", false, "window", (json_int_t)ferry_dp_window(m->dp), "transport", tname,
-				"require", features_json(m->require), "no_handoff", m->no_handoff, "postcopy", m->postcopy);
+				"require", ferry_features_json(m->require), "no_handoff", m->no_handoff, "postcopy", m->postcopy);
 	free(xml);
 	if (!req)
 		return ferry_err_set(err, ENOMEM, "out of memory");
@@ -200,9 +191,7 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const st
 		goto out;
 	struct ferry_plan told = { 0 };
 	const char *tt = json_string_value(json_object_get(jplan, "transport"));
-	for (int k = FERRY_COOKIE_DRIVER_TCP; k <= FERRY_COOKIE_DRIVER_RDMA; k++)
-		if (tt && strcmp(tt, ferry_cookie_driver_name(k)) == 0)
-			told.transport = k;
+	told.transport = ferry_cookie_driver_kind(tt);
 	json_t *jch = json_object_get(jplan, "channels");
 	told.channels = json_is_integer(jch) ? (unsigned)json_integer_value(jch) : ~0u;
 	told.handoff = json_is_true(json_object_get(jplan, "handoff"));

@@ -40,6 +40,15 @@ uint32_t ferry_feature_parse(const char *name)
 	return 0;
 }
 
+json_t *ferry_features_json(uint32_t f)
+{
+	json_t *a = json_array();
+	for (size_t i = 0; a && i < NFEATURES; i++)
+		if (f & features[i].bit)
+			json_array_append_new(a, json_string(features[i].name));
+	return a;
+}
+
 int ferry_feature_list_parse(const char *list, uint32_t *out, struct ferry_err *err)
 {
 	*out = 0;

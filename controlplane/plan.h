@@ -15,6 +15,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <jansson.h>
+
 #include "../drivers/err.h"
 #include "cookie.h"
 
@@ -57,6 +59,8 @@ struct ferry_plan {
 const char *ferry_feature_name(uint32_t feature);
 /* The FERRY_F_* bit named name, or 0. */
 uint32_t ferry_feature_parse(const char *name);
+/* The FERRY_F_* bits as a JSON array of their names (new reference). */
+json_t *ferry_features_json(uint32_t features);
 /* Parse a comma-separated feature list ("multifd,handoff"); an unknown name
  * is -EINVAL naming it and the known ones. */
 int ferry_feature_list_parse(const char *list, uint32_t *out, struct ferry_err *err);

@@ -73,11 +73,7 @@ out:
 
 enum ferry_cookie_driver_kind ferry_probe_driver_kind(struct ferry_dp *dp)
 {
-	const char *n = ferry_dp_driver_name(dp);
-	for (enum ferry_cookie_driver_kind k = FERRY_COOKIE_DRIVER_TCP; k <= FERRY_COOKIE_DRIVER_RDMA; k++)
-		if (strcmp(n, ferry_cookie_driver_name(k)) == 0)
-			return k;
-	return 0;
+	return ferry_cookie_driver_kind(ferry_dp_driver_name(dp));
 }
 
 int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled, struct ferry_side_caps *out,

@@ -393,22 +393,28 @@ ferry_migrate_start() {
 # ferry_migrate_wait TIMEOUT: wait for the background ferryctl. Sets
 # FERRY_MIG_RC (124 when it had to be killed after TIMEOUT s) and
 # FERRY_MIG_MS (wall time since the start). Returns FERRY_MIG_RC.
-ferry_migrate_wait() {
-	local tmo=$1 deadline
-	[ -n "$FERRY_MIG_PID" ] || { echo "ferry_migrate_wait: no ferryctl running" >&2; return 1; }
+# ferry_wait_pid PID TIMEOUT WHAT: wait for a background child; kill it after
+# TIMEOUT s (saying so, WHAT naming it). Returns its exit status, 124 if killed.
+ferry_wait_pid() {
+	local pid=$1 tmo=$2 what=$3 deadline
 	deadline=$(($(now_ms) + tmo * 1000))
-	while kill -0 "$FERRY_MIG_PID" 2>/dev/null && [ "$(now_ms)" -lt "$deadline" ]; do
+	while kill -0 "$pid" 2>/dev/null && [ "$(now_ms)" -lt "$deadline" ]; do
 		sleep 0.05
 	done
-	if kill -0 "$FERRY_MIG_PID" 2>/dev/null; then
-		echo "ferry_migrate_wait: ferryctl still running after ${tmo}s, killing it" >&2
-		kill -KILL "$FERRY_MIG_PID" 2>/dev/null
-		wait "$FERRY_MIG_PID" 2>/dev/null
-		FERRY_MIG_RC=124
-	else
-		wait "$FERRY_MIG_PID"
-		FERRY_MIG_RC=$?
+	if kill -0 "$pid" 2>/dev/null; then
+		echo "$what still running after ${tmo}s, killing it" >&2
+		kill -KILL "$pid" 2>/dev/null
+		wait "$pid" 2>/dev/null
+		return 124
 	fi
+	wait "$pid"
+}
+
+ferry_migrate_wait() {
+	local tmo=$1
+	[ -n "$FERRY_MIG_PID" ] || { echo "ferry_migrate_wait: no ferryctl running" >&2; return 1; }
+	ferry_wait_pid "$FERRY_MIG_PID" "$tmo" "ferry_migrate_wait: ferryctl"
+	FERRY_MIG_RC=$?
 	FERRY_MIG_MS=$(($(now_ms) - FERRY_MIG_T0))
 	FERRY_MIG_PID=""
 	return "$FERRY_MIG_RC"

@@ -556,19 +556,8 @@ lv_migrate_start() {
 # lv_migrate_wait TIMEOUT: wait for it; sets LV_MIG_RC (124 after TIMEOUT s,
 # when it is killed) and LV_MIG_MS. Returns LV_MIG_RC.
 lv_migrate_wait() {
-	local deadline=$(($(now_ms) + $1 * 1000))
-	while kill -0 "$LV_MIG_PID" 2>/dev/null && [ "$(now_ms)" -lt "$deadline" ]; do
-		sleep 0.1
-	done
-	if kill -0 "$LV_MIG_PID" 2>/dev/null; then
-		echo "lv_migrate_wait: virsh migrate still running after $1 s, killing it" >&2
-		kill -KILL "$LV_MIG_PID" 2>/dev/null
-		wait "$LV_MIG_PID" 2>/dev/null
-		LV_MIG_RC=124
-	else
-		wait "$LV_MIG_PID"
-		LV_MIG_RC=$?
-	fi
+	ferry_wait_pid "$LV_MIG_PID" "$1" "lv_migrate_wait: virsh migrate"
+	LV_MIG_RC=$?
 	LV_MIG_MS=$(($(now_ms) - LV_MIG_T0))
 	LV_MIG_PID=""
 	return "$LV_MIG_RC"

@@ -159,13 +159,12 @@ static size_t utf8_decode(const unsigned char *s, size_t n, uint32_t *cp)
 /* Each check returns NULL when the value is fine, else what is wrong with it
  * (completing "<what> '<value>' ..."). */
 
-static const char *check_name(const char *s, size_t n)
+/* UTF-8 text without control characters or non-characters; *chars gets
+ * its length in characters. */
+static const char *check_text(const char *s, size_t n, size_t *chars)
 {
-	size_t chars = 0;
-
-	if (n == 0)
-		return "is empty";
-	for (size_t i = 0; i < n; chars++) {
+	*chars = 0;
+	for (size_t i = 0; i < n; (*chars)++) {
 		uint32_t cp;
 		size_t k = utf8_decode((const unsigned char *)s + i, n - i, &cp);
 
@@ -175,10 +174,22 @@ static const char *check_name(const char *s, size_t n)
 			return "contains a control character";
 		if (cp == 0xfffe || cp == 0xffff)
 			return "contains a non-character";
-		if (cp == '/')
-			return "contains '/'";
 		i += k;
 	}
+	return NULL;
+}
+
+static const char *check_name(const char *s, size_t n)
+{
+	size_t chars;
+	const char *why;
+
+	if (n == 0)
+		return "is empty";
+	if ((why = check_text(s, n, &chars)))
+		return why;
+	if (memchr(s, '/', n))
+		return "contains '/'";
 	if (chars > FERRY_COOKIE_NAME_MAX)
 		return "is longer than 256 characters";
 	return NULL;
@@ -269,6 +280,16 @@ static const char *check_target(const char *s, size_t n)
 		if (!is_alnum(s[i]) && s[i] != '_' && s[i] != '-')
 			return "has a character other than A-Z a-z 0-9 _ -";
 	return NULL;
+}
+
+/* One QEMU argument: any UTF-8 text without control characters, bounded. */
+static const char *check_arg(const char *s, size_t n)
+{
+	size_t chars;
+
+	if (n > FERRY_COOKIE_ARG_MAX)
+		return "is longer than 4096 bytes";
+	return check_text(s, n, &chars);
 }
 
 /* A decimal uint64: digits only (no sign, no space), no overflow. */
@@ -635,6 +656,47 @@ out:
 	return r;
 }
 
+/* <qemu-cmdline><arg>..</arg>..</qemu-cmdline> into vm->cmdline. */
+static int parse_cmdline(xmlNode *cl, struct ferry_cookie_vm *vm, struct ferry_err *err)
+{
+	struct quoted q;
+	const char *why;
+	int r = 0;
+
+	if (vm->nargs)
+		return bad(err, "cookie has more than one <qemu-cmdline>");
+	for (xmlNode *n = cl->children; n; n = n->next) {
+		char *v;
+
+		if (!is_elem(n, "arg"))
+			continue;
+		if (vm->nargs == FERRY_COOKIE_MAX_ARGS) {
+			r = bad(err, "cookie has more than %d <arg> elements", FERRY_COOKIE_MAX_ARGS);
+			break;
+		}
+		if ((r = elem_text(n, &v, err)) < 0)
+			break;
+		size_t len = strlen(v);
+		if ((why = check_arg(v, len)))
+			r = bad(err, "cookie <arg> '%s' %s", quote(&q, v), why);
+		else if (vm->cmdline_len + len + 1 > FERRY_COOKIE_CMDLINE_MAX)
+			r = bad(err, "cookie <qemu-cmdline> is longer than %d bytes", FERRY_COOKIE_CMDLINE_MAX);
+		if (r == 0) {
+			memcpy(vm->cmdline + vm->cmdline_len, v, len + 1);
+			vm->cmdline_len += len + 1;
+			vm->nargs++;
+		}
+		free(v);
+		if (r < 0)
+			break;
+	}
+	if (r < 0) {
+		vm->nargs = vm->cmdline_len = 0;
+		memset(vm->cmdline, 0, sizeof(vm->cmdline));
+	}
+	return r;
+}
+
 static int parse_vm(xmlNode *vm, struct ferry_cookie *c, struct ferry_err *err)
 {
 	char *machine = NULL;
@@ -653,6 +715,8 @@ static int parse_vm(xmlNode *vm, struct ferry_cookie *c, struct ferry_err *err)
 	}
 	memcpy(c->vm.machine, machine, strlen(machine) + 1);
 	for (xmlNode *n = vm->children; n; n = n->next) {
+		if (is_elem(n, "qemu-cmdline") && (r = parse_cmdline(n, &c->vm, err)) < 0)
+			goto out;
 		if (!is_elem(n, "blockdev"))
 			continue;
 		if (++count > FERRY_COOKIE_MAX_BLOCKDEVS) {
@@ -985,6 +1049,27 @@ static int validate(const struct ferry_cookie *c, struct ferry_err *err)
 					return ferry_err_set(err, EINVAL, "cookie lists block device '%s' twice",
 							     c->vm.blockdevs[i].name);
 		}
+		if (c->vm.nargs > FERRY_COOKIE_MAX_ARGS || c->vm.cmdline_len > FERRY_COOKIE_CMDLINE_MAX)
+			return ferry_err_set(err, EINVAL, "cookie <qemu-cmdline> has %zu arguments in %zu bytes (at most "
+					     "%d in %d)", c->vm.nargs, c->vm.cmdline_len, FERRY_COOKIE_MAX_ARGS,
+					     FERRY_COOKIE_CMDLINE_MAX);
+		size_t off = 0;
+		for (size_t i = 0; i < c->vm.nargs; i++) {
+			const char *a = c->vm.cmdline + off;
+			size_t len = strnlen(a, c->vm.cmdline_len - off);
+			const char *why;
+			struct quoted q;
+
+			if (off + len >= c->vm.cmdline_len)
+				return ferry_err_set(err, EINVAL, "cookie <qemu-cmdline> holds fewer than %zu arguments",
+						     c->vm.nargs);
+			if ((why = check_arg(a, len)))
+				return ferry_err_set(err, EINVAL, "cookie <arg> '%s' %s", quote_n(&q, a, len), why);
+			off += len + 1;
+		}
+		if (off != c->vm.cmdline_len)
+			return ferry_err_set(err, EINVAL, "cookie <qemu-cmdline> holds more than %zu arguments",
+					     c->vm.nargs);
 	}
 	if (c->flags & FERRY_COOKIE_NBD) {
 		if (c->nbd.port && c->nbd.socket[0])
@@ -1088,6 +1173,15 @@ static bool build(const struct ferry_cookie *c, xmlNode *root)
 			if (!(k = add_elem(n, "blockdev")) || !add_prop(k, "name", c->vm.blockdevs[i].name) ||
 			    !add_prop(k, "capacity", num))
 				return false;
+		}
+		if (c->vm.nargs) {
+			if (!(k = add_elem(n, "qemu-cmdline")))
+				return false;
+			for (size_t i = 0, off = 0; i < c->vm.nargs; i++) {
+				if (!add_text(k, "arg", c->vm.cmdline + off))
+					return false;
+				off += strlen(c->vm.cmdline + off) + 1;
+			}
 		}
 	}
 	if (c->flags & FERRY_COOKIE_STATS) {

@@ -41,6 +41,9 @@
 #define FERRY_COOKIE_MAX_DISKS     64
 #define FERRY_COOKIE_MAX_BLOCKDEVS 64
 #define FERRY_COOKIE_MAX_VCPUS     4096
+#define FERRY_COOKIE_MAX_ARGS      512    /* QEMU command line: arguments */
+#define FERRY_COOKIE_ARG_MAX       4096   /* bytes of one argument */
+#define FERRY_COOKIE_CMDLINE_MAX   16384  /* bytes of all arguments, each with its NUL */
 
 /* Mandatory features (ferry_cookie.features): the reader must understand
  * every one the writer lists. */
@@ -93,6 +96,14 @@ struct ferry_cookie_vm {
 	char machine[FERRY_COOKIE_TOKEN_MAX + 1]; /* QEMU machine type, [A-Za-z0-9._-] */
 	size_t nblockdevs;
 	struct ferry_cookie_blockdev blockdevs[FERRY_COOKIE_MAX_BLOCKDEVS]; /* unique names */
+	/* <qemu-cmdline>: the source QEMU's argv (argv[0] first), so a
+	 * destination can start its own QEMU from it. nargs == 0: absent. The
+	 * arguments lie one after the other in cmdline, each ending in a NUL
+	 * (cmdline_len bytes in all); each is UTF-8 without control characters.
+	 * From the peer: a destination sanitizes it (spawn.h) before any use. */
+	size_t nargs;
+	size_t cmdline_len;
+	char cmdline[FERRY_COOKIE_CMDLINE_MAX];
 };
 
 struct ferry_cookie_stats {

@@ -126,6 +126,11 @@ static void fill_full(struct ferry_cookie *c)
 	c->vm.blockdevs[0].capacity = 512;
 	strcpy(c->vm.blockdevs[1].name, "drive-virtio-disk0");
 	c->vm.blockdevs[1].capacity = UINT64_MAX;
+	static const char args[] = "qemu-system-x86_64\0-name\0vm-1 <&>'\" caf\xc3\xa9\0\0-drive\0"
+				   "file=/a b/x.img,,y,format=raw";
+	memcpy(c->vm.cmdline, args, sizeof(args));
+	c->vm.cmdline_len = sizeof(args);
+	c->vm.nargs = 6;
 }
 
 /* Format, check against the schema, parse back, compare. */
@@ -385,6 +390,37 @@ static void test_identity(void)
 		free(many);
 	}
 	{
+		/* <qemu-cmdline>: bounded in count, length and total, no control characters. */
+		char *many = repeat_doc("<vm memory='1' vcpus='1' machine='pc'><qemu-cmdline>", "<arg>a%d</arg>", 513,
+					"</qemu-cmdline></vm>");
+		REJECTS(many, -EPROTO, "more than 512 <arg>", "513 arguments");
+		free(many);
+		char arg[4200];
+		memset(arg, 'x', sizeof(arg));
+		arg[4097] = '\0';
+		many = repeat_doc("<vm memory='1' vcpus='1' machine='pc'><qemu-cmdline><arg>", arg, 1,
+				  "</arg></qemu-cmdline></vm>");
+		REJECTS(many, -EPROTO, "longer than 4096 bytes", "an argument of 4097 bytes");
+		free(many);
+		arg[4000] = '\0';
+		size_t cap = 5 * 4100 + 200, o = 0;
+		many = malloc(cap);
+		CHECK(many != NULL, "malloc");
+		o += (size_t)snprintf(many + o, cap - o, "%s<vm memory='1' vcpus='1' machine='pc'><qemu-cmdline>", HEAD);
+		for (int i = 0; i < 5; i++)
+			o += (size_t)snprintf(many + o, cap - o, "<arg>%s</arg>", arg);
+		snprintf(many + o, cap - o, "</qemu-cmdline></vm>%s", TAIL);
+		REJECTS(many, -EPROTO, "<qemu-cmdline> is longer than 16384 bytes", "20000 bytes of arguments");
+		free(many);
+	}
+	REJECTS(HEAD "<vm memory='1' vcpus='1' machine='pc'><qemu-cmdline><arg>a&#127;b</arg></qemu-cmdline></vm>" TAIL,
+		-EPROTO, "<arg> 'a\\x7fb' contains a control character", "an argument with DEL");
+	REJECTS(HEAD "<vm memory='1' vcpus='1' machine='pc'><qemu-cmdline><arg>a</arg></qemu-cmdline>"
+		"<qemu-cmdline><arg>b</arg></qemu-cmdline></vm>" TAIL, -EPROTO, "more than one <qemu-cmdline>",
+		"two command lines");
+	REJECTS(HEAD "<vm memory='1' vcpus='1' machine='pc'><qemu-cmdline><arg><b/></arg></qemu-cmdline></vm>" TAIL,
+		-EPROTO, "<arg> must contain only text", "an argument with an element");
+	{
 		/* The shape check between the two sides' cookies. */
 		struct ferry_cookie a, b;
 		struct ferry_err se;
@@ -637,6 +673,15 @@ static void test_format_errors(void)
 	base(&c, "vm1", VM_UUID, "h", SRC_HUUID);
 	c.flags = 1u << 9;
 	FORMAT_FAILS("unknown flag bits", "unknown flag bit");
+	fill_full(&c);
+	c.vm.nargs = 7;
+	FORMAT_FAILS("holds fewer than 7 arguments", "a command line shorter than its count");
+	fill_full(&c);
+	c.vm.nargs = 5;
+	FORMAT_FAILS("holds more than 5 arguments", "a command line longer than its count");
+	fill_full(&c);
+	c.vm.cmdline[0] = '\t';
+	FORMAT_FAILS("contains a control character", "an argument with a tab");
 	fill_full(&c);
 	c.nbd.ndisks = 65;
 	FORMAT_FAILS("65 disks", "65 disks");

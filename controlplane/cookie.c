@@ -292,6 +292,11 @@ static const char *check_arg(const char *s, size_t n)
 	return check_text(s, n, &chars);
 }
 
+bool ferry_cookie_arg_ok(const char *s, size_t n)
+{
+	return s && check_arg(s, n) == NULL;
+}
+
 /* A decimal uint64: digits only (no sign, no space), no overflow. */
 static const char *parse_u64(const char *s, uint64_t *out)
 {

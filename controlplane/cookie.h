@@ -156,6 +156,9 @@ struct ferry_cookie {
  * when either cookie lacks <vm> (an older peer: nothing to compare). */
 int ferry_cookie_check_shape(const struct ferry_cookie *src, const struct ferry_cookie *dst, struct ferry_err *err);
 
+/* Whether n bytes at s may be one <arg> of <qemu-cmdline>. */
+bool ferry_cookie_arg_ok(const char *s, size_t n);
+
 /* Zero the cookie (an empty cookie: no features, no optional parts). */
 void ferry_cookie_clear(struct ferry_cookie *c);
 

@@ -150,6 +150,37 @@ out:
 	return rc;
 }
 
+/* The source QEMU's argv for <qemu-cmdline>, from /proc of the process
+ * behind its monitor. Best effort: a command line that does not fit the
+ * cookie's bounds is left out (a destination QEMU started by a management
+ * layer does not need it). */
+static void probe_cmdline(struct ferry_qmp *q, struct ferry_cookie_vm *vm)
+{
+	int pid;
+	struct ferry_err e = { 0 };
+	char path[64];
+	vm->nargs = vm->cmdline_len = 0;
+	if (ferry_qmp_peer_pid(q, &pid, &e))
+		return;
+	snprintf(path, sizeof(path), "/proc/%d/cmdline", pid);
+	FILE *f = fopen(path, "re");
+	if (!f)
+		return;
+	size_t n = fread(vm->cmdline, 1, sizeof(vm->cmdline), f);
+	bool more = fgetc(f) != EOF;
+	fclose(f);
+	if (more || n == 0 || vm->cmdline[n - 1] != '\0')
+		return; /* over 16 KiB, or cut */
+	size_t nargs = 0;
+	for (size_t off = 0; off < n; off += strlen(vm->cmdline + off) + 1) {
+		size_t len = strlen(vm->cmdline + off);
+		if (++nargs > FERRY_COOKIE_MAX_ARGS || !ferry_cookie_arg_ok(vm->cmdline + off, len))
+			return; /* the cookie cannot carry it */
+	}
+	vm->nargs = nargs;
+	vm->cmdline_len = n;
+}
+
 int ferry_probe_cookie(struct ferry_qmp *q, struct ferry_dp *dp, const char *endpoint, uint32_t disabled,
 		       const char *hostname, const char *hostuuid, struct ferry_cookie *c, struct ferry_side_caps *caps,
 		       struct ferry_err *err)
@@ -160,8 +191,10 @@ int ferry_probe_cookie(struct ferry_qmp *q, struct ferry_dp *dp, const char *end
 		rc = ferry_probe_caps(q, dp, disabled, caps, err);
 	if (!rc)
 		rc = ferry_caps_to_cookie(caps, c, err);
-	if (!rc && (rc = probe_shape(q, &c->vm, err)) == 0)
+	if (!rc && (rc = probe_shape(q, &c->vm, err)) == 0) {
 		c->flags |= FERRY_COOKIE_VM;
+		probe_cmdline(q, &c->vm);
+	}
 	if (rc)
 		return rc;
 	enum ferry_cookie_driver_kind k = ferry_probe_driver_kind(dp);

@@ -881,3 +881,15 @@ const struct ferry_qmp_version *ferry_qmp_version(const struct ferry_qmp *qmp)
 {
 	return qmp ? &qmp->version : NULL;
 }
+
+int ferry_qmp_peer_pid(const struct ferry_qmp *qmp, int *pid, struct ferry_err *err)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+	if (getsockopt(qmp->fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+		return ferry_err_set(err, errno, "SO_PEERCRED on the QEMU monitor: %s", strerror(errno));
+	if (cred.pid <= 0)
+		return ferry_err_set(err, ESRCH, "the QEMU monitor's peer has no process id");
+	*pid = cred.pid;
+	return 0;
+}

@@ -50,6 +50,10 @@ int ferry_qmp_executef(struct ferry_qmp *qmp, json_t **result, struct ferry_err 
  * is empty. Returns 0 with *event NULL on timeout. */
 int ferry_qmp_next_event(struct ferry_qmp *qmp, int wait_ms, json_t **event, struct ferry_err *err);
 
+/* The process on the other end of the monitor socket (SO_PEERCRED): the
+ * QEMU itself, for reading its command line. */
+int ferry_qmp_peer_pid(const struct ferry_qmp *qmp, int *pid, struct ferry_err *err);
+
 /* Pass an fd to QEMU (SCM_RIGHTS) with the getfd command under fdname. */
 int ferry_qmp_getfd(struct ferry_qmp *qmp, int fd, const char *fdname, struct ferry_err *err);
 

@@ -26,12 +26,14 @@
 #include "plan.h"
 #include "probe.h"
 #include "recover.h"
+#include "spawn.h"
 #include "state.h"
 #include "qmp.h"
 #include "tunnel.h"
 
 #define REQ_TIMEOUT_MS   30000
 #define QMP_TIMEOUT_MS   10000
+#define SPAWN_TIMEOUT_S  60   /* a started QEMU's monitor must come up by then */
 #define MAX_ENTRIES      256
 #define REGION_MAX_BYTES (64ull << 30)
 #define REGION_BUDGET_BYTES (64ull << 30) /* all peer regions of one daemon together */
@@ -48,6 +50,14 @@ struct dst_entry {
 	struct daemon *d;   /* set when region bytes were charged to its budget */
 	uint64_t charged;
 	uint64_t window;    /* flow-control window agreed with the source */
+	/* A destination QEMU this daemon started (spawn_cmd != NULL): ended
+	 * with the session unless the migration succeeded (spawn_keep). */
+	struct ferry_spawn_cmd *spawn_cmd;
+	struct ferry_spawned spawned;
+	bool spawn_files;   /* its RAM files were made by us */
+	bool spawn_keep;
+	char qmp_path[PATH_MAX];
+	char pidfile[PATH_MAX];
 };
 
 /* A source-side tunnel opened from the admin socket: one session for a fixed
@@ -134,7 +144,6 @@ static bool conn_owns(const struct conn *c, json_t *req)
 	return false;
 }
 
-static void logf_(struct daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void logf_(struct daemon *d, const char *fmt, ...)
 {
 	va_list ap;
@@ -293,12 +302,38 @@ static json_t *session_stats_json(struct ferry_session *s)
 
 /* ---- destination side --------------------------------------------------- */
 
+static void logf_(struct daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* A started destination QEMU outlives the session only if it runs the VM. */
+static void dst_spawned_end(struct dst_entry *e)
+{
+	if (!e->spawn_cmd)
+		return;
+	if (e->spawned.pid > 0 && e->spawn_keep) {
+		logf_(e->d, "session %u: the destination QEMU it started (pid %d) runs on, detached", e->id,
+		      (int)e->spawned.pid);
+		ferry_spawn_release(&e->spawned);
+	} else if (e->spawned.pid > 0) {
+		logf_(e->d, "session %u: ending the destination QEMU it started (pid %d)", e->id, (int)e->spawned.pid);
+		ferry_spawn_kill(&e->spawned, 5000);
+		unlink(e->pidfile);
+		unlink(e->qmp_path);
+	}
+	if (e->spawn_files && !e->spawn_keep)
+		ferry_spawn_remove_ram(e->spawn_cmd);
+	ferry_spawn_cmd_free(e->spawn_cmd);
+	free(e->spawn_cmd);
+	e->spawn_cmd = NULL;
+}
+
 static void dst_free(struct dst_entry *e)
 {
 	if (!e)
 		return;
 	ferry_session_close(e->sess);
 	ferry_qmp_close(e->qmp);
+	e->qmp = NULL;
+	dst_spawned_end(e);
 	if (e->region)
 		munmap(e->region, e->region_len);
 	if (e->d && e->charged) {
@@ -444,9 +479,10 @@ fail:
 
 /* The destination's durable record of a migration session. */
 static void dst_record(struct daemon *d, uint32_t id, enum ferry_state_phase phase, const char *vm, const char *peer,
-		       const char *qmp, const char *note)
+		       const char *qmp, pid_t spawned, const char *note)
 {
-	struct ferry_state_record r = { .id = id, .role = FERRY_ROLE_DESTINATION, .phase = phase };
+	struct ferry_state_record r = { .id = id, .role = FERRY_ROLE_DESTINATION, .phase = phase,
+					.spawned_pid = spawned > 0 ? spawned : 0 };
 	struct ferry_err e = { 0 };
 	if (phase != FERRY_PHASE_PREPARED && ferry_state_read(d->state_dir, FERRY_ROLE_DESTINATION, id, &r, &e) == 0) {
 		r.phase = phase; /* keep what prepare recorded */
@@ -533,6 +569,125 @@ static int prepare_plan(struct daemon *d, struct dst_entry *e, json_t *req, cons
 	return *cookie_out ? 0 : ferry_err_set(err, ENOMEM, "out of memory");
 }
 
+/* Nothing at path, or a socket nobody listens on (a QEMU that ended). */
+static bool no_monitor(const char *path)
+{
+	struct stat st;
+	if (lstat(path, &st) != 0)
+		return errno == ENOENT;
+	if (!S_ISSOCK(st.st_mode))
+		return false;
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	if (strlen(path) >= sizeof(sa.sun_path))
+		return false;
+	strcpy(sa.sun_path, path);
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return false;
+	bool stale = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 && errno == ECONNREFUSED;
+	close(fd);
+	if (stale)
+		unlink(path);
+	return stale;
+}
+
+/* The last line QEMU wrote to its log, for an error message. */
+static void log_tail(const char *path, char *out, size_t outlen)
+{
+	char buf[512];
+	out[0] = '\0';
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	off_t end = lseek(fd, 0, SEEK_END);
+	off_t from = end > (off_t)sizeof(buf) - 1 ? end - (off_t)sizeof(buf) + 1 : 0;
+	ssize_t n = pread(fd, buf, sizeof(buf) - 1, from);
+	close(fd);
+	if (n <= 0)
+		return;
+	buf[n] = '\0';
+	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
+		buf[--n] = '\0';
+	char *nl = strrchr(buf, '\n');
+	snprintf(out, outlen, "%s", nl ? nl + 1 : buf);
+}
+
+/* Prepare with no destination QEMU: start one with -incoming defer from the
+ * source's command line (sanitized by spawn.c), wait for its monitor, and
+ * leave e as the attach path would (e->qmp connected). */
+static int spawn_destination(struct daemon *d, struct dst_entry *e, const char *cookie_xml, const char *qmp_path,
+			     struct ferry_err *err)
+{
+	if (d->cfg->no_spawn)
+		return ferry_err_set(err, ENOENT, "no destination QEMU at %s, and this host does not start one "
+				     "(ferryd --disable spawn)", qmp_path);
+	if (!cookie_xml)
+		return ferry_err_set(err, ENOENT, "no destination QEMU at %s, and a source without cookies cannot "
+				     "describe the VM to start one", qmp_path);
+	struct ferry_cookie *c = malloc(sizeof(*c));
+	if (!c)
+		return ferry_err_set(err, ENOMEM, "out of memory");
+	int rc = ferry_cookie_parse(cookie_xml, strlen(cookie_xml), c, err);
+	if (rc) {
+		free(c);
+		return ferry_err_prefix(err, "the source's cookie");
+	}
+	char storage[PATH_MAX], mem[PATH_MAX], log[PATH_MAX + 8];
+	const char *sdir = d->cfg->storage_dir ? d->cfg->storage_dir : "/var/lib/ferry/images";
+	size_t base = strlen(qmp_path);
+	if (base > 4 && strcmp(qmp_path + base - 4, ".qmp") == 0)
+		base -= 4;
+	e->d = d;
+	e->spawned = (struct ferry_spawned){ .pid = -1, .pidfd = -1 };
+	snprintf(e->qmp_path, sizeof(e->qmp_path), "%s", qmp_path);
+	if (!(c->flags & FERRY_COOKIE_VM) || c->vm.nargs == 0)
+		rc = ferry_err_set(err, ENOENT, "no destination QEMU at %s, and the source's cookie carries no QEMU "
+				   "command line to start one from", qmp_path);
+	else if (!realpath(sdir, storage))
+		rc = ferry_err_set(err, errno, "storage directory %s (ferryd --storage-dir): %s", sdir, strerror(errno));
+	else if (d->cfg->mem_dir && !realpath(d->cfg->mem_dir, mem))
+		rc = ferry_err_set(err, errno, "RAM directory %s (ferryd --mem-dir): %s", d->cfg->mem_dir, strerror(errno));
+	else if ((size_t)snprintf(e->pidfile, sizeof(e->pidfile), "%.*s.pid", (int)base, qmp_path) >= sizeof(e->pidfile) ||
+		 (size_t)snprintf(log, sizeof(log), "%.*s.log", (int)base, qmp_path) >= sizeof(log))
+		rc = ferry_err_set(err, ENAMETOOLONG, "run directory path too long");
+	else if (!(e->spawn_cmd = calloc(1, sizeof(*e->spawn_cmd))))
+		rc = ferry_err_set(err, ENOMEM, "out of memory");
+	struct ferry_spawn_config sc = { .qemu = d->cfg->qemu ? d->cfg->qemu : "qemu-system-x86_64",
+					 .storage_dir = storage, .mem_dir = d->cfg->mem_dir ? mem : NULL,
+					 .qmp_path = qmp_path, .pidfile = e->pidfile, .prealloc = d->cfg->spawn_prealloc };
+	if (!rc && (rc = ferry_spawn_build(&sc, &c->vm, e->spawn_cmd, err)) == 0 &&
+	    (rc = ferry_spawn_check_files(e->spawn_cmd, &c->vm, err)) == 0) {
+		e->spawn_files = true;
+		rc = ferry_spawn_start(e->spawn_cmd, log, &e->spawned, err);
+	}
+	free(c);
+	if (rc)
+		return ferry_err_prefix(err, "cannot start the destination QEMU");
+	char line[1024];
+	size_t o = 0;
+	for (size_t i = 0; i < e->spawn_cmd->argc && o < sizeof(line); i++)
+		o += (size_t)snprintf(line + o, sizeof(line) - o, "%s%s", i ? " " : "", e->spawn_cmd->argv[i]);
+	logf_(d, "started the destination QEMU (pid %d, log %s): %s", (int)e->spawned.pid, log, line);
+	/* Its monitor comes up once QEMU has set the machine up (and faulted
+	 * its RAM in, with prealloc). */
+	struct timespec t0, now;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (;;) {
+		struct ferry_err ce = { 0 };
+		if (ferry_qmp_connect(qmp_path, QMP_TIMEOUT_MS, &e->qmp, &ce) == 0)
+			return 0;
+		if (!ferry_spawn_alive(&e->spawned)) {
+			log_tail(log, line, sizeof(line));
+			return ferry_err_set(err, ECHILD, "the destination QEMU it started exited: %s", line[0] ? line : "(no output)");
+		}
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		if (now.tv_sec - t0.tv_sec > SPAWN_TIMEOUT_S)
+			return ferry_err_set(err, ETIMEDOUT, "the destination QEMU it started has no monitor at %s after %d s",
+					     qmp_path, SPAWN_TIMEOUT_S);
+		usleep(100000);
+	}
+}
+
 static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_err *err)
 {
 	struct ferry_plan plan = { 0 };
@@ -542,7 +697,8 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 	    req_uint(req, "lanes", 0, FERRY_MAX_LANES, &lanes, err))
 		return NULL;
 	char qmp_path[PATH_MAX];
-	if (resolve_peer_path(d, req_str(req, "qmp"), SCOPE_RUN_AND_ALLOWED, qmp_path, sizeof(qmp_path), err)) {
+	const char *qmp_req = req_str(req, "qmp");
+	if (resolve_peer_path(d, qmp_req, SCOPE_RUN_AND_ALLOWED, qmp_path, sizeof(qmp_path), err)) {
 		ferry_err_prefix(err, "destination QMP socket");
 		return NULL;
 	}
@@ -551,7 +707,12 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 		ferry_err_set(err, ENOMEM, "out of memory");
 		return NULL;
 	}
-	if (ferry_qmp_connect(qmp_path, QMP_TIMEOUT_MS, &e->qmp, err)) {
+	/* A VM named by its name ("ferryctl migrate VM") that no QEMU here
+	 * serves yet: start one from the source's description. */
+	if (!strchr(qmp_req, '/') && no_monitor(qmp_path)) {
+		if (spawn_destination(d, e, req_str(req, "cookie"), qmp_path, err))
+			goto fail;
+	} else if (ferry_qmp_connect(qmp_path, QMP_TIMEOUT_MS, &e->qmp, err)) {
 		ferry_err_prefix(err, "destination QEMU monitor %s", qmp_path);
 		goto fail;
 	}
@@ -617,7 +778,7 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 	}
 	if (dst_insert(d, e, err))
 		goto fail;
-	dst_record(d, id, FERRY_PHASE_PREPARED, vm, src_host, qmp_path, NULL);
+	dst_record(d, id, FERRY_PHASE_PREPARED, vm, src_host, qmp_path, e->spawn_cmd ? e->spawned.pid : 0, NULL);
 	json_t *r = session_reply(d, e, token);
 	if (my_cookie) {
 		json_t *notes = json_array(), *feats = ferry_features_json(plan.features);
@@ -709,7 +870,8 @@ static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_e
 		char note[96];
 		snprintf(note, sizeof(note), "finished: migration %s, VM %.32s", status, vm ? vm : "?");
 		dst_record(d, e->id, strcmp(status, "completed") == 0 ? FERRY_PHASE_DONE : FERRY_PHASE_FAILED, NULL, NULL,
-			   NULL, note);
+			   NULL, 0, note);
+		e->spawn_keep = strcmp(status, "completed") == 0;
 		json_decref(vs);
 	} else if (!err->code) {
 		ferry_err_set(err, ETIMEDOUT, "destination QEMU did not finish loading in time");
@@ -1315,7 +1477,7 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 			if (e) {
 				logf_(d, "session %u: aborted by the source", e->id);
 				if (e->qmp)
-					dst_record(d, e->id, FERRY_PHASE_FAILED, NULL, NULL, NULL, "aborted by the source");
+					dst_record(d, e->id, FERRY_PHASE_FAILED, NULL, NULL, NULL, 0, "aborted by the source");
 			}
 			dst_free(e);
 			conn_disown(c, req);

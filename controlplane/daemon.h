@@ -31,6 +31,13 @@ struct ferry_daemon_config {
 	const char *state_dir;         /* durable migration records; NULL: <run dir>/state */
 	const char *cookie_log;        /* keep a copy of every cookie sent here; NULL: no */
 	uint32_t disabled_features;    /* FERRY_F_* (plan.h) this host never offers */
+	/* Prepare when no QEMU waits for the VM: start one from the source's
+	 * description (spawn.h), unless no_spawn. */
+	bool no_spawn;                 /* --disable spawn */
+	const char *qemu;              /* the binary; NULL: qemu-system-x86_64 on PATH */
+	const char *storage_dir;       /* disk images; NULL: /var/lib/ferry/images */
+	const char *mem_dir;           /* RAM files of memory-backend-file; NULL: such VMs are not started */
+	bool spawn_prealloc;           /* fault a started QEMU's RAM in before the migration */
 	struct ferry_tunnel_config tunnels[FERRY_MAX_CONFIG_TUNNELS]; /* up to the first with peer == NULL */
 	int verbose;
 };

@@ -39,7 +39,13 @@ static void usage(FILE *f)
 		"  --cookie-log DIR    keep a copy of every migration cookie this daemon sends (XML) in DIR\n"
 		"  --state-dir DIR     durable migration records (default: RUN-DIR/state), read by ferryctl recover\n"
 		"  --disable FEATURES  never offer these (comma-separated: multifd, handoff, nbd, postcopy,\n"
-		"                      postcopy-setup): migrations fall back as if this host lacked them\n"
+		"                      postcopy-setup): migrations fall back as if this host lacked them;\n"
+		"                      spawn: never start a destination QEMU (only attach to one that waits)\n"
+		"destination QEMUs started from the source's description (migrate VM, no VM.qmp here):\n"
+		"  --qemu PATH         the QEMU binary (default qemu-system-x86_64 on PATH)\n"
+		"  --storage-dir DIR   disk images, found by the source's file name (default /var/lib/ferry/images)\n"
+		"  --mem-dir DIR       RAM files for memory-backend-file (default: none; such VMs are refused)\n"
+		"  --spawn-prealloc    fault the started QEMU's RAM in before the migration (prealloc=on)\n"
 		"  --tunnel PEER,LISTEN,TARGET\n"
 		"                      a standing tunnel from the start: connections to the local unix\n"
 		"                      socket LISTEN are carried to TARGET on the daemon at PEER (HOST:PORT),\n"
@@ -82,6 +88,8 @@ int main(int argc, char **argv)
 		{ "tls-no-name-check", no_argument, NULL, 'N' }, { "insecure-no-tls", no_argument, NULL, 'I' },
 		{ "host-uuid", required_argument, NULL, 'U' }, { "disable", required_argument, NULL, 'X' },
 		{ "state-dir", required_argument, NULL, 'Z' }, { "cookie-log", required_argument, NULL, 'L' },
+		{ "qemu", required_argument, NULL, 'Q' },     { "storage-dir", required_argument, NULL, 'G' },
+		{ "mem-dir", required_argument, NULL, 'M' },  { "spawn-prealloc", no_argument, NULL, 'P' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct ferry_daemon_config cfg = { .admin_path = "/run/ferry/ferryd.sock", .listen = "127.0.0.1:7470" };
@@ -151,15 +159,30 @@ int main(int argc, char **argv)
 		case 'Z': cfg.state_dir = optarg; break;
 		case 'L': cfg.cookie_log = optarg; break;
 		case 'X': {
+			/* "spawn" is this host's alone (no cookie capability): take it out first. */
+			char list[256] = "";
+			size_t o = 0;
+			for (const char *t = optarg; *t;) {
+				size_t n = strcspn(t, ",");
+				if (n == 5 && strncmp(t, "spawn", 5) == 0)
+					cfg.no_spawn = true;
+				else if (n && o + n + 2 < sizeof(list))
+					o += (size_t)snprintf(list + o, sizeof(list) - o, "%s%.*s", o ? "," : "", (int)n, t);
+				t += n + (t[n] == ',');
+			}
 			struct ferry_err ferr = { 0 };
 			uint32_t f;
-			if (ferry_feature_list_parse(optarg, &f, &ferr)) {
-				fprintf(stderr, "ferryd: --disable: %s\n", ferr.msg);
+			if (list[0] && ferry_feature_list_parse(list, &f, &ferr)) {
+				fprintf(stderr, "ferryd: --disable: %s (or spawn)\n", ferr.msg);
 				return 2;
 			}
-			cfg.disabled_features |= f;
+			cfg.disabled_features |= list[0] ? f : 0;
 			break;
 		}
+		case 'Q': cfg.qemu = optarg; break;
+		case 'G': cfg.storage_dir = optarg; break;
+		case 'M': cfg.mem_dir = optarg; break;
+		case 'P': cfg.spawn_prealloc = true; break;
 		case 'K': cfg.tls.psk_file = optarg; break;
 		case 'C': cfg.tls.x509_dir = optarg; break;
 		case 'N': cfg.tls.no_name_check = true; break;

@@ -20,6 +20,7 @@
 
 #define QMP_TIMEOUT_MS   10000
 #define PEER_TIMEOUT_MS  15000
+#define PREPARE_TIMEOUT_MS 90000 /* the destination may start its QEMU first (up to 60 s) */
 #define POLL_INTERVAL_MS 50
 #define FINISH_TIMEOUT_MS 120000
 #define SWITCHOVER_TIMEOUT_S 120
@@ -144,7 +145,7 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const st
 	if (!req)
 		return ferry_err_set(err, ENOMEM, "out of memory");
 	json_t *reply = NULL;
-	rc = ferry_jl_call(jl, req, PEER_TIMEOUT_MS, &reply, err);
+	rc = ferry_jl_call(jl, req, PREPARE_TIMEOUT_MS, &reply, err);
 	json_decref(req);
 	if (rc)
 		return ferry_err_prefix(err, "destination daemon refused to prepare");

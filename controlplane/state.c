@@ -86,6 +86,8 @@ int ferry_state_write(const char *dir, const struct ferry_state_record *r, struc
 			      ferry_state_phase_name(r->phase), "vm", r->vm, "peer", r->peer, "qmp", r->qmp, "peer_qmp",
 			      r->peer_qmp, "was_running", r->was_running, "updated", (json_int_t)time(NULL), "note",
 			      r->note);
+	if (j && r->spawned_pid > 0)
+		json_object_set_new(j, "spawned_pid", json_integer((json_int_t)r->spawned_pid));
 	char *text = j ? json_dumps(j, JSON_INDENT(1) | JSON_SORT_KEYS) : NULL;
 	json_decref(j);
 	if (!text)
@@ -154,6 +156,8 @@ static int parse_record(const char *text, struct ferry_state_record *r, struct f
 		copy_str(r->peer_qmp, sizeof(r->peer_qmp), json_object_get(j, "peer_qmp"));
 		copy_str(r->note, sizeof(r->note), json_object_get(j, "note"));
 		r->was_running = json_is_true(json_object_get(j, "was_running"));
+		json_t *sp = json_object_get(j, "spawned_pid");
+		r->spawned_pid = json_is_integer(sp) && json_integer_value(sp) > 0 ? (int64_t)json_integer_value(sp) : 0;
 		json_t *u = json_object_get(j, "updated");
 		r->updated = json_is_integer(u) ? (int64_t)json_integer_value(u) : 0;
 	}

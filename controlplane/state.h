@@ -45,6 +45,7 @@ struct ferry_state_record {
 	char qmp[FERRY_STATE_PATH_MAX];   /* this side's QEMU monitor */
 	char peer_qmp[FERRY_STATE_PATH_MAX]; /* source: the destination QEMU's monitor, as the destination names it */
 	bool was_running;                 /* source: the VM ran before the migration */
+	int64_t spawned_pid;              /* destination: the QEMU this daemon started for it (0: attached) */
 	int64_t updated;                  /* seconds since the epoch */
 	char note[256];                   /* last error or outcome */
 };

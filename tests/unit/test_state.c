@@ -25,7 +25,7 @@ int main(void)
 	CHECK(ferry_state_init(sub, &err) == 0, "init again is fine");
 
 	struct ferry_state_record r = { .id = 42, .session = 7, .role = FERRY_ROLE_SOURCE, .phase = FERRY_PHASE_PERFORMING,
-					.was_running = true };
+					.was_running = true, .spawned_pid = 4242 };
 	snprintf(r.vm, sizeof(r.vm), "vm \"one\"");
 	snprintf(r.peer, sizeof(r.peer), "10.0.0.2:7470");
 	snprintf(r.qmp, sizeof(r.qmp), "/run/vm1.qmp");
@@ -34,7 +34,8 @@ int main(void)
 	CHECK(ferry_state_read(sub, FERRY_ROLE_SOURCE, 42, &back, &err) == 0, "read back");
 	CHECK(back.id == 42 && back.session == 7 && back.role == FERRY_ROLE_SOURCE &&
 		      back.phase == FERRY_PHASE_PERFORMING && back.was_running && strcmp(back.vm, "vm \"one\"") == 0 &&
-		      strcmp(back.peer, r.peer) == 0 && strcmp(back.qmp, r.qmp) == 0 && back.updated > 0,
+		      strcmp(back.peer, r.peer) == 0 && strcmp(back.qmp, r.qmp) == 0 && back.updated > 0 &&
+		      back.spawned_pid == 4242,
 	      "every field survives (quotes in names too)");
 
 	r.phase = FERRY_PHASE_SENT;

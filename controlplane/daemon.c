@@ -553,6 +553,7 @@ static int prepare_plan(struct daemon *d, struct dst_entry *e, json_t *req, cons
 	if ((rc = ferry_plan_choose(&scaps, &mycaps, &preq, plan, err)))
 		return rc;
 	char *xml = NULL;
+	mine.vm.nargs = mine.vm.cmdline_len = 0; /* the source has no use for our command line */
 	if ((rc = ferry_cookie_format(&mine, &xml, err)))
 		return rc;
 	if (d->cfg->cookie_log) {

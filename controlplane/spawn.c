@@ -341,8 +341,6 @@ static int opt_blockdev(struct builder *b, const char *opt, const char *arg)
 					       "file.filename", "read-only", "auto-read-only", "discard", "cache.direct",
 					       "cache.no-flush", "detect-zeroes", "aio", "locking", "force-share",
 					       "offset", "size", NULL };
-	if (arg[0] == '{')
-		return ferry_err_set(b->err, EPERM, "-blockdev in JSON form is not read here: write it as key=value");
 	struct props p = { 0 };
 	int rc = props_parse(opt, arg, NULL, &p, b->err);
 	const char *drv = rc ? NULL : prop_get(&p, "driver");
@@ -688,6 +686,12 @@ int ferry_spawn_build(const struct ferry_spawn_config *cfg, const struct ferry_c
 				break;
 			}
 			arg = args[++i];
+		}
+		if (arg && arg[0] == '{' && r->action != DROP) {
+			/* QEMU's JSON option syntax: not parsed here, so not passed on. */
+			rc = ferry_err_set(err, EPERM, "option -%s in JSON form is not read here: write it as key=value",
+					   r->name);
+			break;
 		}
 		if (r->action == KEEP)
 			rc = opt_keep(&b, r->name, arg);

@@ -179,7 +179,8 @@ static void test_hostile(void)
 	REFUSED("property 'snapshot' is not allowed", Q, "-drive", "file=/a/b.img,format=raw,snapshot=on");
 	REFUSED("only the file and raw drivers", Q, "-blockdev", "driver=nbd,server.type=inet,export=x");
 	REFUSED("property 'server.host' is not allowed", Q, "-blockdev", "driver=raw,server.host=x");
-	REFUSED("JSON form", Q, "-blockdev", "{\"driver\":\"file\",\"filename\":\"/etc/shadow\"}");
+	REFUSED("option -device in JSON form", Q, "-device", "{\"driver\":\"vfio-pci\",\"host\":\"01:00.0\"}");
+	REFUSED("option -blockdev in JSON form", Q, "-blockdev", "{\"driver\":\"file\",\"filename\":\"/etc/shadow\"}");
 	REFUSED("the file name must be", Q, "-drive", "file=/a/..,format=raw");
 	REFUSED("the file name must be", Q, "-drive", "file=/a/,format=raw");
 	REFUSED("the file name must be", Q, "-drive", "file=json:{\"driver\":\"nbd\"},format=raw");

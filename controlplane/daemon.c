@@ -582,7 +582,9 @@ static bool no_monitor(const char *path)
 	if (strlen(path) >= sizeof(sa.sun_path))
 		return false;
 	strcpy(sa.sun_path, path);
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	/* Non-blocking: a live monitor busy with another client (full backlog)
+	 * says EAGAIN, never "refused". */
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 	if (fd < 0)
 		return false;
 	bool stale = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 && errno == ECONNREFUSED;

@@ -71,6 +71,9 @@ grep -q "ending the destination QEMU it started (pid $p)" "${FERRY_LOG[d]}" || f
 # gone, or a zombie this container's init has not reaped
 [ ! -e "/proc/$p" ] || grep -q '^[0-9]* (.*) [ZX] ' "/proc/$p/stat" || ferry_fail "the QEMU d started ($p) still runs"
 
+# a monitor socket left by a QEMU that ended is no QEMU waiting: b starts one
+python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])' "$QEMU_DIR/b/web-7.qmp" ||
+	ferry_fail "cannot leave a stale socket"
 out=$(ferry_ctl a migrate web-7 --to "${FERRY_LISTEN[b]}" 2>&1)
 rc=$?
 [ "$rc" -eq 0 ] || { echo "$out" >&2; ferry_fail "ferryctl migrate web-7 exited $rc"; }

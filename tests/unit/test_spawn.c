@@ -71,6 +71,7 @@ static void builds_to(const struct ferry_spawn_config *c, const char *const *arg
 } while (0)
 
 #define Q "qemu-system-x86_64"
+#define MAX_ARGS 64
 
 static void test_good(void)
 {
@@ -89,6 +90,20 @@ static void test_good(void)
 		     "-incoming|defer|-qmp|unix:/run/ferry/web,,1.qmp,server=on,wait=off|-pidfile|/run/ferry/web-1.pid",
 		  "the tests' command line: kept, remapped, dropped, added");
 	CHECK(cmd.nfiles == 2, "two files: %zu", cmd.nfiles);
+	{
+		/* A started QEMU can migrate on: its own command line comes out the same. */
+		char first[8192];
+		snprintf(first, sizeof(first), "%s", joined());
+		const char *again[MAX_ARGS + 1];
+		size_t n = 0;
+		for (; n < cmd.argc && n < MAX_ARGS; n++)
+			again[n] = strdup(cmd.argv[n]);
+		again[n] = NULL;
+		builds_to(&cfg, again, first, "a started QEMU's own command line");
+		for (size_t i = 0; i < n; i++)
+			free((char *)again[i]);
+	}
+	CHECK(build(&cfg, src) == 0, "rebuilt the first one");
 	CHECK(cmd.files[0].kind == FERRY_SPAWN_RAM && strcmp(cmd.files[0].path, "/dev/shm/ferry/ferry-test-9-src.ram") == 0,
 	      "RAM file remapped: %s", cmd.files[0].path);
 	CHECK(cmd.files[1].kind == FERRY_SPAWN_IMAGE && strcmp(cmd.files[1].device, "ide0-hd0") == 0 &&

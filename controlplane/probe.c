@@ -6,6 +6,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "spawn.h"
+
 int ferry_host_identity(const char *configured_uuid, char hostname[FERRY_COOKIE_HOSTNAME_MAX + 1],
 			char hostuuid[FERRY_COOKIE_UUID_LEN + 1], struct ferry_err *err)
 {
@@ -158,19 +160,13 @@ static void probe_cmdline(struct ferry_qmp *q, struct ferry_cookie_vm *vm)
 {
 	int pid;
 	struct ferry_err e = { 0 };
-	char path[64];
 	vm->nargs = vm->cmdline_len = 0;
 	if (ferry_qmp_peer_pid(q, &pid, &e))
 		return;
-	snprintf(path, sizeof(path), "/proc/%d/cmdline", pid);
-	FILE *f = fopen(path, "re");
-	if (!f)
-		return;
-	size_t n = fread(vm->cmdline, 1, sizeof(vm->cmdline), f);
-	bool more = fgetc(f) != EOF;
-	fclose(f);
-	if (more || n == 0 || vm->cmdline[n - 1] != '\0')
-		return; /* over 16 KiB, or cut */
+	long got = ferry_proc_read(pid, "cmdline", vm->cmdline, sizeof(vm->cmdline));
+	size_t n = got > 0 ? (size_t)got : 0;
+	if (n == 0 || vm->cmdline[n - 1] != '\0')
+		return; /* unreadable, over 16 KiB, or cut */
 	size_t nargs = 0;
 	for (size_t off = 0; off < n; off += strlen(vm->cmdline + off) + 1) {
 		size_t len = strlen(vm->cmdline + off);

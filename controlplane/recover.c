@@ -1,6 +1,7 @@
 #include "recover.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,6 +9,7 @@
 
 #include "jsonline.h"
 #include "qmp.h"
+#include "spawn.h"
 #include "state.h"
 
 #define QMP_TIMEOUT_MS  5000
@@ -29,6 +31,26 @@ static int qemu_states(struct ferry_qmp *q, char *run, size_t rlen, char *mig, s
 	json_decref(st);
 	json_decref(mi);
 	return rc;
+}
+
+/* The QEMU a destination daemon started for the migration (record's
+ * spawned_pid), still there though its monitor cannot settle it: end it.
+ * Its command line must name the record's monitor, so a pid reused since by
+ * another process is left alone. Returns whether it was ended. */
+static bool end_spawned(const struct ferry_state_record *r)
+{
+	char args[16384];
+	if (r->spawned_pid <= 0 || !r->qmp[0])
+		return false;
+	long got = ferry_proc_read((long)r->spawned_pid, "cmdline", args, sizeof(args) - 1);
+	if (got <= 0)
+		return false;
+	size_t n = (size_t)got;
+	args[n] = '\0';
+	bool ours = false;
+	for (size_t off = 0; off < n && !ours; off += strlen(args + off) + 1)
+		ours = strncmp(args + off, "unix:", 5) == 0 && strstr(args + off, r->qmp) != NULL;
+	return ours && kill((pid_t)r->spawned_pid, SIGKILL) == 0;
 }
 
 static json_t *dst_reply(const char *phase, const char *vm, const char *note)
@@ -60,7 +82,8 @@ json_t *ferry_recover_destination(const char *state_dir, uint32_t session, bool 
 	const char *phase;
 	if (ferry_qmp_connect(r.qmp, QMP_TIMEOUT_MS, &q, &e) || qemu_states(q, run, sizeof(run), mig, sizeof(mig), &e)) {
 		r.phase = FERRY_PHASE_FAILED;
-		snprintf(note, sizeof(note), "the destination QEMU is gone (%.200s)", e.msg);
+		snprintf(note, sizeof(note), "the destination QEMU is gone (%.160s)%s", e.msg,
+			 end_spawned(&r) ? "; the QEMU this daemon started for it was ended" : "");
 		phase = "failed";
 	} else if (strcmp(mig, "completed") == 0) {
 		struct ferry_err e2 = { 0 };

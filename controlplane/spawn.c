@@ -791,6 +791,32 @@ void ferry_spawn_remove_ram(const struct ferry_spawn_cmd *c)
 
 /* ---- the process ------------------------------------------------------------------ */
 
+long ferry_proc_read(long pid, const char *file, char *buf, size_t len)
+{
+	char path[96];
+	snprintf(path, sizeof(path), "/proc/%ld/%s", pid, file);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	size_t n = 0;
+	char extra;
+	for (;;) {
+		ssize_t r = n < len ? read(fd, buf + n, len - n) : read(fd, &extra, 1);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r < 0 || (n == len && r > 0)) {
+			int e = r < 0 ? errno : E2BIG;
+			close(fd);
+			return -e;
+		}
+		if (r == 0)
+			break;
+		n += (size_t)r;
+	}
+	close(fd);
+	return (long)n;
+}
+
 int ferry_spawn_start(const struct ferry_spawn_cmd *c, const char *log_path, struct ferry_spawned *out,
 		      struct ferry_err *err)
 {

@@ -76,6 +76,10 @@ int ferry_spawn_check_files(struct ferry_spawn_cmd *c, const struct ferry_cookie
 /* Remove the RAM files ferry_spawn_check_files created. */
 void ferry_spawn_remove_ram(const struct ferry_spawn_cmd *c);
 
+/* Read /proc/PID/FILE (e.g. "cmdline") into buf: the number of bytes, or
+ * -errno; -E2BIG when it holds more than len bytes. */
+long ferry_proc_read(long pid, const char *file, char *buf, size_t len);
+
 /* A started destination QEMU. */
 struct ferry_spawned {
 	pid_t pid;

@@ -286,13 +286,10 @@ static void test_files(void)
 /* Gone, or a zombie its new parent has not reaped yet. */
 static bool gone(pid_t pid)
 {
-	char path[64], stat[256] = "";
-	snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-	FILE *f = fopen(path, "r");
-	if (!f)
-		return true;
-	size_t n = fread(stat, 1, sizeof(stat) - 1, f);
-	fclose(f);
+	char stat[256];
+	long n = ferry_proc_read(pid, "stat", stat, sizeof(stat) - 1);
+	if (n < 0)
+		return n != -E2BIG;
 	stat[n] = '\0';
 	const char *p = strrchr(stat, ')');
 	return p && (p[2] == 'Z' || p[2] == 'X');
@@ -317,6 +314,9 @@ static void test_start(void)
 	pid_t pid = s.pid;
 	ferry_spawn_kill(&s, 5000);
 	CHECK(s.pid == -1 && gone(pid), "killed and gone");
+	char big[4];
+	CHECK(ferry_proc_read(getpid(), "cmdline", big, sizeof(big)) == -E2BIG, "a /proc file over the buffer: -E2BIG");
+	CHECK(ferry_proc_read(999999999, "cmdline", big, sizeof(big)) == -ENOENT, "no such process: -ENOENT");
 	char *bad[] = { (char *)"/nonexistent/qemu", NULL };
 	c.argv = bad;
 	c.argc = 1;

@@ -1,12 +1,15 @@
 /* Durable migration records: round trip, replace, damaged files skipped,
- * removal. */
+ * removal; recover ending a destination QEMU the daemon started. */
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "check.h"
+#include "controlplane/recover.h"
 #include "controlplane/state.h"
 
 int main(void)
@@ -83,6 +86,50 @@ int main(void)
 	      "done is final; sent and unknown need recovery");
 	CHECK(ferry_state_phase_parse("unknown") == FERRY_PHASE_UNKNOWN && ferry_state_phase_parse("x") == 0,
 	      "phase names parse");
+
+	{
+		/* A destination's record of a QEMU it started, whose monitor is
+		 * gone: recover ends that QEMU, found by its command line naming
+		 * the monitor, and leaves a process that does not alone. */
+		char qmp[300];
+		snprintf(qmp, sizeof(qmp), "%s/web-1.qmp", dir);
+		char qarg[400];
+		snprintf(qarg, sizeof(qarg), "unix:%s,server=on,wait=off", qmp);
+		pid_t ours = fork(), other = ours > 0 ? fork() : -1;
+		if (ours == 0) {
+			execlp("sh", "sh", "-c", "sleep 30; :", "-qmp", qarg, (char *)NULL);
+			_exit(127);
+		}
+		if (other == 0) {
+			execlp("sh", "sh", "-c", "sleep 30; :", "-qmp", "unix:/elsewhere.qmp", (char *)NULL);
+			_exit(127);
+		}
+		CHECK(ours > 0 && other > 0, "two stand-ins for QEMU");
+		usleep(100000);
+		struct ferry_state_record dr = { .id = 77, .role = FERRY_ROLE_DESTINATION, .phase = FERRY_PHASE_PREPARED,
+						.spawned_pid = ours };
+		snprintf(dr.qmp, sizeof(dr.qmp), "%s", qmp);
+		CHECK(ferry_state_write(sub, &dr, &err) == 0, "destination record with a started QEMU");
+		ferry_err_clear(&err);
+		json_t *rep = ferry_recover_destination(sub, 77, false, false, &err);
+		const char *note = json_string_value(json_object_get(rep, "note"));
+		CHECK(note && strstr(note, "the QEMU this daemon started for it was ended"), "recover ends it: %s",
+		      note ? note : err.msg);
+		json_decref(rep);
+		int ws = 0;
+		CHECK(waitpid(ours, &ws, 0) == ours && WIFSIGNALED(ws) && WTERMSIG(ws) == SIGKILL, "killed");
+		dr.id = 78;
+		dr.phase = FERRY_PHASE_PREPARED;
+		dr.spawned_pid = other;
+		CHECK(ferry_state_write(sub, &dr, &err) == 0, "a record whose pid is another process now");
+		rep = ferry_recover_destination(sub, 78, false, false, &err);
+		note = json_string_value(json_object_get(rep, "note"));
+		CHECK(note && !strstr(note, "was ended") && kill(other, 0) == 0, "that one is left alone: %s",
+		      note ? note : err.msg);
+		json_decref(rep);
+		kill(other, SIGKILL);
+		waitpid(other, &ws, 0);
+	}
 
 	char cmd[300];
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);

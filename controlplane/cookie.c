@@ -668,8 +668,6 @@ static int parse_cmdline(xmlNode *cl, struct ferry_cookie_vm *vm, struct ferry_e
 	const char *why;
 	int r = 0;
 
-	if (vm->nargs)
-		return bad(err, "cookie has more than one <qemu-cmdline>");
 	for (xmlNode *n = cl->children; n; n = n->next) {
 		char *v;
 
@@ -719,9 +717,17 @@ static int parse_vm(xmlNode *vm, struct ferry_cookie *c, struct ferry_err *err)
 		goto out;
 	}
 	memcpy(c->vm.machine, machine, strlen(machine) + 1);
+	bool cmdline = false;
 	for (xmlNode *n = vm->children; n; n = n->next) {
-		if (is_elem(n, "qemu-cmdline") && (r = parse_cmdline(n, &c->vm, err)) < 0)
-			goto out;
+		if (is_elem(n, "qemu-cmdline")) {
+			if (cmdline) {
+				r = bad(err, "cookie has more than one <qemu-cmdline>");
+				goto out;
+			}
+			cmdline = true;
+			if ((r = parse_cmdline(n, &c->vm, err)) < 0)
+				goto out;
+		}
 		if (!is_elem(n, "blockdev"))
 			continue;
 		if (++count > FERRY_COOKIE_MAX_BLOCKDEVS) {

@@ -40,7 +40,7 @@ cp "$DIRTY_BIN" "$QEMU_DIR/web.img" || ferry_fail "cannot copy the boot image"
 qemu_start src --ram "$RAM" --boot "$QEMU_DIR/web.img" -- -qmp "unix:$QEMU_DIR/a/web-7.qmp,server=on,wait=off" ||
 	ferry_fail "starting src failed"
 # a VM whose command line has an option b will not start (rng-random reads a host device)
-qemu_start odd --ram 64M --stopped -- -object rng-random,id=rng0,filename=/dev/urandom \
+qemu_start odd --ram 64M -- -object rng-random,id=rng0,filename=/dev/urandom \
 	-qmp "unix:$QEMU_DIR/a/odd-1.qmp,server=on,wait=off" || ferry_fail "starting odd failed"
 wait_heartbeat "$(qemu_ramfile src)" 3 60 >/dev/null || ferry_fail "the guest does not run"
 
@@ -60,7 +60,7 @@ refused() {
 	log "$what: refused: $(grep -o 'destination daemon refused.*' <<<"$out" | head -n 1)"
 }
 refused "missing image" web-7 "${FERRY_LISTEN[b]}" "$store/web.img" running
-refused "hostile option" odd-1 "${FERRY_LISTEN[b]}" "-object rng-random is not started here" prelaunch
+refused "hostile option" odd-1 "${FERRY_LISTEN[b]}" "-object rng-random is not started here" running
 cp "$QEMU_DIR/web.img" "$store/web.img" || ferry_fail "cannot fill the storage dir"
 refused "spawning disabled" web-7 "${FERRY_LISTEN[c]}" "does not start one (ferryd --disable spawn)" running
 refused "plan fails after the start" web-7 "${FERRY_LISTEN[d]}" "the destination does not support it" running --channels 2 \

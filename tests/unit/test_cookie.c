@@ -418,6 +418,9 @@ static void test_identity(void)
 	REJECTS(HEAD "<vm memory='1' vcpus='1' machine='pc'><qemu-cmdline><arg>a</arg></qemu-cmdline>"
 		"<qemu-cmdline><arg>b</arg></qemu-cmdline></vm>" TAIL, -EPROTO, "more than one <qemu-cmdline>",
 		"two command lines");
+	REJECTS(HEAD "<vm memory='1' vcpus='1' machine='pc'><qemu-cmdline/>"
+		"<qemu-cmdline><arg>b</arg></qemu-cmdline></vm>" TAIL, -EPROTO, "more than one <qemu-cmdline>",
+		"an empty command line, then another");
 	REJECTS(HEAD "<vm memory='1' vcpus='1' machine='pc'><qemu-cmdline><arg><b/></arg></qemu-cmdline></vm>" TAIL,
 		-EPROTO, "<arg> must contain only text", "an argument with an element");
 	{

@@ -58,6 +58,9 @@ struct dst_entry {
 	bool spawn_keep;
 	char qmp_path[PATH_MAX];
 	char pidfile[PATH_MAX];
+	/* Guarded postcopy: our QEMU keeps the VM paused after the switch until
+	 * the source, told the devices loaded, says go. Without go it must die. */
+	bool pc_guarded, pc_go;
 };
 
 /* A source-side tunnel opened from the admin socket: one session for a fixed
@@ -331,6 +334,12 @@ static void dst_free(struct dst_entry *e)
 	if (!e)
 		return;
 	ferry_session_close(e->sess);
+	if (e->pc_guarded && !e->pc_go && e->qmp) {
+		/* The source may have taken the VM back: this paused copy must
+		 * never be resumed by anyone. */
+		struct ferry_err qe = { 0 };
+		(void)ferry_qmp_execute(e->qmp, "quit", NULL, NULL, &qe);
+	}
 	ferry_qmp_close(e->qmp);
 	e->qmp = NULL;
 	dst_spawned_end(e);
@@ -749,6 +758,13 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 	    ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
 			       "capability", "postcopy-ram", "state", 1))
 		goto fail;
+	/* Guarded postcopy: `stop` while incoming turns QEMU's autostart off,
+	 * so after the postcopy switch the VM stays paused until postcopy-go. */
+	if ((plan.features & FERRY_F_POSTCOPY) && (plan.features & FERRY_F_POSTCOPY_SETUP)) {
+		if (ferry_qmp_execute(e->qmp, "stop", NULL, NULL, err))
+			goto fail;
+		e->pc_guarded = true;
+	}
 	if (channels > 0) {
 		if (ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
 				       "capability", "multifd", "state", 1) ||
@@ -815,6 +831,20 @@ static struct dst_entry *take_migration(struct daemon *d, json_t *req, struct fe
 		return NULL;
 	}
 	return e;
+}
+
+/* Return a migration taken with take_migration to the table, with the reply
+ * r made for it (NULL on failure, err set); frees both if that fails. */
+static json_t *put_back(struct daemon *d, struct dst_entry *e, json_t *r, struct ferry_err *err)
+{
+	struct ferry_err e2 = { 0 };
+	if (dst_insert(d, e, &e2)) {
+		dst_free(e);
+		json_decref(r);
+		ferry_err_set(err, e2.code, "%s", e2.msg);
+		return NULL;
+	}
+	return r;
 }
 
 static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_err *err)
@@ -884,6 +914,80 @@ static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_e
 	return r;
 }
 
+/* Guarded postcopy, step 1: the source switched to postcopy; wait until our
+ * QEMU has loaded every device. It is then paused in postcopy-active (the
+ * package's POSTCOPY_RUN found autostart off), and has not run the VM. */
+static json_t *peer_postcopy_setup_wait(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	unsigned timeout_ms;
+	if (req_uint(req, "timeout_ms", 60000, 600000, &timeout_ms, err))
+		return NULL;
+	struct dst_entry *e = take_migration(d, req, err);
+	if (!e)
+		return NULL;
+	json_t *r = NULL;
+	if (!e->pc_guarded) {
+		ferry_err_set(err, EINVAL, "session %u was not prepared for guarded postcopy", e->id);
+		goto out;
+	}
+	for (unsigned waited = 0;; waited += 20) {
+		json_t *info = NULL, *vs = NULL;
+		if (ferry_qmp_execute(e->qmp, "query-migrate", NULL, &info, err) ||
+		    ferry_qmp_execute(e->qmp, "query-status", NULL, &vs, err)) {
+			json_decref(info);
+			ferry_err_prefix(err, "the destination QEMU did not survive loading the devices");
+			break;
+		}
+		const char *ms = json_string_value(json_object_get(info, "status"));
+		const char *rs = json_string_value(json_object_get(vs, "status"));
+		bool switched = ms && (strcmp(ms, "postcopy-active") == 0 || strcmp(ms, "completed") == 0);
+		bool loaded = switched && rs && strcmp(rs, "paused") == 0;
+		if (ms && strcmp(ms, "failed") == 0) {
+			const char *desc = json_string_value(json_object_get(info, "error-desc"));
+			ferry_err_set(err, EIO, "the destination QEMU failed loading the migration: %s",
+				      desc ? desc : "no reason given");
+		} else if (rs && strcmp(rs, "running") == 0) {
+			/* autostart was on after all: that must not happen */
+			ferry_err_set(err, EPROTO, "the destination QEMU runs the VM without being told to");
+		}
+		json_decref(info);
+		json_decref(vs);
+		if (err->code)
+			break;
+		if (loaded) {
+			logf_(d, "session %u: postcopy set-up: the destination QEMU loaded every device", e->id);
+			r = reply_ok();
+			break;
+		}
+		if (waited >= timeout_ms) {
+			ferry_err_set(err, ETIMEDOUT, "the destination QEMU did not load the devices within %u ms", timeout_ms);
+			break;
+		}
+		usleep(20000);
+	}
+	if (!r)
+		logf_(d, "session %u: postcopy set-up failed: %s", e->id, err->msg);
+out:
+	return put_back(d, e, r, err);
+}
+
+/* Guarded postcopy, step 2: the source committed to us; run the VM. */
+static json_t *peer_postcopy_go(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	struct dst_entry *e = take_migration(d, req, err);
+	if (!e)
+		return NULL;
+	json_t *r = NULL;
+	if (!e->pc_guarded)
+		ferry_err_set(err, EINVAL, "session %u was not prepared for guarded postcopy", e->id);
+	else if (ferry_qmp_execute(e->qmp, "cont", NULL, NULL, err) == 0) {
+		e->pc_go = true;
+		logf_(d, "session %u: postcopy: the VM runs here now", e->id);
+		r = reply_ok();
+	}
+	return put_back(d, e, r, err);
+}
+
 /* The source's lane is up: give its socket to the destination QEMU. */
 static json_t *peer_migrate_handoff(struct daemon *d, json_t *req, struct ferry_err *err)
 {
@@ -901,14 +1005,7 @@ static json_t *peer_migrate_handoff(struct daemon *d, json_t *req, struct ferry_
 			logf_(d, "session %u: connection handed to the destination QEMU", e->id);
 		}
 	}
-	struct ferry_err e2 = { 0 };
-	if (dst_insert(d, e, &e2)) {
-		dst_free(e);
-		json_decref(r);
-		ferry_err_set(err, e2.code, "%s", e2.msg);
-		return NULL;
-	}
-	return r;
+	return put_back(d, e, r, err);
 }
 
 static json_t *peer_session_close(struct daemon *d, json_t *req, struct ferry_err *err)
@@ -1201,15 +1298,9 @@ static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *er
 	p.no_handoff = json_is_false(json_object_get(req, "handoff"));
 	p.keep_source = json_is_true(json_object_get(req, "keep_source"));
 	p.postcopy = json_is_true(json_object_get(req, "postcopy"));
-	if (p.postcopy && !json_is_true(json_object_get(req, "force_postcopy"))) {
-		/* Issue: ferry cannot yet hold the switch until the destination
-		 * acknowledged it loaded every device (QEMU 7.2 has no such state):
-		 * a destination failing then would leave the source paused for good. */
-		ferry_err_set(err, ENOTSUP, "postcopy: ferry cannot yet confirm the destination loaded every device before it "
-			      "runs the VM, so a failure during the switch would leave the source paused for good; "
-			      "add --force-postcopy to accept that risk");
-		return NULL;
-	}
+	/* Without the set-up acknowledgement (decided with the peer) postcopy
+	 * needs this; migrate.c refuses otherwise. */
+	p.force_postcopy = json_is_true(json_object_get(req, "force_postcopy"));
 	json_t *jafter = json_object_get(req, "postcopy_after_ms");
 	p.postcopy_after_ms = json_is_integer(jafter) && json_integer_value(jafter) >= 0 &&
 				      json_integer_value(jafter) <= 86400000
@@ -1446,7 +1537,8 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 			return NULL;
 		}
 		bool acts = strcmp(cmd, "session-close") == 0 || strcmp(cmd, "migrate-finish") == 0 ||
-			    strcmp(cmd, "migrate-abort") == 0 || strcmp(cmd, "migrate-handoff") == 0;
+			    strcmp(cmd, "migrate-abort") == 0 || strcmp(cmd, "migrate-handoff") == 0 ||
+			    strcmp(cmd, "postcopy-setup-wait") == 0 || strcmp(cmd, "postcopy-go") == 0;
 		if (acts && !conn_owns(c, req)) {
 			ferry_err_set(err, EPERM, "session %lld was not opened on this connection",
 				      (long long)json_integer_value(json_object_get(req, "session")));
@@ -1472,6 +1564,10 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 			return peer_migrate_finish(d, req, err);
 		if (strcmp(cmd, "migrate-handoff") == 0)
 			return peer_migrate_handoff(d, req, err);
+		if (strcmp(cmd, "postcopy-setup-wait") == 0)
+			return peer_postcopy_setup_wait(d, req, err);
+		if (strcmp(cmd, "postcopy-go") == 0)
+			return peer_postcopy_go(d, req, err);
 		if (strcmp(cmd, "migrate-abort") == 0) {
 			uint64_t id;
 			if (req_u64(req, "session", &id, err))

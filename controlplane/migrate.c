@@ -13,6 +13,7 @@
 
 #include "cookie.h"
 #include "jsonline.h"
+#include "pcguard.h"
 #include "plan.h"
 #include "probe.h"
 #include "qmp.h"
@@ -32,7 +33,7 @@ struct ferry_migration {
 	char *src_qmp, *dst_qmp, *peer, *run_dir;
 	unsigned channels, lanes;
 	int stall_timeout_s;
-	bool no_handoff, keep_source, postcopy;
+	bool no_handoff, keep_source, postcopy, force_postcopy;
 	unsigned postcopy_after_ms;
 	uint32_t require, disabled;
 	int transport;
@@ -404,6 +405,79 @@ static void record(struct ferry_migration *m, enum ferry_state_phase phase, cons
 	}
 }
 
+/* How long the destination may take from the postcopy switch to having
+ * loaded every device (it reads the whole package first). */
+#define POSTCOPY_SETUP_TIMEOUT_MS 60000
+/* Rescue: how long QEMU may take to push its remaining RAM into the sink,
+ * and to settle once told its migration ended. */
+#define RESCUE_DRAIN_TIMEOUT_S 300
+#define RESCUE_END_TIMEOUT_S 30
+
+/* Postcopy set-up (the guard's purpose): ask the destination daemon to wait
+ * until its QEMU loaded every device (it is then paused, never running,
+ * because the destination turned autostart off at Prepare). 0 = loaded. */
+static int postcopy_setup_wait(struct ferry_jl *jl, uint32_t session, struct ferry_err *err)
+{
+	json_t *req = json_pack("{s:s, s:I, s:i}", "cmd", "postcopy-setup-wait", "session", (json_int_t)session,
+				"timeout_ms", POSTCOPY_SETUP_TIMEOUT_MS);
+	if (!req)
+		return ferry_err_set(err, ENOMEM, "out of memory");
+	json_t *rep = NULL;
+	int rc = ferry_jl_call(jl, req, POSTCOPY_SETUP_TIMEOUT_MS + 10000, &rep, err);
+	json_decref(req);
+	json_decref(rep);
+	return rc;
+}
+
+/* The destination failed (or fell silent) before acknowledging: it never ran
+ * the VM. Let the source QEMU finish its postcopy into the guard's sink, then
+ * run the VM here again. QEMU 7.2 cannot leave postcopy-active any other way
+ * (migrate_cancel stays in "cancelling"; cont says "not finalized"). */
+static int postcopy_rescue(struct ferry_migration *m, struct ferry_qmp *q, struct ferry_pcguard *g, bool was_running,
+			   struct ferry_err *err)
+{
+	(void)ferry_pcguard_rescue(g);
+	bool shut_sent = false;
+	double t0 = since(&m->t0), shut_t = 0;
+	for (;;) {
+		json_t *info = NULL;
+		int rc = ferry_qmp_execute(q, "query-migrate", NULL, &info, err);
+		if (rc)
+			return ferry_err_prefix(err, "rescuing the source after the failed postcopy set-up");
+		char status[32];
+		const char *js = json_string_value(json_object_get(info, "status"));
+		snprintf(status, sizeof(status), "%s", js ? js : "?");
+		bool over = strcmp(status, "completed") == 0 || strcmp(status, "failed") == 0 ||
+			    strcmp(status, "cancelled") == 0;
+		uint64_t remaining = ju(json_object_get(info, "ram"), "remaining");
+		bool has_ram = json_object_get(info, "ram") != NULL;
+		json_decref(info);
+		if (over)
+			break;
+		if (strcmp(status, "postcopy-paused") == 0)
+			return ferry_err_set(err, EIO, "the source QEMU paused its postcopy although ferry held its channel");
+		struct ferry_pcguard_state st;
+		ferry_pcguard_state(g, &st);
+		/* QEMU's last byte is QEMU_VM_EOF (0) after its final RAM section;
+		 * it then waits for the destination's SHUT on the return path.
+		 * A SHUT any earlier would close the channel under QEMU's feet. */
+		if (!shut_sent && strcmp(status, "postcopy-active") == 0 && has_ram && remaining == 0 &&
+		    st.quiet_s >= 0.5 && (st.sunk_bytes == 0 || st.last_sunk_byte == 0)) {
+			if ((rc = ferry_pcguard_send_shut(g, err)))
+				return rc;
+			shut_sent = true;
+			shut_t = since(&m->t0);
+		}
+		double now = since(&m->t0);
+		if ((!shut_sent && now - t0 > RESCUE_DRAIN_TIMEOUT_S) || (shut_sent && now - shut_t > RESCUE_END_TIMEOUT_S))
+			return ferry_err_set(err, ETIMEDOUT, "the source QEMU did not end its postcopy (status '%s')", status);
+		struct timespec ts = { 0, 50 * 1000000L };
+		nanosleep(&ts, NULL);
+	}
+	recover_source(m, q, was_running);
+	return 0;
+}
+
 static void *migration_main(void *arg)
 {
 	struct ferry_migration *m = arg;
@@ -415,6 +489,10 @@ static void *migration_main(void *arg)
 	/* Once the source QEMU completed, the destination may already run the
 	 * VM: from then on the source must never be resumed by us. */
 	bool src_completed = false;
+	/* Guarded postcopy: the destination acknowledged it loaded every device
+	 * (committed), or failed before and the source was taken back (rescued). */
+	struct ferry_pcguard *guard = NULL;
+	bool pc_committed = false, rescued = false;
 	enum ferry_migration_state final = FERRY_MIG_FAILED;
 	char endpoint[FERRY_DP_ENDPOINT_MAX];
 	char path[512];
@@ -481,6 +559,14 @@ static void *migration_main(void *arg)
 		snprintf(m->prog.transport, sizeof(m->prog.transport), "%s relay, %u lane%s", ferry_dp_driver_name(m->dp),
 			 sp.lanes, sp.lanes == 1 ? "" : "s");
 	pthread_mutex_unlock(&m->lock);
+	bool guarded = (plan.features & FERRY_F_POSTCOPY) && (plan.features & FERRY_F_POSTCOPY_SETUP);
+	if ((plan.features & FERRY_F_POSTCOPY) && !guarded && !m->force_postcopy) {
+		rc = ferry_err_set(&err, ENOTSUP, "postcopy: the set-up acknowledgement is not available (%s), so a "
+				   "destination failing during the switch would leave the source paused for good; add "
+				   "--force-postcopy to accept that risk",
+				   plan.nnotes ? plan.notes[plan.nnotes - 1] : "one side lacks postcopy-setup");
+		goto out;
+	}
 	if ((rc = set_source_caps(q, plan.channels, (plan.features & FERRY_F_POSTCOPY) != 0, &err)))
 		goto out;
 	if (cancelled(m))
@@ -505,6 +591,29 @@ static void *migration_main(void *arg)
 		close(fd);
 		if (rc) {
 			ferry_err_prefix(&err, "handing the connection to QEMU");
+			goto out;
+		}
+		snprintf(uri, sizeof(uri), "fd:ferry-migration");
+	} else if (guarded) {
+		/* QEMU's channel goes through the guard, which holds it until the
+		 * destination acknowledged the postcopy set-up. */
+		rc = ferry_session_create_src(m->dp, &sp, endpoint, &sess, &err);
+		if (rc) {
+			ferry_err_prefix(&err, "cannot open the data lanes");
+			goto out;
+		}
+		int qemu_fd, dp_fd;
+		if ((rc = ferry_pcguard_start(&guard, &qemu_fd, &dp_fd, &err)))
+			goto out;
+		if ((rc = ferry_session_add_stream(sess, dp_fd, &err))) {
+			close(dp_fd);
+			close(qemu_fd);
+			goto out;
+		}
+		rc = ferry_qmp_getfd(q, qemu_fd, "ferry-migration", &err);
+		close(qemu_fd);
+		if (rc) {
+			ferry_err_prefix(&err, "handing the guarded channel to QEMU");
 			goto out;
 		}
 		snprintf(uri, sizeof(uri), "fd:ferry-migration");
@@ -578,9 +687,40 @@ static void *migration_main(void *arg)
 			pthread_mutex_lock(&m->lock);
 			m->prog.postcopy_at_s = since(&m->t0);
 			pthread_mutex_unlock(&m->lock);
+			if (guard) {
+				json_decref(info);
+				struct ferry_err why = { 0 };
+				if (postcopy_setup_wait(&jl, sp.id, &why) != 0 && why.code == 0)
+					ferry_err_set(&why, EIO, "no acknowledgement from the destination daemon");
+				if (why.code == 0 && ferry_pcguard_commit(guard) != 0)
+					ferry_err_set(&why, EPIPE, "the destination loaded every device, but the data lanes "
+							  "broke before ferry could commit to it: it lacks pages and must not run");
+				if (why.code == 0) {
+					/* From here the destination owns the VM. */
+					record(m, FERRY_PHASE_SENT, "postcopy: the destination loaded every device");
+					pc_committed = true;
+					src_completed = true;
+					if ((rc = peer_simple(&jl, "postcopy-go", sp.id, PEER_TIMEOUT_MS, NULL, &err))) {
+						ferry_err_prefix(&err, "postcopy: the destination loaded every device but "
+								 "could not be told to run the VM");
+						goto out;
+					}
+					continue;
+				}
+				rescued = true;
+				struct ferry_err e2 = { 0 };
+				if (postcopy_rescue(m, q, guard, was_running, &e2) == 0)
+					rc = ferry_err_set(&err, EIO, "postcopy set-up failed at the destination (%.400s); the "
+							   "source VM was taken back and %s, nothing was lost", why.msg,
+							   was_running ? "runs again" : "stays paused");
+				else
+					rc = ferry_err_set(&err, EIO, "postcopy set-up failed at the destination (%.300s) and "
+							   "taking the source back failed too: %.300s", why.msg, e2.msg);
+				goto out;
+			}
 		}
 		bool in_postcopy = status && strncmp(status, "postcopy", 8) == 0;
-		if (in_postcopy)
+		if (in_postcopy && (!guard || pc_committed))
 			src_completed = true; /* the destination may run the VM now: never resume the source */
 		bool switching = status && (strcmp(status, "device") == 0 || strcmp(status, "pre-switchover") == 0 ||
 					    in_postcopy);
@@ -709,12 +849,14 @@ out:
 		/* The transport may have failed just as the source completed. */
 		json_t *info = NULL;
 		struct ferry_err e3 = { 0 };
-		if (!src_completed && q && ferry_qmp_execute(q, "query-migrate", NULL, &info, &e3) == 0) {
+		if (!src_completed && !rescued && q && ferry_qmp_execute(q, "query-migrate", NULL, &info, &e3) == 0) {
 			const char *now = json_string_value(json_object_get(info, "status"));
 			src_completed = now && strcmp(now, "completed") == 0;
 		}
 		json_decref(info);
-		if (src_completed) {
+		if (rescued) {
+			/* postcopy_rescue already put the VM back (or said why not) */
+		} else if (src_completed) {
 			report_unknown_outcome(m, q, &err);
 			record(m, FERRY_PHASE_UNKNOWN, err.msg);
 		} else {
@@ -725,6 +867,7 @@ out:
 		record(m, FERRY_PHASE_DONE, m->keep_source ? "source kept paused" : "source ended");
 	}
 	ferry_session_close(sess);
+	ferry_pcguard_stop(guard);
 	ferry_jl_close(&jl);
 	ferry_qmp_close(q);
 	pthread_mutex_lock(&m->lock);
@@ -760,6 +903,7 @@ int ferry_migration_start(struct ferry_dp *dp, const struct ferry_migration_para
 	m->no_handoff = p->no_handoff;
 	m->keep_source = p->keep_source;
 	m->postcopy = p->postcopy;
+	m->force_postcopy = p->force_postcopy;
 	m->postcopy_after_ms = p->postcopy_after_ms;
 	m->require = p->require;
 	m->disabled = p->disabled;

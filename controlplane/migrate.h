@@ -26,6 +26,7 @@ struct ferry_migration_params {
 	int transport;            /* enum ferry_cookie_driver_kind; 0 = the best both sides have */
 	bool keep_source;         /* after success leave the source QEMU paused instead of ending it */
 	bool postcopy;            /* switch to postcopy postcopy_after_ms into the migration */
+	bool force_postcopy;      /* postcopy even without the set-up acknowledgement */
 	unsigned postcopy_after_ms;
 	const char *hostname;     /* this host, for the cookie */
 	const char *hostuuid;

@@ -169,15 +169,22 @@ int ferry_plan_choose(const struct ferry_side_caps *src, const struct ferry_side
 	}
 
 	if (req->postcopy) {
-		if (both & FERRY_F_POSTCOPY)
+		if (both & FERRY_F_POSTCOPY) {
 			out->features |= FERRY_F_POSTCOPY;
-		else
+			if (both & FERRY_F_POSTCOPY_SETUP)
+				out->features |= FERRY_F_POSTCOPY_SETUP;
+			else
+				note(out, "postcopy-setup: %s; postcopy without the set-up acknowledgement",
+				     lacking(src->features, dst->features, FERRY_F_POSTCOPY_SETUP));
+		} else
 			note(out, "postcopy: %s; migrating in precopy", lacking(src->features, dst->features, FERRY_F_POSTCOPY));
 	}
 
 	/* Handing the connection to QEMU saves every copy, but only a single
 	 * kernel TCP stream can be handed over. */
-	if (out->transport == FERRY_COOKIE_DRIVER_TCP && out->channels == 0 && !req->no_handoff) {
+	/* The set-up acknowledgement needs ferry to hold QEMU's channel. */
+	bool guarded = out->features & FERRY_F_POSTCOPY_SETUP;
+	if (out->transport == FERRY_COOKIE_DRIVER_TCP && out->channels == 0 && !req->no_handoff && !guarded) {
 		if (both & FERRY_F_HANDOFF) {
 			out->handoff = true;
 			out->features |= FERRY_F_HANDOFF;
@@ -199,7 +206,9 @@ bool ferry_plan_equal(const struct ferry_plan *a, const struct ferry_plan *b)
 
 void ferry_plan_describe(const struct ferry_plan *p, char *buf, size_t len)
 {
-	const char *pc = (p->features & FERRY_F_POSTCOPY) ? ", postcopy" : "";
+	const char *pc = !(p->features & FERRY_F_POSTCOPY)          ? ""
+			 : (p->features & FERRY_F_POSTCOPY_SETUP) ? ", postcopy (set-up acknowledged)"
+								  : ", postcopy";
 	if (p->channels)
 		snprintf(buf, len, "%s %s, %u multifd channel%s%s", driver_name(p->transport), p->handoff ? "handoff" : "relay",
 			 p->channels, p->channels == 1 ? "" : "s", pc);

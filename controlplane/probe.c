@@ -93,8 +93,10 @@ int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled
 		const char *name = json_string_value(json_object_get(c, "capability"));
 		if (name && strcmp(name, "multifd") == 0)
 			out->features |= FERRY_F_MULTIFD;
+		/* ferry's guard gives the set-up acknowledgement on any QEMU
+		 * with postcopy (controlplane/pcguard.h). */
 		if (name && strcmp(name, "postcopy-ram") == 0)
-			out->features |= FERRY_F_POSTCOPY;
+			out->features |= FERRY_F_POSTCOPY | FERRY_F_POSTCOPY_SETUP;
 	}
 	json_decref(caps);
 	/* Storage migration is advertised once ferry carries it. */

@@ -90,12 +90,7 @@ echo "recovered: $out"
 wait_status "$(qemu_sock dst1)" running 10 || ferry_fail "dst1 was not resumed"
 for _ in $(seq 50); do qemu_alive src1 || break; sleep 0.1; done
 qemu_alive src1 && ferry_fail "src1 still exists: the VM could run twice"
-w1=$(heartbeat_words "$(qemu_ramfile dst1)")
-sleep 1
-w2=$(heartbeat_words "$(qemu_ramfile dst1)")
-[ "$w2" -gt "$w1" ] || ferry_fail "the guest does not run on dst1 ($w1 -> $w2)"
-qmp "$(qemu_sock dst1)" stop >/dev/null
-o=$("$RAMCHECK" pattern "$(qemu_ramfile dst1)") || { echo "$o" >&2; ferry_fail "dst1's memory is inconsistent"; }
+vm_runs_consistent dst1 "after recover"
 out=$(ferry_ctl a recover) || ferry_fail "a second recover failed: $out"
 [ "$out" = "nothing to recover" ] || ferry_fail "a settled migration came back: $out"
 out=$(ferry_ctl a status)

@@ -459,6 +459,21 @@ wait_mig_active() {
 # of both QEMUs for the whole migration. A test that must talk to a QEMU
 # meanwhile gives it a second monitor:
 #   qemu_start src ... -- $(side_qmp_args src)   ...   qmp "$(side_sock src)" ...
+# vm_runs_consistent NAME WHEN: the test guest runs on NAME (its heartbeat
+# advances), then, stopped, its memory passes ramcheck's pattern check.
+# Fails the test otherwise (WHEN says after what, for the message).
+vm_runs_consistent() {
+	local name=$1 when=$2 f w1 w2 o
+	wait_status "$(qemu_sock "$name")" running 10 || ferry_fail "$name does not run $when"
+	f=$(qemu_ramfile "$name")
+	w1=$(heartbeat_words "$f")
+	sleep 1
+	w2=$(heartbeat_words "$f")
+	[ "$w2" -gt "$w1" ] || ferry_fail "the guest on $name does not run $when ($w1 -> $w2)"
+	qmp "$(qemu_sock "$name")" stop >/dev/null
+	o=$("$RAMCHECK" pattern "$f") || { echo "$o" >&2; ferry_fail "$name's memory is inconsistent $when"; }
+}
+
 side_sock() { echo "$QEMU_DIR/$1-side.qmp"; }
 side_qmp_args() { echo "-qmp unix:$(side_sock "$1"),server=on,wait=off"; }
 

@@ -113,6 +113,16 @@ int main(void)
 	CHECK(choose(&full, &full, &req, &p, &err) == 0 && (p.features & FERRY_F_POSTCOPY) && p.nnotes == 0,
 	      "postcopy when both have it");
 	ferry_plan_describe(&p, desc0, sizeof(desc0));
+	CHECK(strcmp(desc0, "tcp relay, single channel, postcopy (set-up acknowledged)") == 0, "described: %s", desc0);
+	CHECK((p.features & FERRY_F_POSTCOPY_SETUP) && !p.handoff,
+	      "guarded postcopy: ferry keeps QEMU's channel (no handoff)");
+	struct ferry_side_caps noack = full;
+	noack.features &= ~FERRY_F_POSTCOPY_SETUP;
+	CHECK(choose(&full, &noack, &req, &p, &err) == 0 && (p.features & FERRY_F_POSTCOPY) &&
+		      !(p.features & FERRY_F_POSTCOPY_SETUP) && p.handoff &&
+		      notes_mention(&p, "postcopy-setup: the destination does not support it"),
+	      "no set-up acknowledgement on the destination: plain postcopy, noted");
+	ferry_plan_describe(&p, desc0, sizeof(desc0));
 	CHECK(strcmp(desc0, "tcp handoff, single channel, postcopy") == 0, "described: %s", desc0);
 	struct ferry_side_caps nopc = full;
 	nopc.features &= ~FERRY_F_POSTCOPY;

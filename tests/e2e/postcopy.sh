@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# postcopy.sh - postcopy through ferry with the set-up acknowledgement
+# (controlplane/pcguard.h, docs/protocol.md "Postcopy"), real QEMU 7.2:
+#  1. a running guest that keeps rewriting 32 MiB switches to postcopy 0.3 s
+#     in: the plan says "postcopy (set-up acknowledged)", the destination
+#     daemon logged that its QEMU loaded every device before the VM ran, the
+#     guest runs on the destination with its memory consistent, the source
+#     QEMU is ended;
+#  2. the destination cannot load the device state (the source has a
+#     virtio-rng device the destination lacks): the migration fails saying
+#     so, and the source VM runs again with its memory consistent (plain
+#     QEMU 7.2 would sit in postcopy-paused for good);
+#  3. the destination QEMU is frozen before the switch and killed during the
+#     set-up: the same, the source runs again;
+#  4. a destination daemon that masks postcopy-setup (--disable): --postcopy
+#     is refused saying why, the source runs on; --force-postcopy migrates
+#     anyway (QEMU's own postcopy over the handed-over connection).
+#
+# Exit: 0 pass, 1 fail, 77 skip. Environment: tests/lib/ferry.sh.
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=../lib/ferry.sh
+. "$here/../lib/ferry.sh"
+
+RAM=512M
+SMALL=256M
+ferry_init --shm 1200M --timeout 300
+ferry_need_ramcheck
+ferry_need_dirty_bin
+ferry_start_daemons || ferry_fail "starting the daemons failed"
+ferry_start_daemon c --disable postcopy-setup || ferry_fail "starting ferryd c failed"
+
+# ---- 1. guarded postcopy completes
+cp "$DIRTY_BIN" "$QEMU_DIR/src.img" && cp "$DIRTY_BIN" "$QEMU_DIR/dst.img" || ferry_fail "cannot copy the boot image"
+qemu_start src --ram "$RAM" --boot "$QEMU_DIR/src.img" || ferry_fail "starting src failed"
+qemu_start dst --ram "$RAM" --boot "$QEMU_DIR/dst.img" --incoming || ferry_fail "starting dst failed"
+wait_heartbeat "$(qemu_ramfile src)" 3 60 >/dev/null || ferry_fail "the guest does not run"
+ferry_migrate src dst 90 --postcopy --postcopy-after 0.3 --json
+[ "$FERRY_MIG_RC" -eq 0 ] || { ferry_mig_report; ferry_fail "guarded postcopy exited $FERRY_MIG_RC"; }
+plan=$(json_field plan <"$FERRY_MIG_OUT")
+[ "$plan" = "tcp relay, single channel, postcopy (set-up acknowledged)" ] || ferry_fail "plan '$plan'"
+at=$(json_field postcopy_at_s <"$FERRY_MIG_OUT")
+python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) > 0 else 1)" "$at" ||
+	ferry_fail "the migration never switched to postcopy (it converged first?)"
+grep -q "postcopy set-up: the destination QEMU loaded every device" "${FERRY_LOG[b]}" ||
+	ferry_fail "the destination daemon did not acknowledge the set-up"
+[ "$(json_field src_vm_status <"$FERRY_MIG_OUT")" = ended ] || ferry_fail "the source was not ended"
+vm_runs_consistent dst "after postcopy"
+echo "1. guarded: $plan, $(json_field total_s <"$FERRY_MIG_OUT") s, switched at ${at}s"
+qemu_stop dst
+
+# ---- 2. the destination fails to load the device state
+cp "$DIRTY_BIN" "$QEMU_DIR/src2.img" && cp "$DIRTY_BIN" "$QEMU_DIR/dst2.img" || ferry_fail "cannot copy the boot image"
+qemu_start src2 --ram "$SMALL" --boot "$QEMU_DIR/src2.img" -- -device virtio-rng-pci || ferry_fail "starting src2 failed"
+qemu_start dst2 --ram "$SMALL" --boot "$QEMU_DIR/dst2.img" --incoming || ferry_fail "starting dst2 failed"
+wait_heartbeat "$(qemu_ramfile src2)" 3 60 >/dev/null || ferry_fail "the guest does not run on src2"
+ferry_migrate src2 dst2 90 --postcopy --postcopy-after 0.1
+[ "$FERRY_MIG_RC" -eq 1 ] || { ferry_mig_report; ferry_fail "a destination that cannot load exited $FERRY_MIG_RC"; }
+grep -q "postcopy set-up failed at the destination" "$FERRY_MIG_ERR" &&
+	grep -q "taken back and runs again" "$FERRY_MIG_ERR" || { ferry_mig_report; ferry_fail "2: the failure is not explained"; }
+vm_runs_consistent src2 "after the rescue"
+for _ in $(seq 50); do qemu_alive dst2 || break; sleep 0.1; done
+qemu_alive dst2 && ferry_fail "the destination QEMU that failed to load still runs"
+echo "2. device mismatch: $(grep -o 'postcopy set-up failed.*' "$FERRY_MIG_ERR" | head -c 200)"
+qemu_stop src2
+
+# ---- 3. the destination QEMU dies during the set-up
+cp "$DIRTY_BIN" "$QEMU_DIR/src3.img" && cp "$DIRTY_BIN" "$QEMU_DIR/dst3.img" || ferry_fail "cannot copy the boot image"
+# shellcheck disable=SC2046
+qemu_start src3 --ram "$SMALL" --boot "$QEMU_DIR/src3.img" -- $(side_qmp_args src3) || ferry_fail "starting src3 failed"
+qemu_start dst3 --ram "$SMALL" --boot "$QEMU_DIR/dst3.img" --incoming || ferry_fail "starting dst3 failed"
+wait_heartbeat "$(qemu_ramfile src3)" 3 60 >/dev/null || ferry_fail "the guest does not run on src3"
+ferry_migrate_start src3 dst3 --postcopy --postcopy-after 2 --json
+wait_mig_active "$(side_sock src3)" 20 $((4 * 1024 * 1024)) >/dev/null || {
+	ferry_migrate_wait 1
+	ferry_mig_report
+	ferry_fail "3: the migration did not become active"
+}
+# Frozen before the switch, the destination cannot have loaded anything.
+qemu_kill dst3 STOP
+id=$(ferry_mig_id) || ferry_fail "3: no migration id logged"
+deadline=$(($(now_ms) + 20000))
+while :; do
+	at=$("$FERRYCTL" --admin "${FERRY_ADMIN[a]}" status "$id" --json 2>/dev/null | json_field postcopy_at_s 2>/dev/null)
+	python3 -c "import sys; sys.exit(0 if float(sys.argv[1] or 0) > 0 else 1)" "${at:-0}" 2>/dev/null && break
+	[ "$(now_ms)" -lt "$deadline" ] || ferry_fail "3: the source never asked for the switch"
+	sleep 0.1
+done
+sleep 0.5
+qemu_kill dst3 KILL
+ferry_migrate_wait 120
+[ "$FERRY_MIG_RC" -eq 1 ] || { ferry_mig_report; ferry_fail "a destination killed during set-up: exit $FERRY_MIG_RC"; }
+grep -q "postcopy set-up failed at the destination" "$FERRY_MIG_OUT" || { ferry_mig_report; ferry_fail "3: the failure is not explained"; }
+vm_runs_consistent src3 "after the rescue"
+echo "3. killed in set-up: $(grep -o 'postcopy set-up failed[^"]*' "$FERRY_MIG_OUT" | head -c 200)"
+qemu_stop src3
+
+# ---- 4. no acknowledgement on the destination: refused unless forced
+FERRY_TO=${FERRY_LISTEN[c]}
+cp "$DIRTY_BIN" "$QEMU_DIR/src4.img" && cp "$DIRTY_BIN" "$QEMU_DIR/dst4.img" || ferry_fail "cannot copy the boot image"
+qemu_start src4 --ram "$RAM" --boot "$QEMU_DIR/src4.img" || ferry_fail "starting src4 failed"
+qemu_start dst4 --ram "$RAM" --boot "$QEMU_DIR/dst4.img" --incoming || ferry_fail "starting dst4 failed"
+wait_heartbeat "$(qemu_ramfile src4)" 3 60 >/dev/null || ferry_fail "the guest does not run on src4"
+ferry_migrate src4 dst4 60 --postcopy
+[ "$FERRY_MIG_RC" -eq 1 ] || { ferry_mig_report; ferry_fail "--postcopy without an acknowledgement exited $FERRY_MIG_RC"; }
+grep -q "postcopy-setup: the destination does not support it" "$FERRY_MIG_ERR" &&
+	grep -q "add --force-postcopy to accept that risk" "$FERRY_MIG_ERR" || { ferry_mig_report; ferry_fail "4: the refusal does not say why"; }
+st=$(qmp_get "$(qemu_sock src4)" query-status status)
+[ "$st" = running ] || ferry_fail "the source is '$st' after the refusal"
+ferry_migrate src4 dst4 90 --force-postcopy --postcopy-after 0.3 --json
+[ "$FERRY_MIG_RC" -eq 0 ] || { ferry_mig_report; ferry_fail "forced postcopy exited $FERRY_MIG_RC"; }
+plan=$(json_field plan <"$FERRY_MIG_OUT")
+[ "$plan" = "tcp handoff, single channel, postcopy" ] || ferry_fail "forced plan '$plan'"
+wait_status "$(qemu_sock dst4)" running 10 || ferry_fail "the VM does not run on dst4"
+qmp "$(qemu_sock dst4)" stop >/dev/null
+o=$("$RAMCHECK" pattern "$(qemu_ramfile dst4)") || { echo "$o" >&2; ferry_fail "dst4's memory is inconsistent after postcopy"; }
+echo "4. forced: $plan, $(json_field total_s <"$FERRY_MIG_OUT") s"
+echo "PASS postcopy in $(ferry_elapsed)s"
+exit 0

@@ -61,6 +61,7 @@ struct dst_entry {
 	/* Guarded postcopy: our QEMU keeps the VM paused after the switch until
 	 * the source, told the devices loaded, says go. Without go it must die. */
 	bool pc_guarded, pc_go;
+	unsigned pc_recoveries;   /* new sessions after cut lanes */
 };
 
 /* A source-side tunnel opened from the admin socket: one session for a fixed
@@ -393,13 +394,23 @@ static json_t *session_reply(struct daemon *d, struct dst_entry *e, const uint8_
 }
 
 
+static int dst_session_open(struct daemon *d, struct dst_entry *e, unsigned lanes, unsigned streams,
+			    const char *target, bool handoff, uint8_t *token, struct ferry_err *err);
+
 /* target NULL: a migration stream socket in the run dir, named after the session. */
 static int new_dst_session(struct daemon *d, struct dst_entry *e, unsigned lanes, unsigned streams,
 			   const char *target, bool handoff, uint8_t *token, struct ferry_err *err)
 {
+	e->id = new_id(d);
+	return dst_session_open(d, e, lanes, streams, target, handoff, token, err);
+}
+
+/* Open e's data-plane session under e->id with a fresh token. */
+static int dst_session_open(struct daemon *d, struct dst_entry *e, unsigned lanes, unsigned streams,
+			    const char *target, bool handoff, uint8_t *token, struct ferry_err *err)
+{
 	if (getrandom(token, FERRY_TOKEN_LEN, 0) != FERRY_TOKEN_LEN)
 		return ferry_err_set(err, EIO, "no randomness for the session token");
-	e->id = new_id(d);
 	if (handoff) {
 		target = "";
 		lanes = 1;
@@ -988,6 +999,64 @@ static json_t *peer_postcopy_go(struct daemon *d, json_t *req, struct ferry_err 
 	return put_back(d, e, r, err);
 }
 
+/* Guarded postcopy after go: the lanes broke and our QEMU paused its
+ * postcopy. Listen again (migrate-recover) behind a new session under the
+ * same id; the source resumes its QEMU over it. */
+static json_t *peer_postcopy_recover(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	struct dst_entry *e = take_migration(d, req, err);
+	if (!e)
+		return NULL;
+	json_t *r = NULL;
+	if (!e->pc_guarded || !e->pc_go) {
+		ferry_err_set(err, EINVAL, "session %u has no postcopy running here", e->id);
+		goto out;
+	}
+	/* QEMU notices the closed channel by itself; wait for it to pause. */
+	for (unsigned waited = 0;; waited += 50) {
+		json_t *info = NULL;
+		if (ferry_qmp_execute(e->qmp, "query-migrate", NULL, &info, err)) {
+			ferry_err_prefix(err, "the destination QEMU");
+			goto out;
+		}
+		char st[32];
+		const char *js = json_string_value(json_object_get(info, "status"));
+		snprintf(st, sizeof(st), "%s", js ? js : "?");
+		json_decref(info);
+		if (strcmp(st, "postcopy-paused") == 0)
+			break;
+		if (strcmp(st, "postcopy-active") != 0 || waited >= 30000) {
+			ferry_err_set(err, EIO, "the destination QEMU is '%s', not paused for a postcopy recovery", st);
+			goto out;
+		}
+		usleep(50000);
+	}
+	ferry_session_close(e->sess);
+	e->sess = NULL;
+	if (e->unlink_sock)
+		unlink(e->sock_path);
+	e->pc_recoveries++;
+	if ((size_t)snprintf(e->sock_path, sizeof(e->sock_path), "%s/mig-%u-dst-r%u.sock", d->run_dir, e->id,
+			     e->pc_recoveries) >= sizeof(e->sock_path)) {
+		ferry_err_set(err, ENAMETOOLONG, "run directory path too long");
+		goto out;
+	}
+	uint8_t token[FERRY_TOKEN_LEN];
+	if (dst_session_open(d, e, 1, 1, e->sock_path, false, token, err))
+		goto out;
+	unlink(e->sock_path);
+	char uri[PATH_MAX + 8];
+	snprintf(uri, sizeof(uri), "unix:%s", e->sock_path);
+	if (ferry_qmp_executef(e->qmp, NULL, err, "migrate-recover", "{s:s}", "uri", uri))
+		goto out;
+	e->unlink_sock = true;
+	logf_(d, "session %u: postcopy recovery %u: the destination QEMU listens on %s", e->id, e->pc_recoveries,
+	      e->sock_path);
+	r = session_reply(d, e, token);
+out:
+	return put_back(d, e, r, err);
+}
+
 /* The source's lane is up: give its socket to the destination QEMU. */
 static json_t *peer_migrate_handoff(struct daemon *d, json_t *req, struct ferry_err *err)
 {
@@ -1379,6 +1448,7 @@ static json_t *admin_migrate_status(struct daemon *d, json_t *req, bool cancel, 
 		json_object_set_new(r, "plan", json_string(p.plan));
 		json_object_set_new(r, "fallbacks", json_string(p.fallbacks));
 		json_object_set_new(r, "postcopy_at_s", json_real(p.postcopy_at_s));
+		json_object_set_new(r, "postcopy_recoveries", json_integer(p.postcopy_recoveries));
 		if (p.warning[0])
 			json_object_set_new(r, "warning", json_string(p.warning));
 	}
@@ -1538,7 +1608,8 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 		}
 		bool acts = strcmp(cmd, "session-close") == 0 || strcmp(cmd, "migrate-finish") == 0 ||
 			    strcmp(cmd, "migrate-abort") == 0 || strcmp(cmd, "migrate-handoff") == 0 ||
-			    strcmp(cmd, "postcopy-setup-wait") == 0 || strcmp(cmd, "postcopy-go") == 0;
+			    strcmp(cmd, "postcopy-setup-wait") == 0 || strcmp(cmd, "postcopy-go") == 0 ||
+			    strcmp(cmd, "postcopy-recover") == 0;
 		if (acts && !conn_owns(c, req)) {
 			ferry_err_set(err, EPERM, "session %lld was not opened on this connection",
 				      (long long)json_integer_value(json_object_get(req, "session")));
@@ -1568,6 +1639,8 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 			return peer_postcopy_setup_wait(d, req, err);
 		if (strcmp(cmd, "postcopy-go") == 0)
 			return peer_postcopy_go(d, req, err);
+		if (strcmp(cmd, "postcopy-recover") == 0)
+			return peer_postcopy_recover(d, req, err);
 		if (strcmp(cmd, "migrate-abort") == 0) {
 			uint64_t id;
 			if (req_u64(req, "session", &id, err))

@@ -478,6 +478,69 @@ static int postcopy_rescue(struct ferry_migration *m, struct ferry_qmp *q, struc
 	return 0;
 }
 
+/* Postcopy recovery: how often, and how long the destination QEMU may take
+ * to notice the cut and pause. */
+#define POSTCOPY_MAX_RECOVERIES 3
+#define POSTCOPY_RECOVER_TIMEOUT_MS 60000
+
+/* After the commit the lanes broke and both QEMUs paused their postcopy:
+ * the destination listens again (migrate-recover) behind a new session,
+ * and the source resumes over it (migrate resume=true). Replaces *sess. */
+static int postcopy_recover(struct ferry_migration *m, struct ferry_jl *jl, struct ferry_qmp *q,
+			    struct ferry_session **sess, struct ferry_session_params *sp, unsigned n,
+			    struct ferry_err *err)
+{
+	json_t *req = json_pack("{s:s, s:I}", "cmd", "postcopy-recover", "session", (json_int_t)sp->id);
+	json_t *rep = NULL;
+	if (!req)
+		return ferry_err_set(err, ENOMEM, "out of memory");
+	int rc = ferry_jl_call(jl, req, POSTCOPY_RECOVER_TIMEOUT_MS + 10000, &rep, err);
+	json_decref(req);
+	if (rc)
+		return ferry_err_prefix(err, "the destination cannot take up the postcopy again");
+	struct ferry_session_params np = *sp;
+	char endpoint[FERRY_DP_ENDPOINT_MAX], path[512];
+	rc = ferry_session_reply_parse(rep, ferry_dp_window(m->dp), &np, endpoint, sizeof(endpoint), err);
+	json_decref(rep);
+	if (rc)
+		return rc;
+	snprintf(path, sizeof(path), "%s/mig-%u-src-r%u.sock", m->run_dir, m->id, n);
+	np.unix_path = path;
+	np.lanes = 1;
+	np.max_streams = 1;
+	np.handoff = false;
+	ferry_session_close(*sess);
+	*sess = NULL;
+	if ((rc = ferry_session_create_src(m->dp, &np, endpoint, sess, err)))
+		return ferry_err_prefix(err, "cannot open new data lanes for the postcopy");
+	*sp = np;
+	char uri[600];
+	snprintf(uri, sizeof(uri), "unix:%s", path);
+	if ((rc = ferry_qmp_executef(q, NULL, err, "migrate", "{s:s, s:b}", "uri", uri, "resume", 1)))
+		return ferry_err_prefix(err, "the source QEMU did not resume its postcopy");
+	/* The resume is asynchronous: wait until QEMU has left postcopy-paused
+	 * (the handshake over the new lane), or the next look would count it
+	 * as another cut. */
+	for (int waited = 0;; waited += POLL_INTERVAL_MS) {
+		json_t *info = NULL;
+		if ((rc = ferry_qmp_execute(q, "query-migrate", NULL, &info, err)))
+			return rc;
+		const char *st = json_string_value(json_object_get(info, "status"));
+		bool paused = st && strcmp(st, "postcopy-paused") == 0;
+		json_decref(info);
+		if (!paused)
+			break;
+		if (waited >= POSTCOPY_RECOVER_TIMEOUT_MS)
+			return ferry_err_set(err, ETIMEDOUT, "the source QEMU stayed paused after resuming over new lanes");
+		struct timespec ts = { 0, POLL_INTERVAL_MS * 1000000L };
+		nanosleep(&ts, NULL);
+	}
+	pthread_mutex_lock(&m->lock);
+	m->prog.postcopy_recoveries = n;
+	pthread_mutex_unlock(&m->lock);
+	return 0;
+}
+
 static void *migration_main(void *arg)
 {
 	struct ferry_migration *m = arg;
@@ -493,6 +556,7 @@ static void *migration_main(void *arg)
 	 * (committed), or failed before and the source was taken back (rescued). */
 	struct ferry_pcguard *guard = NULL;
 	bool pc_committed = false, rescued = false;
+	unsigned pc_recoveries = 0;
 	enum ferry_migration_state final = FERRY_MIG_FAILED;
 	char endpoint[FERRY_DP_ENDPOINT_MAX];
 	char path[512];
@@ -726,8 +790,15 @@ static void *migration_main(void *arg)
 					    in_postcopy);
 		bool postcopy_paused = in_postcopy && strcmp(status, "postcopy-paused") == 0;
 		json_decref(info); /* status points into it: not used below */
+		if (postcopy_paused && pc_committed && pc_recoveries < POSTCOPY_MAX_RECOVERIES) {
+			/* The destination runs the VM: only going on can save it. */
+			if ((rc = postcopy_recover(m, &jl, q, &sess, &sp, ++pc_recoveries, &err)))
+				goto out;
+			continue;
+		}
 		if (postcopy_paused) {
-			rc = ferry_err_set(&err, EIO, "postcopy paused: the stream to the destination broke after the switch");
+			rc = ferry_err_set(&err, EIO, "postcopy paused: the stream to the destination broke after the switch%s",
+					   pc_committed ? " and recovering it failed too often" : "");
 			goto out;
 		}
 		if (switching) {

@@ -57,6 +57,7 @@ struct ferry_migration_progress {
 	char fallbacks[600];        /* fallbacks taken, "; "-separated ("" = none) */
 	char warning[256];          /* e.g. the durable record could not be written */
 	double postcopy_at_s;       /* when the switch to postcopy was made (0: never) */
+	unsigned postcopy_recoveries; /* postcopy resumed over new lanes after a cut */
 	char error[FERRY_ERR_MSG_MAX];
 };
 

@@ -62,6 +62,7 @@ struct dst_entry {
 	 * the source, told the devices loaded, says go. Without go it must die. */
 	bool pc_guarded, pc_go;
 	unsigned pc_recoveries;   /* new sessions after cut lanes */
+	unsigned pc_streams;      /* QEMU's channels: main (+ preempt) */
 };
 
 /* A source-side tunnel opened from the admin socket: one session for a fixed
@@ -761,7 +762,7 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 		channels = plan.channels;
 		handoff = plan.handoff;
 		if (!lanes || handoff)
-			lanes = handoff ? 1 : channels + 1;
+			lanes = handoff ? 1 : ferry_plan_streams(&plan); /* a lane per stream */
 		for (unsigned i = 0; i < plan.nnotes; i++)
 			logf_(d, "migration from %s: fallback: %s", d->hostname, plan.notes[i]);
 	}
@@ -776,6 +777,11 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 			goto fail;
 		e->pc_guarded = true;
 	}
+	if ((plan.features & FERRY_F_POSTCOPY_PREEMPT) &&
+	    ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
+			       "capability", "postcopy-preempt", "state", 1))
+		goto fail;
+	e->pc_streams = channels + 1 + ((plan.features & FERRY_F_POSTCOPY_PREEMPT) ? 1 : 0);
 	if (channels > 0) {
 		if (ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
 				       "capability", "multifd", "state", 1) ||
@@ -790,7 +796,7 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 	uint8_t token[FERRY_TOKEN_LEN];
 	e->window = ferry_agree_window(json_object_get(req, "window"), ferry_dp_window(d->dp));
 	/* The stream socket is ours, in our run dir, named after the session. */
-	if (new_dst_session(d, e, lanes, channels + 1, NULL, handoff, token, err))
+	if (new_dst_session(d, e, lanes, e->pc_streams, NULL, handoff, token, err))
 		goto fail;
 	uint32_t id = e->id;
 	if (handoff) {
@@ -1042,7 +1048,7 @@ static json_t *peer_postcopy_recover(struct daemon *d, json_t *req, struct ferry
 		goto out;
 	}
 	uint8_t token[FERRY_TOKEN_LEN];
-	if (dst_session_open(d, e, 1, 1, e->sock_path, false, token, err))
+	if (dst_session_open(d, e, e->pc_streams, e->pc_streams, e->sock_path, false, token, err))
 		goto out;
 	unlink(e->sock_path);
 	char uri[PATH_MAX + 8];

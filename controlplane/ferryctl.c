@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "jsonline.h"
+#include "plan.h"
 #include "qmp.h"
 
 #define EXIT_FAILED 1
@@ -43,7 +44,8 @@ static void usage(FILE *f)
 		"        QEMUs (no copy in between); --no-handoff keeps ferry relaying every byte.\n"
 		"        The daemons swap migration cookies and pick the best plan both hosts and both QEMUs\n"
 		"        support, falling back (and saying so) where one lacks a feature; --require F\n"
-		"        (multifd, handoff, nbd, postcopy, postcopy-setup) makes a missing F an error.\n"
+		"        (multifd, handoff, nbd, postcopy, postcopy-setup, postcopy-preempt) makes a missing F\n"
+		"        an error.\n"
 		"        On success the source QEMU is ended (--keep-source leaves it paused). --postcopy switches\n"
 		"        after S seconds (default 1); the destination VM runs only once its daemon confirmed\n"
 		"        every device loaded, and a destination failing before that gives the VM back to the\n"
@@ -203,13 +205,9 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 			transport = optarg;
 			break;
 		case 'r': {
-			static const char *const known[] = { "multifd", "handoff", "nbd", "postcopy", "postcopy-setup" };
-			bool ok = false;
-			for (size_t i = 0; i < sizeof(known) / sizeof(known[0]); i++)
-				ok |= strcmp(optarg, known[i]) == 0;
-			if (!ok) {
+			if (!ferry_feature_parse(optarg)) {
 				fprintf(stderr, "ferryctl migrate: --require takes one of multifd, handoff, nbd, postcopy, "
-						"postcopy-setup, not '%s'\n", optarg);
+						"postcopy-setup, postcopy-preempt, not '%s'\n", optarg);
 				return EXIT_USAGE;
 			}
 			if (nrequired == sizeof(required) / sizeof(required[0])) {

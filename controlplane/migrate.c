@@ -215,7 +215,7 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const st
 		goto out;
 	}
 	sp->lanes = (unsigned)json_integer_value(jl_lanes);
-	sp->max_streams = 1 + plan->channels;
+	sp->max_streams = ferry_plan_streams(plan);
 	sp->handoff = plan->handoff;
 	rc = ferry_session_reply_parse(reply, ferry_dp_window(m->dp), sp, endpoint, eplen, err);
 out:
@@ -478,6 +478,12 @@ static int postcopy_rescue(struct ferry_migration *m, struct ferry_qmp *q, struc
 	return 0;
 }
 
+/* Each channel QEMU opens to the guard becomes the session's next stream. */
+static int guard_adopt(void *arg, int dp_fd, struct ferry_err *err)
+{
+	return ferry_session_add_stream(arg, dp_fd, err);
+}
+
 /* Postcopy recovery: how often, and how long the destination QEMU may take
  * to notice the cut and pause. */
 #define POSTCOPY_MAX_RECOVERIES 3
@@ -487,8 +493,8 @@ static int postcopy_rescue(struct ferry_migration *m, struct ferry_qmp *q, struc
  * the destination listens again (migrate-recover) behind a new session,
  * and the source resumes over it (migrate resume=true). Replaces *sess. */
 static int postcopy_recover(struct ferry_migration *m, struct ferry_jl *jl, struct ferry_qmp *q,
-			    struct ferry_session **sess, struct ferry_session_params *sp, unsigned n,
-			    struct ferry_err *err)
+			    struct ferry_session **sess, struct ferry_session_params *sp, unsigned streams,
+			    unsigned n, struct ferry_err *err)
 {
 	json_t *req = json_pack("{s:s, s:I}", "cmd", "postcopy-recover", "session", (json_int_t)sp->id);
 	json_t *rep = NULL;
@@ -506,8 +512,7 @@ static int postcopy_recover(struct ferry_migration *m, struct ferry_jl *jl, stru
 		return rc;
 	snprintf(path, sizeof(path), "%s/mig-%u-src-r%u.sock", m->run_dir, m->id, n);
 	np.unix_path = path;
-	np.lanes = 1;
-	np.max_streams = 1;
+	np.lanes = np.max_streams = streams; /* QEMU reconnects every channel */
 	np.handoff = false;
 	ferry_session_close(*sess);
 	*sess = NULL;
@@ -633,6 +638,10 @@ static void *migration_main(void *arg)
 	}
 	if ((rc = set_source_caps(q, plan.channels, (plan.features & FERRY_F_POSTCOPY) != 0, &err)))
 		goto out;
+	if ((plan.features & FERRY_F_POSTCOPY_PREEMPT) &&
+	    (rc = ferry_qmp_executef(q, NULL, &err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
+				     "capability", "postcopy-preempt", "state", 1)))
+		goto out;
 	if (cancelled(m))
 		goto cancel;
 
@@ -666,21 +675,12 @@ static void *migration_main(void *arg)
 			ferry_err_prefix(&err, "cannot open the data lanes");
 			goto out;
 		}
-		int qemu_fd, dp_fd;
-		if ((rc = ferry_pcguard_start(&guard, &qemu_fd, &dp_fd, &err)))
+		/* A socket address, not an fd: QEMU 7.2 opens its preempt
+		 * channel only to one. */
+		snprintf(path, sizeof(path), "%s/mig-%u-src.sock", m->run_dir, m->id);
+		if ((rc = ferry_pcguard_start(&guard, path, sp.max_streams, guard_adopt, sess, &err)))
 			goto out;
-		if ((rc = ferry_session_add_stream(sess, dp_fd, &err))) {
-			close(dp_fd);
-			close(qemu_fd);
-			goto out;
-		}
-		rc = ferry_qmp_getfd(q, qemu_fd, "ferry-migration", &err);
-		close(qemu_fd);
-		if (rc) {
-			ferry_err_prefix(&err, "handing the guarded channel to QEMU");
-			goto out;
-		}
-		snprintf(uri, sizeof(uri), "fd:ferry-migration");
+		snprintf(uri, sizeof(uri), "unix:%s", path);
 	} else {
 		snprintf(path, sizeof(path), "%s/mig-%u-src.sock", m->run_dir, m->id);
 		sp.unix_path = path;
@@ -792,7 +792,7 @@ static void *migration_main(void *arg)
 		json_decref(info); /* status points into it: not used below */
 		if (postcopy_paused && pc_committed && pc_recoveries < POSTCOPY_MAX_RECOVERIES) {
 			/* The destination runs the VM: only going on can save it. */
-			if ((rc = postcopy_recover(m, &jl, q, &sess, &sp, ++pc_recoveries, &err)))
+			if ((rc = postcopy_recover(m, &jl, q, &sess, &sp, streams, ++pc_recoveries, &err)))
 				goto out;
 			continue;
 		}

@@ -14,6 +14,7 @@ static const struct {
 	{ FERRY_F_NBD, "nbd" },
 	{ FERRY_F_POSTCOPY, "postcopy" },
 	{ FERRY_F_POSTCOPY_SETUP, "postcopy-setup" },
+	{ FERRY_F_POSTCOPY_PREEMPT, "postcopy-preempt" },
 };
 #define NFEATURES (sizeof(features) / sizeof(features[0]))
 
@@ -61,7 +62,7 @@ int ferry_feature_list_parse(const char *list, uint32_t *out, struct ferry_err *
 		uint32_t f = ferry_feature_parse(tok);
 		if (!f)
 			return ferry_err_set(err, EINVAL,
-					     "unknown feature '%s' (known: multifd, handoff, nbd, postcopy, postcopy-setup)", tok);
+					     "unknown feature '%s' (known: multifd, handoff, nbd, postcopy, postcopy-setup, postcopy-preempt)", tok);
 		*out |= f;
 	}
 	return 0;
@@ -173,7 +174,14 @@ int ferry_plan_choose(const struct ferry_side_caps *src, const struct ferry_side
 			out->features |= FERRY_F_POSTCOPY;
 			if (both & FERRY_F_POSTCOPY_SETUP)
 				out->features |= FERRY_F_POSTCOPY_SETUP;
-			else
+			/* QEMU 7.2 opens the preempt channel only to a socket
+			 * address: ferry's guard is one (handoff gives an fd). */
+			if ((both & FERRY_F_POSTCOPY_PREEMPT) && (both & FERRY_F_POSTCOPY_SETUP))
+				out->features |= FERRY_F_POSTCOPY_PREEMPT;
+			else if (both & FERRY_F_POSTCOPY_SETUP)
+				note(out, "postcopy-preempt: %s; requested pages share the main channel",
+				     lacking(src->features, dst->features, FERRY_F_POSTCOPY_PREEMPT));
+			if (!(both & FERRY_F_POSTCOPY_SETUP))
 				note(out, "postcopy-setup: %s; postcopy without the set-up acknowledgement",
 				     lacking(src->features, dst->features, FERRY_F_POSTCOPY_SETUP));
 		} else
@@ -198,6 +206,11 @@ int ferry_plan_choose(const struct ferry_side_caps *src, const struct ferry_side
 	return 0;
 }
 
+unsigned ferry_plan_streams(const struct ferry_plan *p)
+{
+	return 1 + p->channels + ((p->features & FERRY_F_POSTCOPY_PREEMPT) ? 1 : 0);
+}
+
 bool ferry_plan_equal(const struct ferry_plan *a, const struct ferry_plan *b)
 {
 	return a->transport == b->transport && a->channels == b->channels && a->handoff == b->handoff &&
@@ -206,9 +219,10 @@ bool ferry_plan_equal(const struct ferry_plan *a, const struct ferry_plan *b)
 
 void ferry_plan_describe(const struct ferry_plan *p, char *buf, size_t len)
 {
-	const char *pc = !(p->features & FERRY_F_POSTCOPY)          ? ""
-			 : (p->features & FERRY_F_POSTCOPY_SETUP) ? ", postcopy (set-up acknowledged)"
-								  : ", postcopy";
+	const char *pc = !(p->features & FERRY_F_POSTCOPY)            ? ""
+			 : (p->features & FERRY_F_POSTCOPY_PREEMPT) ? ", postcopy (set-up acknowledged, preempt channel)"
+			 : (p->features & FERRY_F_POSTCOPY_SETUP)   ? ", postcopy (set-up acknowledged)"
+								    : ", postcopy";
 	if (p->channels)
 		snprintf(buf, len, "%s %s, %u multifd channel%s%s", driver_name(p->transport), p->handoff ? "handoff" : "relay",
 			 p->channels, p->channels == 1 ? "" : "s", pc);

@@ -27,8 +27,9 @@ enum {
 	FERRY_F_NBD            = 1u << 2, /* "nbd": storage migration over NBD */
 	FERRY_F_POSTCOPY       = 1u << 3, /* "postcopy" */
 	FERRY_F_POSTCOPY_SETUP = 1u << 4, /* "postcopy-setup": set-up acknowledgement before the destination runs */
+	FERRY_F_POSTCOPY_PREEMPT = 1u << 5, /* "postcopy-preempt": requested pages on their own channel and lane */
 };
-#define FERRY_F_ALL 0x1fu
+#define FERRY_F_ALL 0x3fu
 
 #define FERRY_PLAN_MAX_NOTES 6
 
@@ -55,6 +56,9 @@ struct ferry_plan {
 	char notes[FERRY_PLAN_MAX_NOTES][192]; /* each fallback taken, for the user */
 };
 
+/* How many streams the plan's migration opens: QEMU's main channel, its
+ * multifd channels, and its postcopy-preempt channel. */
+unsigned ferry_plan_streams(const struct ferry_plan *p);
 /* "multifd" for FERRY_F_MULTIFD etc.; NULL for anything else. */
 const char *ferry_feature_name(uint32_t feature);
 /* The FERRY_F_* bit named name, or 0. */

@@ -97,6 +97,8 @@ int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled
 		 * with postcopy (controlplane/pcguard.h). */
 		if (name && strcmp(name, "postcopy-ram") == 0)
 			out->features |= FERRY_F_POSTCOPY | FERRY_F_POSTCOPY_SETUP;
+		if (name && strcmp(name, "postcopy-preempt") == 0)
+			out->features |= FERRY_F_POSTCOPY_PREEMPT;
 	}
 	json_decref(caps);
 	/* Storage migration is advertised once ferry carries it. */

@@ -2,7 +2,8 @@
 # postcopy.sh - postcopy through ferry with the set-up acknowledgement
 # (controlplane/pcguard.h, docs/protocol.md "Postcopy"), real QEMU 7.2:
 #  1. a running guest that keeps rewriting 32 MiB switches to postcopy 0.3 s
-#     in: the plan says "postcopy (set-up acknowledged)", the destination
+#     in: the plan says "postcopy (set-up acknowledged, preempt channel)" and
+#     the preempt channel has a lane of its own, the destination
 #     daemon logged that its QEMU loaded every device before the VM ran, the
 #     guest runs on the destination with its memory consistent, the source
 #     QEMU is ended;
@@ -45,7 +46,9 @@ part1() {
 	ferry_migrate src dst 90 --postcopy --postcopy-after 0.3 --json
 	[ "$FERRY_MIG_RC" -eq 0 ] || { ferry_mig_report; ferry_fail "guarded postcopy exited $FERRY_MIG_RC"; }
 	plan=$(json_field plan <"$FERRY_MIG_OUT")
-	[ "$plan" = "tcp relay, single channel, postcopy (set-up acknowledged)" ] || ferry_fail "plan '$plan'"
+	[ "$plan" = "tcp relay, single channel, postcopy (set-up acknowledged, preempt channel)" ] || ferry_fail "plan '$plan'"
+	tr=$(json_field transport <"$FERRY_MIG_OUT")
+	[ "$tr" = "tcp relay, 2 lanes" ] || ferry_fail "the preempt channel has no lane of its own: '$tr'"
 	at=$(json_field postcopy_at_s <"$FERRY_MIG_OUT")
 	python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) > 0 else 1)" "$at" ||
 		ferry_fail "the migration never switched to postcopy (it converged first?)"

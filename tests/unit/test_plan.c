@@ -10,7 +10,8 @@
 #define TCP (1u << FERRY_COOKIE_DRIVER_TCP)
 #define DPDK (1u << FERRY_COOKIE_DRIVER_DPDK)
 #define RDMA (1u << FERRY_COOKIE_DRIVER_RDMA)
-#define FULL (FERRY_F_MULTIFD | FERRY_F_HANDOFF | FERRY_F_NBD | FERRY_F_POSTCOPY | FERRY_F_POSTCOPY_SETUP)
+#define FULL \
+	(FERRY_F_MULTIFD | FERRY_F_HANDOFF | FERRY_F_NBD | FERRY_F_POSTCOPY | FERRY_F_POSTCOPY_SETUP | FERRY_F_POSTCOPY_PREEMPT)
 
 static bool notes_mention(const struct ferry_plan *p, const char *needle)
 {
@@ -113,7 +114,16 @@ int main(void)
 	CHECK(choose(&full, &full, &req, &p, &err) == 0 && (p.features & FERRY_F_POSTCOPY) && p.nnotes == 0,
 	      "postcopy when both have it");
 	ferry_plan_describe(&p, desc0, sizeof(desc0));
-	CHECK(strcmp(desc0, "tcp relay, single channel, postcopy (set-up acknowledged)") == 0, "described: %s", desc0);
+	CHECK(strcmp(desc0, "tcp relay, single channel, postcopy (set-up acknowledged, preempt channel)") == 0,
+	      "described: %s", desc0);
+	CHECK(ferry_plan_streams(&p) == 2, "guarded postcopy with preempt: two streams (main + preempt)");
+	struct ferry_side_caps nopre = full;
+	nopre.features &= ~FERRY_F_POSTCOPY_PREEMPT;
+	CHECK(choose(&full, &nopre, &req, &p, &err) == 0 && !(p.features & FERRY_F_POSTCOPY_PREEMPT) &&
+		      ferry_plan_streams(&p) == 1 &&
+		      notes_mention(&p, "postcopy-preempt: the destination does not support it"),
+	      "no preempt on the destination: requested pages on the main channel, noted");
+	CHECK(choose(&full, &full, &req, &p, &err) == 0, "again with both");
 	CHECK((p.features & FERRY_F_POSTCOPY_SETUP) && !p.handoff,
 	      "guarded postcopy: ferry keeps QEMU's channel (no handoff)");
 	struct ferry_side_caps noack = full;

@@ -51,6 +51,9 @@ struct ferry_nbd_registry {
 	pthread_mutex_t lock;
 	struct nbd_src *src[MAX_PATHS];
 	struct nbd_dst *dst[MAX_DST];
+	pthread_t watch_thr;          /* housekeeping: failed sessions, ended ones */
+	bool watch_started, stopping;
+	pthread_cond_t watch_cond;
 };
 
 static void rlog(struct ferry_nbd_registry *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -208,6 +211,7 @@ struct nbd_dst {
 	pthread_mutex_t lock;
 	unsigned lanes_ended;
 	bool accept_done;
+	bool failed_seen;             /* the watcher saw its session fail */
 	uint64_t requests;
 };
 
@@ -633,6 +637,31 @@ static bool dst_ended(struct nbd_dst *d)
 	return true;
 }
 
+/* A destination session whose data plane failed (the source daemon died):
+ * its lanes stop taking requests, finish what the target has, and end. */
+static void watch_dst(struct ferry_nbd_registry *r)
+{
+	pthread_mutex_lock(&r->lock);
+	for (unsigned i = 0; i < MAX_DST; i++) {
+		struct nbd_dst *d = r->dst[i];
+		if (!d || !d->sess || d->failed_seen)
+			continue;
+		struct ferry_session_stats st;
+		ferry_session_stats(d->sess, &st);
+		if (st.state != FERRY_SESSION_FAILED)
+			continue;
+		d->failed_seen = true;
+		dlog(d, "data-plane session failed (%s); ending its lanes", st.error);
+		for (unsigned k = 0; k < d->nlanes; k++) {
+			pthread_mutex_lock(&d->lane[k].lock);
+			if (d->lane[k].started && d->lane[k].sfd >= 0)
+				shutdown(d->lane[k].sfd, SHUT_RDWR);
+			pthread_mutex_unlock(&d->lane[k].lock);
+		}
+	}
+	pthread_mutex_unlock(&r->lock);
+}
+
 /* Free destination sessions that ended by themselves. */
 static void reap_dst(struct ferry_nbd_registry *r)
 {
@@ -768,10 +797,8 @@ json_t *ferry_nbd_peer_session_close(struct ferry_nbd_registry *r, uint32_t id, 
 		}
 	}
 	pthread_mutex_unlock(&r->lock);
-	if (!d) {
-		ferry_err_set(err, ENOENT, "no NBD session %u", id);
-		return NULL;
-	}
+	if (!d) /* it ended by itself (its lanes closed) and was reaped */
+		return json_pack("{s:b, s:b}", "ok", 1, "gone", 1);
 	json_t *rep = json_pack("{s:b, s:I}", "ok", 1, "requests", (json_int_t)d->requests);
 	dst_free(d);
 	reap_dst(r);
@@ -1218,8 +1245,14 @@ static int client_open_session(struct nbd_client *c, struct ferry_err *err)
 			ferry_err_prefix(err, "cannot reach the peer daemon %s", p->peer);
 			break;
 		}
-		rc = ferry_tunnel_session_open(p->r->dp, &p->ctl, req, p->lanes, p->lanes, NULL, &c->sess, &c->sid, NULL, err);
-		if (!rc || rc == -EREMOTEIO || c->sess || fresh)
+		struct ferry_session *sess = NULL;
+		rc = ferry_tunnel_session_open(p->r->dp, &p->ctl, req, p->lanes, p->lanes, NULL, &sess, &c->sid, NULL, err);
+		if (sess) {
+			pthread_mutex_lock(&c->lock); /* the watcher reads it */
+			c->sess = sess;
+			pthread_mutex_unlock(&c->lock);
+		}
+		if (!rc || rc == -EREMOTEIO || sess || fresh)
 			break;
 		ferry_jl_close(&p->ctl);
 		p->ctl.fd = -1;
@@ -1247,8 +1280,11 @@ static void client_close_session(struct nbd_client *c)
 		}
 		pthread_mutex_unlock(&p->ctl_lock);
 	}
-	ferry_session_close(c->sess);
+	pthread_mutex_lock(&c->lock);
+	struct ferry_session *sess = c->sess;
 	c->sess = NULL;
+	pthread_mutex_unlock(&c->lock);
+	ferry_session_close(sess);
 }
 
 static void *client_main(void *arg)
@@ -1403,6 +1439,34 @@ static void accept_client(struct nbd_src *p, int fd)
 	}
 }
 
+/* A client whose data-plane session failed (the peer daemon died, a lane
+ * broke) is ended: its lane sockets would otherwise wait for ever. */
+static void watch_clients(struct nbd_src *p)
+{
+	for (unsigned i = 0; i < MAX_CLIENTS; i++) {
+		pthread_mutex_lock(&p->lock);
+		struct nbd_client *c = p->client[i];
+		if (c && !c->finished) {
+			pthread_mutex_lock(&c->lock);
+			if (c->sess && !c->dead) {
+				struct ferry_session_stats st;
+				ferry_session_stats(c->sess, &st);
+				if (st.state == FERRY_SESSION_FAILED) {
+					c->dead = true;
+					snprintf(c->why, sizeof(c->why), "data-plane session failed: %.400s", st.error);
+					for (unsigned k = 0; k < c->nlanes; k++)
+						if (c->lane_fd[k] >= 0)
+							shutdown(c->lane_fd[k], SHUT_RDWR);
+					shutdown(c->fd, SHUT_RDWR);
+					pthread_cond_broadcast(&c->cond);
+				}
+			}
+			pthread_mutex_unlock(&c->lock);
+		}
+		pthread_mutex_unlock(&p->lock);
+	}
+}
+
 static void *src_main(void *arg)
 {
 	struct nbd_src *p = arg;
@@ -1412,7 +1476,6 @@ static void *src_main(void *arg)
 		if (n > 0 && pf[1].revents)
 			break;
 		reap_clients(p, false);
-		reap_dst(p->r);
 		if (n <= 0 || !(pf[0].revents & POLLIN))
 			continue;
 		int fd = accept4(p->listen_fd, NULL, NULL, SOCK_CLOEXEC);
@@ -1581,6 +1644,33 @@ json_t *ferry_nbd_status(struct ferry_nbd_registry *r, uint32_t id, bool close_i
  * Registry
  * ====================================================================== */
 
+static void *watch_main(void *arg)
+{
+	struct ferry_nbd_registry *r = arg;
+	pthread_mutex_lock(&r->lock);
+	while (!r->stopping) {
+		struct timespec until;
+		clock_gettime(CLOCK_REALTIME, &until);
+		until.tv_nsec += 300 * 1000000L;
+		if (until.tv_nsec >= 1000000000L) {
+			until.tv_sec++;
+			until.tv_nsec -= 1000000000L;
+		}
+		pthread_cond_timedwait(&r->watch_cond, &r->lock, &until);
+		if (r->stopping)
+			break;
+		pthread_mutex_unlock(&r->lock);
+		watch_dst(r);
+		reap_dst(r);
+		pthread_mutex_lock(&r->lock);
+		for (unsigned i = 0; i < MAX_PATHS; i++)
+			if (r->src[i])
+				watch_clients(r->src[i]); /* under r->lock: no close frees it meanwhile */
+	}
+	pthread_mutex_unlock(&r->lock);
+	return NULL;
+}
+
 struct ferry_nbd_registry *ferry_nbd_registry_new(struct ferry_dp *dp, const char *run_dir,
 						  void (*log)(void *ctx, const char *msg), void *log_ctx)
 {
@@ -1594,6 +1684,10 @@ struct ferry_nbd_registry *ferry_nbd_registry_new(struct ferry_dp *dp, const cha
 	r->log = log;
 	r->log_ctx = log_ctx;
 	pthread_mutex_init(&r->lock, NULL);
+	pthread_cond_init(&r->watch_cond, NULL);
+	r->watch_started = pthread_create(&r->watch_thr, NULL, watch_main, r) == 0;
+	if (!r->watch_started)
+		rlog(r, "nbd: cannot start the housekeeping thread; failed sessions end only when closed");
 	return r;
 }
 
@@ -1601,6 +1695,13 @@ void ferry_nbd_registry_free(struct ferry_nbd_registry *r)
 {
 	if (!r)
 		return;
+	if (r->watch_started) {
+		pthread_mutex_lock(&r->lock);
+		r->stopping = true;
+		pthread_cond_broadcast(&r->watch_cond);
+		pthread_mutex_unlock(&r->lock);
+		pthread_join(r->watch_thr, NULL);
+	}
 	for (unsigned i = 0; i < MAX_PATHS; i++) {
 		pthread_mutex_lock(&r->lock);
 		struct nbd_src *p = r->src[i];
@@ -1615,6 +1716,7 @@ void ferry_nbd_registry_free(struct ferry_nbd_registry *r)
 		pthread_mutex_unlock(&r->lock);
 		dst_free(d);
 	}
+	pthread_cond_destroy(&r->watch_cond);
 	pthread_mutex_destroy(&r->lock);
 	free(r);
 }

@@ -14,16 +14,13 @@ set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=../lib/ferry.sh
 . "$here/../lib/ferry.sh"
+# shellcheck source-path=SCRIPTDIR source=../lib/nbd.sh
+. "$here/../lib/nbd.sh"
 
 ferry_init --timeout 240
-command -v qemu-img >/dev/null || ferry_skip "qemu-img is not installed (bootstrap.sh installs it)"
 QEMU=${QEMU_BIN:-qemu-system-x86_64}
-command -v "$QEMU" >/dev/null || ferry_skip "$QEMU is not installed"
-
-allow=$QEMU_DIR/b-allowed
-mkdir -p "$allow"
-ferry_start_daemon a || ferry_fail "starting ferryd a failed"
-ferry_start_daemon b --allow-dir "$allow" || ferry_fail "starting ferryd b failed"
+nbd_init qemu-img "$QEMU"
+allow=$NBD_ALLOW
 
 half=$((128 << 20))
 src=$QEMU_DIR/src.img
@@ -39,8 +36,7 @@ start_qemu() {
 	timeout -k 5 200 "$QEMU" -machine none -nodefaults -display none -S \
 		-qmp "unix:$QEMU_DIR/$name.qmp,server=on,wait=off" "$@" </dev/null >"$QEMU_DIR/$name.log" 2>&1 &
 	FERRY_EXTRA_PIDS+=("$!")
-	for _ in $(seq 100); do [ -S "$QEMU_DIR/$name.qmp" ] && return 0; sleep 0.05; done
-	ferry_fail "QEMU $name did not come up: $(cat "$QEMU_DIR/$name.log")"
+	wait_sock "$QEMU_DIR/$name.qmp"
 }
 start_qemu dst -blockdev "driver=file,filename=$dst,node-name=dst-file" \
 	-blockdev "driver=qcow2,file=dst-file,node-name=dst"

@@ -14,32 +14,18 @@ set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=../lib/ferry.sh
 . "$here/../lib/ferry.sh"
-check=$here/../tools/nbdcheck.py
+# shellcheck source-path=SCRIPTDIR source=../lib/nbd.sh
+. "$here/../lib/nbd.sh"
 
 ferry_init --timeout 240
-for t in nbdkit qemu-nbd qemu-img nbdinfo nbdcopy; do
-	command -v "$t" >/dev/null || ferry_skip "$t is not installed (bootstrap.sh installs it)"
-done
-# python3-libnbd installs for the system python
-PY=
-for p in /usr/bin/python3 python3; do
-	"$p" -c 'import nbd' 2>/dev/null && { PY=$p; break; }
-done
-[ -n "$PY" ] || ferry_skip "python3-libnbd is not installed (bootstrap.sh installs it)"
-
-allow=$QEMU_DIR/b-allowed
-mkdir -p "$allow"
-ferry_start_daemon a || ferry_fail "starting ferryd a failed"
-ferry_start_daemon b --allow-dir "$allow" || ferry_fail "starting ferryd b failed"
+nbd_init nbdkit qemu-nbd qemu-img qemu-io nbdinfo nbdcopy
+allow=$NBD_ALLOW PY=$NBD_PY check=$NBD_CHECK
 
 # ---- 1: nbdkit target, a size that is no multiple of 512 -------------------
 size=$(((24 << 20) + 1000))
 img=$allow/odd.img
 truncate -s "$size" "$img"
-nbdkit -f --unix "$allow/odd.sock" -t 16 file "$img" </dev/null >"$QEMU_DIR/nbdkit.log" 2>&1 &
-FERRY_EXTRA_PIDS+=("$!")
-for _ in $(seq 100); do [ -S "$allow/odd.sock" ] && break; sleep 0.05; done
-[ -S "$allow/odd.sock" ] || ferry_fail "nbdkit did not come up"
+nbdkit_start "$img" "$allow/odd.sock"
 
 sock=$QEMU_DIR/a/nbd.sock
 uri="nbd+unix:///?socket=$sock"
@@ -95,7 +81,7 @@ qimg=$allow/q.qcow2
 qemu-img create -q -f qcow2 "$qimg" 64M || ferry_fail "qemu-img create failed"
 qemu-nbd -f qcow2 -k "$allow/q.sock" -e 0 -t "$qimg" </dev/null >"$QEMU_DIR/qemu-nbd.log" 2>&1 &
 FERRY_EXTRA_PIDS+=("$!")
-for _ in $(seq 100); do [ -S "$allow/q.sock" ] && break; sleep 0.05; done
+wait_sock "$allow/q.sock"
 src=$QEMU_DIR/src.qcow2
 qemu-img create -q -f qcow2 "$src" 64M
 qemu-io -f qcow2 -c "write -P 0x5a 0 16M" -c "write -P 0xa5 40M 3M" -c "write -z 50M 1M" "$src" >/dev/null ||

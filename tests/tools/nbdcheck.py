@@ -12,6 +12,10 @@
       unknown-cmd, past-end, write-past-end, oversized-read, oversized-write,
       bad-flags, mid-write (disconnect inside a WRITE's payload),
       mid-read (disconnect with a READ in flight), bad-option.
+  nbdcheck.py hold SOCKET SECONDS
+      libnbd: write 64 KiB every 10 ms (with a flush every 50) until a
+      request fails; prints "started" after the first one. Exit 0 when a
+      request failed (the error printed), 1 when all of SECONDS passed.
 Exit 0 when every check held, 1 with the reason otherwise.
 """
 import os
@@ -240,11 +244,35 @@ def raw(sock, case):
     print("%s: ok" % case)
 
 
+def hold(sock, seconds):
+    import time
+    import nbd
+    h = nbd.NBD()
+    h.connect_unix(sock)
+    deadline = time.monotonic() + seconds
+    n = 0
+    try:
+        while time.monotonic() < deadline:
+            h.pwrite(os.urandom(65536), (n * 65536) % (h.get_size() - 65536))
+            n += 1
+            if n == 1:
+                print("started", flush=True)
+            if n % 50 == 0:
+                h.flush()
+            time.sleep(0.01)
+    except nbd.Error as e:
+        print("failed after %d writes: %s" % (n, e), flush=True)
+        return
+    fail("no request failed in %s s" % seconds)
+
+
 def main():
     if len(sys.argv) < 4:
         fail(__doc__)
     if sys.argv[1] == "ops":
         ops(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "hold":
+        hold(sys.argv[2], float(sys.argv[3]))
     elif sys.argv[1] == "raw":
         raw(sys.argv[2], sys.argv[3])
     else:

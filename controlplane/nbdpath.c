@@ -86,6 +86,15 @@ static int writev_full(int fd, struct iovec *iov, int n, struct ferry_err *err)
 	return 0;
 }
 
+/* Deep socket buffers on the lanes' local sockets: a 256 KiB request and its
+ * neighbours fit without the writer waiting for the data plane. */
+static void set_bufs(int fd)
+{
+	int sz = 4 << 20;
+	(void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
+	(void)setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof(sz));
+}
+
 static void set_rcv_timeout(int fd, int seconds)
 {
 	struct timeval tv = { .tv_sec = seconds };
@@ -534,6 +543,7 @@ static void *dst_accept_main(void *arg)
 			break;
 		}
 		struct dst_lane *l = &d->lane[n];
+		set_bufs(sfd);
 		l->sfd = sfd;
 		struct ferry_err err = { 0 };
 		struct ferry_nbd_export_info info;
@@ -1311,6 +1321,8 @@ static void *client_main(void *arg)
 			slog_(p, true, "client %u: socketpair: %s", c->no, strerror(errno));
 			goto done;
 		}
+		set_bufs(sp[0]);
+		set_bufs(sp[1]);
 		if (ferry_session_add_stream(c->sess, sp[1], &err)) {
 			close(sp[0]);
 			close(sp[1]);

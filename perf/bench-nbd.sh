@@ -85,8 +85,13 @@ copy() {
 	awk -v b="$bytes" -v ms=$((t1 - t0)) 'BEGIN { printf "%.0f\n", b / 1e6 / (ms / 1000) }'
 }
 arm() { # label tool uri
-	local r=() i
-	for ((i = 0; i < runs; i++)); do r+=("$(copy "$2" "$3")") || return 1; done
+	local r=() i f
+	for ((i = 0; i < runs; i++)); do
+		r+=("$(copy "$2" "$3")") && continue
+		echo "$0: $2 into the $1 arm failed; logs:" >&2
+		for f in "$work"/*.log; do echo "--- $f" >&2; tail -n 8 "$f" >&2; done
+		return 1
+	done
 	printf '%s\n' "${r[@]}" | median
 }
 

@@ -3,7 +3,8 @@
 # nbd-open: block messages over data-plane lanes) versus straight into the same
 # target NBD server, in one run, with the ratio. The target is qemu-nbd on a
 # raw file in /dev/shm (so the disk is not what is measured); the copiers are
-# nbdcopy (many requests in flight) and qemu-img convert (QEMU's own client).
+# nbdcopy (one connection, 64 requests in flight: one client, as QEMU's mirror
+# job is) and qemu-img convert (QEMU's own client).
 # Arms: direct, ferry over the tcp driver, and ferry over DPDK net_memif when
 # this build has the dpdk driver and DPDK starts here.
 # usage: perf/bench-nbd.sh [--size 1G] [--runs 3] [--lanes 4]
@@ -75,7 +76,7 @@ copy() {
 	local tool=$1 uri=$2 t0 t1
 	t0=$(now_ms)
 	case $tool in
-	nbdcopy) nbdcopy --requests=64 "$work/src.img" "$uri" || return 1 ;;
+	nbdcopy) nbdcopy --connections=1 --requests=64 "$work/src.img" "$uri" || return 1 ;;
 	qemu-img) qemu-img convert -n -W -m 8 -f raw -O raw "$work/src.img" "$uri" || return 1 ;;
 	esac
 	t1=$(now_ms)

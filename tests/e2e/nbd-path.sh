@@ -102,6 +102,17 @@ bad=$(ferry_ctl a nbd-open --to "${FERRY_LISTEN[b]}" --listen "$QEMU_DIR/a/x.soc
 	ferry_fail "nbd-open accepted a target outside the peer's --allow-dir"
 echo "$bad" | grep -q "outside the directories" || ferry_fail "unclear refusal: $bad"
 
+# an export that is not there, and usage errors, are refused with the reason
+bad=$(ferry_ctl a nbd-open --to "${FERRY_LISTEN[b]}" --listen "$QEMU_DIR/a/y.sock" --target "$allow/none.sock" 2>&1) &&
+	ferry_fail "nbd-open accepted a missing export"
+echo "$bad" | grep -q "none.sock" || ferry_fail "the refusal does not name the export: $bad"
+[ -e "$QEMU_DIR/a/y.sock" ] && ferry_fail "a refused nbd-open left its socket"
+ferry_ctl a nbd-open --listen "$QEMU_DIR/a/y.sock" --target "$allow/odd.sock" >/dev/null 2>&1
+[ $? = 2 ] || ferry_fail "nbd-open without --to is no usage error"
+ferry_ctl a nbd-open --to "${FERRY_LISTEN[b]}" --listen "$QEMU_DIR/a/y.sock" --target "$allow/odd.sock" --lanes 0 >/dev/null 2>&1
+[ $? = 2 ] || ferry_fail "nbd-open --lanes 0 is no usage error"
+ferry_ctl a nbd-status 12345 >/dev/null 2>&1 && ferry_fail "nbd-status of an unknown path succeeded"
+
 ferry_ctl a nbd-close "$nid" >/dev/null || ferry_fail "nbd-close failed"
 ferry_ping a || ferry_fail "ferryd a does not answer ping afterwards"
 ferry_ping b || ferry_fail "ferryd b does not answer ping afterwards"

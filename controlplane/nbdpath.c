@@ -897,6 +897,11 @@ static int client_write(struct nbd_client *c, struct iovec *iov, int n)
 	pthread_mutex_lock(&c->wlock);
 	int rc = writev_full(c->fd, iov, n, &err);
 	pthread_mutex_unlock(&c->wlock);
+	if (rc) { /* the client left: what fails after this is its doing */
+		pthread_mutex_lock(&c->lock);
+		c->client_gone = true;
+		pthread_mutex_unlock(&c->lock);
+	}
 	return rc;
 }
 
@@ -1097,8 +1102,10 @@ static void *src_lane_main(void *arg)
 			break;
 	}
 	pthread_mutex_lock(&c->lock);
-	/* An end is expected once the client left and nothing is in flight. */
-	bool expected = (rc == -ECONNRESET && c->inflight == 0) || c->client_gone;
+	/* A lane ends as expected only after the client left (then the source
+	 * closes the lanes); before that, the destination or the data plane
+	 * failed it, even with nothing in flight. */
+	bool expected = c->client_gone;
 	if (!c->dead && !expected) {
 		c->dead = true;
 		snprintf(c->why, sizeof(c->why), "lane %u: %.400s", idx, err.msg);

@@ -26,6 +26,8 @@ PACKAGES=(
 	qemu-system-x86 qemu-utils
 	# test and benchmark tools
 	socat iperf3 libnbd-bin nbdkit valgrind jq xxd
+	# tests/tools/nbdcheck.py: libnbd from Python (the NBD path tests)
+	python3-libnbd
 	# certtool, for the TLS tests' X.509 certificates
 	gnutls-bin
 	iproute2 procps util-linux

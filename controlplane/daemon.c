@@ -23,6 +23,7 @@
 
 #include "jsonline.h"
 #include "migrate.h"
+#include "nbdpath.h"
 #include "plan.h"
 #include "probe.h"
 #include "recover.h"
@@ -100,6 +101,7 @@ struct daemon {
 	char hostname[FERRY_COOKIE_HOSTNAME_MAX + 1];
 	char hostuuid[FERRY_COOKIE_UUID_LEN + 1];
 	char state_dir[PATH_MAX];  /* durable migration records (state.h) */
+	struct ferry_nbd_registry *nbd; /* NBD paths (nbdpath.h) */
 };
 
 #define MAX_CONNS 128
@@ -1269,6 +1271,67 @@ static json_t *admin_tunnel_status(struct daemon *d, json_t *req, bool close_it,
 	return r;
 }
 
+/* ---- NBD paths (nbdpath.h) ----------------------------------------------- */
+
+static void nbd_log(void *ctx, const char *msg)
+{
+	logf_(ctx, "%s", msg);
+}
+
+static const char *nbd_export_name(json_t *req, struct ferry_err *err)
+{
+	json_t *e = json_object_get(req, "export");
+	if (!e)
+		return "";
+	if (!json_is_string(e) || json_string_length(e) > FERRY_NBD_MAX_STRING) {
+		ferry_err_set(err, EINVAL, "\"export\" must be a string of at most %d bytes", FERRY_NBD_MAX_STRING);
+		return NULL;
+	}
+	return json_string_value(e);
+}
+
+/* Peer: nbd-probe / nbd-session-open: the target must lie in an --allow-dir, like tunnel targets. */
+static json_t *peer_nbd(struct daemon *d, json_t *req, bool open, struct ferry_err *err)
+{
+	char target[PATH_MAX];
+	const char *export = nbd_export_name(req, err);
+	unsigned lanes;
+	if (!export || req_uint(req, "lanes", 1, FERRY_MAX_STREAMS, &lanes, err) ||
+	    resolve_peer_path(d, req_str(req, "target"), SCOPE_ALLOWED_ONLY, target, sizeof(target), err))
+		return NULL;
+	if (!open)
+		return ferry_nbd_peer_probe(d->nbd, target, export, err);
+	uint64_t window = ferry_agree_window(json_object_get(req, "window"), ferry_dp_window(d->dp));
+	return ferry_nbd_peer_session_open(d->nbd, new_id(d), target, export, lanes, window, err);
+}
+
+static json_t *admin_nbd_open(struct daemon *d, json_t *req, struct ferry_err *err)
+{
+	const char *peer = req_str(req, "peer"), *listen = req_str(req, "listen"), *target = req_str(req, "target");
+	const char *export = nbd_export_name(req, err);
+	unsigned lanes;
+	if (!export)
+		return NULL;
+	if (!peer || !listen || !target) {
+		ferry_err_set(err, EINVAL, "nbd-open needs \"peer\", \"listen\" and \"target\"");
+		return NULL;
+	}
+	if (req_uint(req, "lanes", 4, FERRY_MAX_STREAMS, &lanes, err))
+		return NULL;
+	char path[PATH_MAX];
+	if (resolve_peer_path(d, listen, SCOPE_RUN_AND_ALLOWED, path, sizeof(path), err))
+		return NULL;
+	return ferry_nbd_open(d->nbd, new_id(d), peer, path, target, export, lanes, err);
+}
+
+static json_t *admin_nbd_status(struct daemon *d, json_t *req, bool close_it, struct ferry_err *err)
+{
+	uint64_t id;
+	if (req_u64(req, "nbd", &id, err))
+		return NULL;
+	return ferry_nbd_status(d->nbd, (uint32_t)id, close_it, err);
+}
+
 /* ---- source side: raw region benchmark ---------------------------------- */
 
 static json_t *admin_perf_region(struct daemon *d, json_t *req, struct ferry_err *err)
@@ -1607,7 +1670,8 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 				 (json_int_t)ferry_dp_rejected_lanes(d->dp));
 	}
 	if (!admin) {
-		bool creates = strcmp(cmd, "session-open") == 0 || strcmp(cmd, "migrate-prepare") == 0;
+		bool creates = strcmp(cmd, "session-open") == 0 || strcmp(cmd, "migrate-prepare") == 0 ||
+			       strcmp(cmd, "nbd-session-open") == 0;
 		if (creates && c->nowned >= MAX_OWNED) {
 			ferry_err_set(err, ENOSPC, "this connection already holds %d sessions", MAX_OWNED);
 			return NULL;
@@ -1615,7 +1679,7 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 		bool acts = strcmp(cmd, "session-close") == 0 || strcmp(cmd, "migrate-finish") == 0 ||
 			    strcmp(cmd, "migrate-abort") == 0 || strcmp(cmd, "migrate-handoff") == 0 ||
 			    strcmp(cmd, "postcopy-setup-wait") == 0 || strcmp(cmd, "postcopy-go") == 0 ||
-			    strcmp(cmd, "postcopy-recover") == 0;
+			    strcmp(cmd, "postcopy-recover") == 0 || strcmp(cmd, "nbd-session-close") == 0;
 		if (acts && !conn_owns(c, req)) {
 			ferry_err_set(err, EPERM, "session %lld was not opened on this connection",
 				      (long long)json_integer_value(json_object_get(req, "session")));
@@ -1663,6 +1727,21 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 		}
 		if (strcmp(cmd, "migrate-state") == 0)
 			return peer_migrate_state(d, req, err);
+		if (strcmp(cmd, "nbd-probe") == 0)
+			return peer_nbd(d, req, false, err);
+		if (strcmp(cmd, "nbd-session-open") == 0) {
+			json_t *r = peer_nbd(d, req, true, err);
+			conn_own(c, r);
+			return r;
+		}
+		if (strcmp(cmd, "nbd-session-close") == 0) {
+			uint64_t id;
+			if (req_u64(req, "session", &id, err))
+				return NULL;
+			json_t *r = ferry_nbd_peer_session_close(d->nbd, (uint32_t)id, err);
+			conn_disown(c, req);
+			return r;
+		}
 	} else {
 		if (strcmp(cmd, "migrate") == 0)
 			return admin_migrate(d, req, err);
@@ -1678,6 +1757,12 @@ static json_t *handle(struct conn *c, json_t *req, struct ferry_err *err)
 			return admin_tunnel_status(d, req, true, err);
 		if (strcmp(cmd, "perf-region") == 0)
 			return admin_perf_region(d, req, err);
+		if (strcmp(cmd, "nbd-open") == 0)
+			return admin_nbd_open(d, req, err);
+		if (strcmp(cmd, "nbd-status") == 0)
+			return admin_nbd_status(d, req, false, err);
+		if (strcmp(cmd, "nbd-close") == 0)
+			return admin_nbd_status(d, req, true, err);
 		if (strcmp(cmd, "recover") == 0)
 			return admin_recover(d, req, err);
 		if (strcmp(cmd, "migrate-list") == 0)
@@ -1929,6 +2014,10 @@ int ferry_daemon_run(const struct ferry_daemon_config *cfg, volatile sig_atomic_
 		goto out;
 	if ((rc = ferry_dp_endpoint(d->dp, d->endpoint, sizeof(d->endpoint), err)))
 		goto out;
+	if (!(d->nbd = ferry_nbd_registry_new(d->dp, d->run_dir, nbd_log, d))) {
+		rc = ferry_err_set(err, ENOMEM, "out of memory");
+		goto out;
+	}
 	if ((afd = listen_admin(cfg->admin_path, err)) < 0) {
 		rc = afd;
 		goto out;
@@ -2008,6 +2097,8 @@ out:
 		pthread_mutex_unlock(&d->lock);
 		tunnel_free(t);
 	}
+	ferry_nbd_registry_free(d->nbd); /* NULL-safe; before the data plane its sessions use */
+	d->nbd = NULL;
 	pthread_mutex_lock(&d->lock);
 	for (unsigned i = 0; i < MAX_ENTRIES; i++) {
 		dst_free(d->dst[i]);

@@ -63,6 +63,11 @@ static void usage(FILE *f)
 		"        another or at once, until tunnel-close (each connection its own session, the\n"
 		"        peer connecting them in the order they arrived)\n"
 		"  tunnel-status ID | tunnel-close ID\n"
+		"  nbd-open --to HOST:PORT --listen PATH --target NBDSOCK [--export NAME] [--lanes N]\n"
+		"        serve the peer's NBD export (unix socket NBDSOCK, in its --allow-dir) as an NBD\n"
+		"        server on the local unix socket PATH; requests travel as block messages over N\n"
+		"        data-plane lanes (default 4) per client\n"
+		"  nbd-status ID | nbd-close ID\n"
 		"  perf-region --to HOST:PORT --bytes N [--lanes N]\n"
 		"  ping | stats            daemon liveness and counters (JSON)\n"
 		"  qmp SOCKET COMMAND [ARGS-JSON]   run one QMP command on a QEMU monitor\n"
@@ -468,6 +473,53 @@ static int cmd_tunnel_open(const char *admin, int argc, char **argv)
 	return 0;
 }
 
+static int cmd_nbd_open(const char *admin, int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "to", required_argument, NULL, 't' },     { "listen", required_argument, NULL, 'L' },
+		{ "target", required_argument, NULL, 'T' }, { "export", required_argument, NULL, 'e' },
+		{ "lanes", required_argument, NULL, 'l' },  { NULL, 0, NULL, 0 },
+	};
+	const char *to = NULL, *listen = NULL, *target = NULL, *export = "";
+	unsigned long long lanes = 4;
+	int c;
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+		switch (c) {
+		case 't': to = optarg; break;
+		case 'L': listen = optarg; break;
+		case 'T': target = optarg; break;
+		case 'e': export = optarg; break;
+		case 'l':
+			if (parse_uint(optarg, "--lanes", 64, &lanes))
+				return EXIT_USAGE;
+			if (lanes == 0) {
+				fprintf(stderr, "ferryctl nbd-open: --lanes must be at least 1\n");
+				return EXIT_USAGE;
+			}
+			break;
+		default: usage(stderr); return EXIT_USAGE;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "ferryctl nbd-open: unexpected argument '%s'\n", argv[optind]);
+		return EXIT_USAGE;
+	}
+	if (!to || !listen || !target) {
+		fprintf(stderr, "ferryctl nbd-open: needs --to, --listen and --target\n");
+		return EXIT_USAGE;
+	}
+	json_t *rep = NULL;
+	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:s, s:I}", "cmd", "nbd-open", "peer", to, "listen", listen,
+				       "target", target, "export", export, "lanes", (json_int_t)lanes),
+		      &rep);
+	if (rc)
+		return rc;
+	print_json(rep);
+	json_decref(rep);
+	return 0;
+}
+
 static int cmd_perf_region(const char *admin, int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -585,6 +637,12 @@ int main(int argc, char **argv)
 		return cmd_id(admin, "tunnel-close", "tunnel", sub_argc, sub_argv);
 	if (strcmp(cmd, "perf-region") == 0)
 		return cmd_perf_region(admin, sub_argc, sub_argv);
+	if (strcmp(cmd, "nbd-open") == 0)
+		return cmd_nbd_open(admin, sub_argc, sub_argv);
+	if (strcmp(cmd, "nbd-status") == 0)
+		return cmd_id(admin, "nbd-status", "nbd", sub_argc, sub_argv);
+	if (strcmp(cmd, "nbd-close") == 0)
+		return cmd_id(admin, "nbd-close", "nbd", sub_argc, sub_argv);
 	if (strcmp(cmd, "qmp") == 0)
 		return cmd_qmp(sub_argc, sub_argv);
 	if (strcmp(cmd, "ping") == 0 || strcmp(cmd, "stats") == 0) {

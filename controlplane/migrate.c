@@ -784,7 +784,10 @@ static void *migration_main(void *arg)
 			}
 		}
 		bool in_postcopy = status && strncmp(status, "postcopy", 8) == 0;
-		if (in_postcopy && (!guard || pc_committed))
+		/* QEMU 10.2+ says postcopy-device until its destination acknowledged
+		 * every device loaded; failing before that, it can be resumed. */
+		bool qemu_setup = status && strcmp(status, "postcopy-device") == 0;
+		if (in_postcopy && !qemu_setup && (!guard || pc_committed))
 			src_completed = true; /* the destination may run the VM now: never resume the source */
 		bool switching = status && (strcmp(status, "device") == 0 || strcmp(status, "pre-switchover") == 0 ||
 					    in_postcopy);

@@ -56,6 +56,7 @@ struct peer_region {
 
 struct chunk {
 	uint8_t *buf;
+	struct ferry_mr mr;   /* one-sided (verbs) drivers: registered once, sent from without a copy */
 	bool busy;      /* framed, waiting for the driver's completion */
 	size_t held;    /* read from the local socket, not framed yet (wire was full) */
 };
@@ -273,8 +274,11 @@ static void stream_free(struct stream *st)
 		close(st->fd);
 	close_pipe(st->txp);
 	close_pipe(st->rxp);
-	for (unsigned i = 0; i < TX_CHUNKS; i++)
+	for (unsigned i = 0; i < TX_CHUNKS; i++) {
+		if (st->chunks[i].mr.addr)
+			st->lane->s->dp->ops->mem_deregister(st->lane->s->dp->dev, &st->chunks[i].mr);
 		free(st->chunks[i].buf);
+	}
 	free(st->ring);
 	free(st);
 }
@@ -300,6 +304,11 @@ static struct stream *stream_new(struct ferry_session *s, uint32_t id, int fd, s
 			st->chunks[i].buf = malloc(TX_CHUNK_BYTES);
 			if (!st->chunks[i].buf)
 				goto nomem;
+			/* Verbs drivers send straight from registered memory: the
+			 * socket's bytes are read into the buffer the NIC sends. */
+			if (s->dp->onesided &&
+			    s->dp->ops->mem_register(s->dp->dev, st->chunks[i].buf, TX_CHUNK_BYTES, &st->chunks[i].mr, err))
+				goto fail;
 		}
 		st->ring = malloc(s->window);
 		if (!st->ring)
@@ -883,7 +892,7 @@ frame:;
 		struct ferry_tx_frame f = {
 			.hdr = { .type = FERRY_FT_DATA, .session = l->s->id, .stream = st->id,
 				 .seq = st->tx_off, .length = (uint32_t)r },
-			.iov = &iov, .iovcnt = 1, .cookie = ch,
+			.iov = &iov, .iovcnt = 1, .cookie = ch, .mr = ch->mr.addr ? &ch->mr : NULL,
 		};
 		int n = ops->tx_burst(l->drv, &f, 1, err);
 		if (n < 0)

@@ -37,6 +37,7 @@
 #define STASH_DEPTH    32
 #define RECV_BIT       (1ull << 63)
 #define CREDIT_BATCH   (RQ_DATA / 4)
+#define HDR_STRIDE     64              /* zero-copy sends: a header buffer per send queue entry */
 
 struct ferry_device {
 	struct rdma_event_channel *ec;
@@ -49,7 +50,7 @@ struct ferry_device {
 	int fatal;                     /* the device itself failed (async event) */
 };
 
-enum sq_kind { SQ_SLOT = 1, SQ_INLINE, SQ_CREDIT, SQ_WRITE };
+enum sq_kind { SQ_SLOT = 1, SQ_INLINE, SQ_ZEROCOPY, SQ_CREDIT, SQ_WRITE };
 
 struct sq_rec {
 	uint8_t kind;
@@ -78,6 +79,8 @@ struct ferry_lane_drv {
 	/* send side */
 	uint8_t *txbuf;
 	struct ibv_mr *txmr;
+	uint8_t *hdrbuf;               /* HDR_STRIDE per send queue entry, for zero-copy frames */
+	struct ibv_mr *hdrmr;
 	int tx_free[TX_SLOTS];
 	unsigned tx_nfree;
 	struct sq_rec sq[SQ_DEPTH];
@@ -394,6 +397,9 @@ static void lane_free(struct ferry_lane_drv *l)
 		ibv_dereg_mr(l->txmr);
 	if (l->rxmr)
 		ibv_dereg_mr(l->rxmr);
+	if (l->hdrmr)
+		ibv_dereg_mr(l->hdrmr);
+	free(l->hdrbuf);
 	free(l->txbuf);
 	free(l->rxbuf);
 	if (l->id)
@@ -442,7 +448,7 @@ static int lane_setup_qp(struct ferry_lane_drv *l, struct ferry_err *err)
 				     CQ_DEPTH, strerror(errno));
 	struct ibv_qp_init_attr qa = {
 		.qp_context = l, .send_cq = l->cq, .recv_cq = l->cq, .qp_type = IBV_QPT_RC,
-		.cap = { .max_send_wr = SQ_DEPTH, .max_recv_wr = RQ_TOTAL, .max_send_sge = 1, .max_recv_sge = 1,
+		.cap = { .max_send_wr = SQ_DEPTH, .max_recv_wr = RQ_TOTAL, .max_send_sge = 2, .max_recv_sge = 1,
 			 .max_inline_data = INLINE_WANT },
 	};
 	if (rdma_create_qp(l->id, dev->pd, &qa)) {
@@ -454,12 +460,14 @@ static int lane_setup_qp(struct ferry_lane_drv *l, struct ferry_err *err)
 	l->max_inline = qa.cap.max_inline_data;
 	l->txbuf = aligned_alloc(4096, (size_t)TX_SLOTS * SLOT_BYTES);
 	l->rxbuf = aligned_alloc(4096, (size_t)RQ_TOTAL * SLOT_BYTES);
-	if (!l->txbuf || !l->rxbuf)
+	l->hdrbuf = aligned_alloc(4096, (size_t)SQ_DEPTH * HDR_STRIDE);
+	if (!l->txbuf || !l->rxbuf || !l->hdrbuf)
 		return ferry_err_set(err, ENOMEM, "rdma lane: out of memory for the message pools");
 	/* Registered once for the lane's life, never per message. */
 	l->txmr = ibv_reg_mr(dev->pd, l->txbuf, (size_t)TX_SLOTS * SLOT_BYTES, IBV_ACCESS_LOCAL_WRITE);
 	l->rxmr = ibv_reg_mr(dev->pd, l->rxbuf, (size_t)RQ_TOTAL * SLOT_BYTES, IBV_ACCESS_LOCAL_WRITE);
-	if (!l->txmr || !l->rxmr)
+	l->hdrmr = ibv_reg_mr(dev->pd, l->hdrbuf, (size_t)SQ_DEPTH * HDR_STRIDE, IBV_ACCESS_LOCAL_WRITE);
+	if (!l->txmr || !l->rxmr || !l->hdrmr)
 		return ferry_err_set(err, errno, "rdma lane: cannot register the message pools: %s (memlock limit?)",
 				     strerror(errno));
 	for (int i = 0; i < TX_SLOTS; i++)
@@ -693,6 +701,8 @@ static void retire_sends(struct ferry_lane_drv *l, uint64_t seq)
 		struct sq_rec *r = &l->sq[l->sq_tail % SQ_DEPTH];
 		if (r->kind == SQ_SLOT)
 			l->tx_free[l->tx_nfree++] = r->slot;
+		else if (r->kind == SQ_ZEROCOPY)
+			complete_cookie(l, r->cookie); /* the caller's buffer is free again */
 		else if (r->kind == SQ_CREDIT)
 			l->credit_inflight = false;
 		else if (r->kind == SQ_WRITE) {
@@ -871,7 +881,9 @@ static int post_chain(struct ferry_lane_drv *l, struct ibv_send_wr *wr, const st
 		uint64_t seq = l->sq_head + i;
 		wr[i].wr_id = seq;
 		wr[i].next = i + 1 < n ? &wr[i + 1] : NULL;
-		bool sig = recs[i].kind == SQ_WRITE || recs[i].kind == SQ_CREDIT;
+		/* A zero-copy frame's buffer stays the caller's until its send
+		 * completes: signal it, or the caller could wait for ever. */
+		bool sig = recs[i].kind == SQ_WRITE || recs[i].kind == SQ_CREDIT || (recs[i].kind == SQ_ZEROCOPY && recs[i].cookie);
 		if (!sig) {
 			l->unsignaled++;
 			/* Batch: signal every SIGNAL_EVERY, and whenever the ring or
@@ -926,6 +938,44 @@ static bool room_for(const struct ferry_lane_drv *l, unsigned msgs, bool inl)
 	       l->done_count < DONE_DEPTH;
 }
 
+/* A frame whose payload lies in registered memory: the header from this send
+ * queue entry's header buffer, the payload straight from the caller's memory
+ * (no copy); the caller's cookie completes when the last message does. */
+static int send_zerocopy(struct ferry_lane_drv *l, const struct ferry_tx_frame *f, unsigned msgs)
+{
+	struct ibv_send_wr wr[TX_SLOTS / 2];
+	struct ibv_sge sge[TX_SLOTS / 2][2];
+	struct sq_rec rec[TX_SLOTS / 2];
+	const uint8_t *payload = f->iov[0].iov_base;
+	uint32_t lkey = ((struct ibv_mr *)f->mr->drv)->lkey;
+	size_t len = f->hdr.length, off = 0;
+	memset(wr, 0, sizeof(wr[0]) * msgs);
+	for (unsigned m = 0; m < msgs; m++) {
+		unsigned ns = 0;
+		size_t cap = SLOT_BYTES;
+		if (m == 0) {
+			uint8_t *h = l->hdrbuf + ((l->sq_head) % SQ_DEPTH) * HDR_STRIDE;
+			ferry_wire_encode(&f->hdr, NULL, h);
+			sge[m][ns++] = (struct ibv_sge){ .addr = (uintptr_t)h, .length = FERRY_WIRE_HDR_LEN, .lkey = l->hdrmr->lkey };
+			cap -= FERRY_WIRE_HDR_LEN;
+		}
+		size_t take = len - off < cap ? len - off : cap;
+		if (take)
+			sge[m][ns++] = (struct ibv_sge){ .addr = (uintptr_t)(payload + off), .length = (uint32_t)take, .lkey = lkey };
+		off += take;
+		wr[m].sg_list = sge[m];
+		wr[m].num_sge = (int)ns;
+		wr[m].opcode = IBV_WR_SEND_WITH_IMM;
+		wr[m].imm_data = htonl(l->freed);
+		rec[m] = (struct sq_rec){ .kind = SQ_ZEROCOPY, .slot = -1, .cookie = m + 1 == msgs ? f->cookie : NULL };
+	}
+	if (post_chain(l, wr, rec, msgs))
+		return -1;
+	l->reported = l->freed;
+	l->sent += msgs;
+	return 0;
+}
+
 static int rdma_tx_burst(struct ferry_lane_drv *l, const struct ferry_tx_frame *frames, unsigned n,
 			 struct ferry_err *err)
 {
@@ -946,9 +996,17 @@ static int rdma_tx_burst(struct ferry_lane_drv *l, const struct ferry_tx_frame *
 		unsigned msgs = (unsigned)frame_msgs(l, total);
 		if (msgs > TX_SLOTS / 2)
 			return ferry_err_set(err, EMSGSIZE, "rdma tx: a %zu byte frame is too large", total);
-		if (!room_for(l, msgs, inl)) {
+		bool zc = !inl && f->mr && f->mr->drv && f->iovcnt == 1 &&
+			  (const uint8_t *)f->iov[0].iov_base >= (const uint8_t *)f->mr->addr &&
+			  (const uint8_t *)f->iov[0].iov_base + len <= (const uint8_t *)f->mr->addr + f->mr->len;
+		if (!room_for(l, msgs, inl || zc)) {
 			l->need_msgs = msgs;
 			break;
+		}
+		if (zc) {
+			if (send_zerocopy(l, f, msgs))
+				return lane_err(l, err);
+			continue;
 		}
 		struct ibv_send_wr wr[TX_SLOTS / 2];
 		struct ibv_sge sge[TX_SLOTS / 2];

@@ -29,6 +29,9 @@
 #define PIPE_BYTES       (1u << 20)
 #define LOCAL_SNDBUF     (2 << 20)
 #define TX_CHUNKS        4
+/* Verbs drivers send from the chunks themselves (no copy), so a chunk is busy
+ * until the peer acknowledged it: more of them keep a window's worth in flight. */
+#define TX_CHUNKS_VERBS  16
 #define TX_CHUNK_BYTES   (256u << 10)
 #define YIELDS_BEFORE_SLEEP 8
 #define MAX_REGIONS      8
@@ -75,7 +78,8 @@ struct stream {
 	bool local_eof;
 	bool fin_sent;
 	int txp[2];
-	struct chunk chunks[TX_CHUNKS];
+	struct chunk chunks[TX_CHUNKS_VERBS];
+	unsigned nchunks;
 	/* wire -> local */
 	struct ferry_credit_rx rxc;
 	uint64_t rx_off;
@@ -274,7 +278,7 @@ static void stream_free(struct stream *st)
 		close(st->fd);
 	close_pipe(st->txp);
 	close_pipe(st->rxp);
-	for (unsigned i = 0; i < TX_CHUNKS; i++) {
+	for (unsigned i = 0; i < st->nchunks; i++) {
 		if (st->chunks[i].mr.addr)
 			st->lane->s->dp->ops->mem_deregister(st->lane->s->dp->dev, &st->chunks[i].mr);
 		free(st->chunks[i].buf);
@@ -300,7 +304,8 @@ static struct stream *stream_new(struct ferry_session *s, uint32_t id, int fd, s
 		if (make_pipe(st->txp, err) || make_pipe(st->rxp, err))
 			goto fail;
 	} else {
-		for (unsigned i = 0; i < TX_CHUNKS; i++) {
+		st->nchunks = s->dp->onesided ? TX_CHUNKS_VERBS : TX_CHUNKS;
+		for (unsigned i = 0; i < st->nchunks; i++) {
 			st->chunks[i].buf = malloc(TX_CHUNK_BYTES);
 			if (!st->chunks[i].buf)
 				goto nomem;
@@ -862,7 +867,7 @@ static int stream_tx_copy(struct lane *l, struct stream *st, struct ferry_err *e
 {
 	const struct ferry_driver_ops *ops = l->s->dp->ops;
 	int progress = 0;
-	for (unsigned c = 0; c < TX_CHUNKS && !l->tx_blocked && !st->local_eof; c++) {
+	for (unsigned c = 0; c < st->nchunks && !l->tx_blocked && !st->local_eof; c++) {
 		struct chunk *ch = &st->chunks[c];
 		if (ch->busy)
 			continue;
@@ -1070,7 +1075,7 @@ static bool stream_chunk_free(const struct ferry_dp *dp, const struct stream *st
 {
 	if (dp->splice)
 		return true;
-	for (unsigned i = 0; i < TX_CHUNKS; i++)
+	for (unsigned i = 0; i < st->nchunks; i++)
 		if (!st->chunks[i].busy)
 			return true;
 	return false;

@@ -74,6 +74,7 @@ struct ferry_lane_drv {
 	struct ibv_qp *qp;
 	int epfd, evfd;
 	bool evfd_set, armed, established, disconnected;
+	uint64_t slow_check_ns;        /* when connection and async events were last looked at */
 	unsigned cq_events;            /* to acknowledge before destroying the CQ */
 	uint32_t max_inline;
 	/* send side */
@@ -815,6 +816,8 @@ static void check_cm(struct ferry_lane_drv *l)
 	}
 }
 
+static void check_events(struct ferry_lane_drv *l, bool now);
+
 /* Reap completions; when there are none, look at the slower event sources. */
 static void poll_lane(struct ferry_lane_drv *l)
 {
@@ -823,14 +826,6 @@ static void poll_lane(struct ferry_lane_drv *l)
 		ssize_t r = read(l->evfd, &v, sizeof(v));
 		(void)r;
 		l->evfd_set = false;
-	}
-	if (l->armed) {
-		struct ibv_cq *cq;
-		void *ctx;
-		if (ibv_get_cq_event(l->cc, &cq, &ctx) == 0) {
-			l->cq_events++;
-			l->armed = false;
-		}
 	}
 	for (unsigned i = 0; i < l->nstash; i++)
 		handle_wc(l, &l->stash[i]);
@@ -845,20 +840,33 @@ static void poll_lane(struct ferry_lane_drv *l)
 	}
 	if (n < 0)
 		lane_fail(l, EIO, "polling the completion queue failed");
-	if (total == 0) {
-		struct pollfd p[2] = { { .fd = l->ec->fd, .events = POLLIN }, { .fd = l->dev->verbs->async_fd, .events = POLLIN } };
-		if (poll(p, 2, 0) > 0) {
-			if (p[0].revents)
-				check_cm(l);
-			if (p[1].revents)
-				check_async(l);
-		}
-		int ac = __atomic_load_n(&l->async_code, __ATOMIC_ACQUIRE);
-		if (ac)
-			lane_fail(l, ac, "%s", l->async_msg);
-		if (__atomic_load_n(&l->dev->fatal, __ATOMIC_ACQUIRE))
-			lane_fail(l, EIO, "the RDMA device reported a fatal error");
+	if (total == 0)
+		check_events(l, false);
+}
+
+/* Connection and device events: a syscall, so at most once a millisecond
+ * while the lane is busy (a busy lane sees a failure in its completions
+ * anyway), and always before it sleeps. */
+static void check_events(struct ferry_lane_drv *l, bool now)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	uint64_t t = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+	if (!now && t - l->slow_check_ns < 1000000)
+		return;
+	l->slow_check_ns = t;
+	struct pollfd p[2] = { { .fd = l->ec->fd, .events = POLLIN }, { .fd = l->dev->verbs->async_fd, .events = POLLIN } };
+	if (poll(p, 2, 0) > 0) {
+		if (p[0].revents)
+			check_cm(l);
+		if (p[1].revents)
+			check_async(l);
 	}
+	int ac = __atomic_load_n(&l->async_code, __ATOMIC_ACQUIRE);
+	if (ac)
+		lane_fail(l, ac, "%s", l->async_msg);
+	if (__atomic_load_n(&l->dev->fatal, __ATOMIC_ACQUIRE))
+		lane_fail(l, EIO, "the RDMA device reported a fatal error");
 }
 
 /* ---- send side ------------------------------------------------------------- */
@@ -1255,21 +1263,32 @@ static void rdma_rx_release(struct ferry_lane_drv *l, struct ferry_rx_frame *fra
 static int rdma_wakeup_fd(struct ferry_lane_drv *l, short *events, bool want_tx)
 {
 	*events = POLLIN;
-	if (!l->armed && l->cq) {
-		if (ibv_req_notify_cq(l->cq, 0) == 0)
-			l->armed = true;
-	}
-	/* Completions that arrived before the CQ was armed raise no event:
-	 * look once more and wake ourselves if there were any. */
-	if (l->nstash < STASH_DEPTH) {
-		int got = ibv_poll_cq(l->cq, (int)(STASH_DEPTH - l->nstash), l->stash + l->nstash);
-		if (got > 0) {
-			l->nstash += (unsigned)got;
-			uint64_t one = 1;
-			ssize_t w = write(l->evfd, &one, sizeof(one));
-			(void)w;
-			l->evfd_set = true;
+	if (!l->cq)
+		return l->epfd;
+	/* Consume the completion event that woke us last (if it came), re-arm. */
+	if (l->armed) {
+		struct ibv_cq *cq;
+		void *ctx;
+		if (ibv_get_cq_event(l->cc, &cq, &ctx) == 0 && ++l->cq_events >= 64) {
+			ibv_ack_cq_events(l->cq, l->cq_events);
+			l->cq_events = 0;
 		}
+	}
+	l->armed = ibv_req_notify_cq(l->cq, 0) == 0;
+	check_events(l, true);
+	/* Completions that arrived before the CQ was armed raise no event:
+	 * look once more, and wake ourselves if there were any (or the lane
+	 * has just failed). */
+	int got = 0;
+	if (l->nstash < STASH_DEPTH)
+		got = ibv_poll_cq(l->cq, (int)(STASH_DEPTH - l->nstash), l->stash + l->nstash);
+	if (got > 0)
+		l->nstash += (unsigned)got;
+	if (got > 0 || l->fail_code) {
+		uint64_t one = 1;
+		ssize_t w = write(l->evfd, &one, sizeof(one));
+		(void)w;
+		l->evfd_set = true;
 	}
 	return l->epfd;
 }

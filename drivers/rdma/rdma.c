@@ -431,6 +431,12 @@ static int epoll_add(int epfd, int fd)
 	return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev);
 }
 
+/* Page-aligned memory to register (aligned_alloc wants a multiple of the alignment). */
+static void *alloc_pages(size_t len)
+{
+	return aligned_alloc(4096, (len + 4095) & ~(size_t)4095);
+}
+
 /* Completion channel, CQ, QP on l->id, the registered pools, the receives
  * posted, and the wakeup fd (an epoll over the completion channel, the
  * connection's events, the device's async events and our own eventfd). */
@@ -459,9 +465,9 @@ static int lane_setup_qp(struct ferry_lane_drv *l, struct ferry_err *err)
 	}
 	l->qp = l->id->qp;
 	l->max_inline = qa.cap.max_inline_data;
-	l->txbuf = aligned_alloc(4096, (size_t)TX_SLOTS * SLOT_BYTES);
-	l->rxbuf = aligned_alloc(4096, (size_t)RQ_TOTAL * SLOT_BYTES);
-	l->hdrbuf = aligned_alloc(4096, (size_t)SQ_DEPTH * HDR_STRIDE);
+	l->txbuf = alloc_pages((size_t)TX_SLOTS * SLOT_BYTES);
+	l->rxbuf = alloc_pages((size_t)RQ_TOTAL * SLOT_BYTES);
+	l->hdrbuf = alloc_pages((size_t)SQ_DEPTH * HDR_STRIDE);
 	if (!l->txbuf || !l->rxbuf || !l->hdrbuf)
 		return ferry_err_set(err, ENOMEM, "rdma lane: out of memory for the message pools");
 	/* Registered once for the lane's life, never per message. */

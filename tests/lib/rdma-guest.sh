@@ -164,10 +164,15 @@ export RDMA_GUEST_CWD='$(pwd)'
 exec /bin/bash $_rdma_guest_repo/tests/guest/rdma-init.sh /ferry-io
 EOF
 	# Pass the caller's environment for the variables tests use.
-	local v
+	local v val
 	for v in $(compgen -e | grep -E '^(FERRY|RDMA|ASAN|UBSAN|LSAN)[A-Z_]*$'); do
-		printf 'export %s=%q\n' "$v" "${!v}"
+		val=${!v}
+		# Sanitizer reports land in the io share; copied to log_path's dir below.
+		[[ $v == *SAN_OPTIONS && $val == *log_path=* ]] &&
+			val=$(sed -E 's#log_path=[^:]*/#log_path=/ferry-io/san/#' <<<"$val")
+		printf 'export %s=%q\n' "$v" "$val"
 	done >"$io/env"
+	mkdir -p "$io/san"
 	kernel=$c/vmlinux
 	[ -f "$kernel" ] || kernel=$c/kernel/boot/vmlinuz-$(cat "$c/kernel.ver")
 	timeout -k 5 "$limit" "${QEMU_BIN:-qemu-system-x86_64}" -accel tcg -nodefaults -no-user-config -display none \
@@ -180,6 +185,13 @@ EOF
 		-netdev hubport,id=n0,hubid=0 -device virtio-net-pci,netdev=n0 \
 		</dev/null >"$io/qemu.log" 2>&1
 	local qrc=$?
+	for v in ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS; do
+		val=${!v:-}
+		[[ $val == *log_path=*/* ]] || continue
+		val=${val#*log_path=}
+		val=${val%%:*}
+		compgen -G "$io/san/*" >/dev/null && cp "$io"/san/* "$(dirname "$val")/" 2>/dev/null
+	done
 	if [ -s "$io/rc" ]; then
 		RDMA_GUEST_RC=$(cat "$io/rc")
 	elif [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then

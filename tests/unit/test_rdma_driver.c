@@ -126,14 +126,14 @@ static void test_peer_region_too_small(struct ferry_dp *sdp, struct ferry_dp *dd
 	free(b);
 }
 
-static void test_peer_closes(struct ferry_dp *sdp, struct ferry_dp *ddp)
+static void test_peer_closes(struct ferry_dp *sdp, struct ferry_dp *ddp, size_t len)
 {
 	struct ferry_session *src, *dst;
 	CHECK(make_pair(sdp, ddp, 2, &src, &dst) == 0, "vanish: session up");
-	size_t len = 64u << 20;
 	uint8_t *a = calloc(1, len), *b = calloc(1, len);
 	struct ferry_err err = { 0 };
-	CHECK(ferry_region_add(src, 1, a, len, &err) == 0 && ferry_region_add(dst, 1, b, len, &err) == 0, "64 MiB regions");
+	CHECK(ferry_region_add(src, 1, a, len, &err) == 0 && ferry_region_add(dst, 1, b, len, &err) == 0, "%zu MiB regions",
+	      len >> 20);
 	ferry_region_write(src, 1, 0, len, &err);
 	usleep(300000);
 	ferry_session_close(dst); /* disconnects its lanes, deregisters its region */
@@ -162,7 +162,7 @@ int main(int argc, char **argv)
 	test_device_choice();
 	test_regions(sdp, ddp, (mb << 20) + 4096, 2);
 	test_peer_region_too_small(sdp, ddp);
-	test_peer_closes(sdp, ddp);
+	test_peer_closes(sdp, ddp, (mb < 8 ? 8 : mb) << 20);
 	ferry_dp_close(sdp);
 	ferry_dp_close(ddp);
 	CHECK_DONE();

@@ -1,10 +1,14 @@
 /* The RDMA driver under the data plane, on real verbs: device choice, region
- * writes (one-sided) checked byte for byte, a destination region too small,
- * and a peer that closes mid-transfer. Needs an active RDMA port (soft-RoCE
+ * writes (one-sided) checked byte for byte, streams both ways at once, a
+ * destination region too small, and a peer that closes mid-transfer. Needs an active RDMA port (soft-RoCE
  * in the test guest: tests/e2e/rdma-ferry.sh runs it there); exits 77 where
  * there is none. */
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -23,12 +27,15 @@ static struct ferry_dp *open_rdma(const char *opt, struct ferry_err *err)
 	return ferry_dp_open(&cfg, &dp, err) == 0 ? dp : NULL;
 }
 
-static int make_pair(struct ferry_dp *sdp, struct ferry_dp *ddp, unsigned lanes, struct ferry_session **src,
-		     struct ferry_session **dst)
+/* A session over 'lanes' lanes; with paths, streams go from the source's
+ * listening socket src_path to the destination's dst_path. */
+static int make_pair_paths(struct ferry_dp *sdp, struct ferry_dp *ddp, unsigned lanes, const char *src_path,
+			   const char *dst_path, struct ferry_session **src, struct ferry_session **dst)
 {
 	struct ferry_err err = { 0 };
 	uint32_t id = next_session++;
-	struct ferry_session_params p = { .id = id, .lanes = lanes, .max_streams = 1, .timeout_ms = 10000 };
+	struct ferry_session_params p = { .id = id, .lanes = lanes, .max_streams = lanes, .timeout_ms = 10000,
+					  .unix_path = dst_path };
 	for (int i = 0; i < FERRY_TOKEN_LEN; i++)
 		p.token[i] = (uint8_t)(id * 17 + (unsigned)i);
 	if (ferry_session_create_dst(ddp, &p, dst, &err)) {
@@ -37,12 +44,19 @@ static int make_pair(struct ferry_dp *sdp, struct ferry_dp *ddp, unsigned lanes,
 	}
 	char ep[FERRY_DP_ENDPOINT_MAX];
 	ferry_dp_endpoint(ddp, ep, sizeof(ep), &err);
+	p.unix_path = src_path;
 	if (ferry_session_create_src(sdp, &p, ep, src, &err)) {
 		printf("# src: %s\n", err.msg);
 		ferry_session_close(*dst);
 		return -1;
 	}
 	return ferry_session_wait_active(*dst, 10000, &err);
+}
+
+static int make_pair(struct ferry_dp *sdp, struct ferry_dp *ddp, unsigned lanes, struct ferry_session **src,
+		     struct ferry_session **dst)
+{
+	return make_pair_paths(sdp, ddp, lanes, NULL, NULL, src, dst);
 }
 
 static void fill(uint8_t *b, size_t n, uint32_t seed)
@@ -58,6 +72,101 @@ static double now_s(void)
 	struct timespec t;
 	clock_gettime(CLOCK_MONOTONIC, &t);
 	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* One direction of a stream: write 'bytes' of a seeded pattern into fd (then
+ * half-close), or read to EOF; either way a CRC32C of what passed. */
+struct flow {
+	int fd;
+	bool writer;
+	size_t bytes, moved;
+	uint32_t seed, crc;
+};
+
+static void *flow_main(void *arg)
+{
+	struct flow *f = arg;
+	static __thread uint8_t buf[1 << 16];
+	while (f->writer ? f->moved < f->bytes : true) {
+		size_t n = sizeof(buf);
+		ssize_t r;
+		if (f->writer) {
+			if (n > f->bytes - f->moved)
+				n = f->bytes - f->moved;
+			fill(buf, n, f->seed + (uint32_t)f->moved);
+			r = send(f->fd, buf, n, MSG_NOSIGNAL);
+		} else {
+			r = recv(f->fd, buf, n, 0);
+		}
+		if (r <= 0)
+			break;
+		f->crc = ferry_dp_checksum(f->crc, buf, (size_t)r);
+		f->moved += (size_t)r;
+	}
+	if (f->writer)
+		shutdown(f->fd, SHUT_WR);
+	return NULL;
+}
+
+static int unix_socket(const char *path, bool listening)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+	if (fd < 0)
+		return -1;
+	if (listening ? bind(fd, (struct sockaddr *)&sa, sizeof(sa)) || listen(fd, 8)
+		      : connect(fd, (struct sockaddr *)&sa, sizeof(sa))) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+/* Two streams over two lanes, both directions at once, checked by CRC32C. */
+static void test_streams(struct ferry_dp *sdp, struct ferry_dp *ddp, size_t bytes)
+{
+	char dir[] = "/tmp/ferry-rdma-XXXXXX", sp[64], dp[64];
+	if (!mkdtemp(dir))
+		return;
+	snprintf(sp, sizeof(sp), "%s/s", dir);
+	snprintf(dp, sizeof(dp), "%s/d", dir);
+	int lfd = unix_socket(dp, true);
+	struct ferry_session *src, *dst;
+	CHECK(lfd >= 0 && make_pair_paths(sdp, ddp, 2, sp, dp, &src, &dst) == 0, "stream session over 2 lanes is up");
+	struct flow fl[8];
+	pthread_t t[8];
+	for (int i = 0; i < 2; i++) {
+		int a = unix_socket(sp, false);
+		struct pollfd p = { .fd = lfd, .events = POLLIN };
+		int b = poll(&p, 1, 20000) == 1 ? accept(lfd, NULL, NULL) : -1;
+		CHECK(a >= 0 && b >= 0, "stream %d connected end to end", i);
+		/* forward: bytes (+ an odd tail), backward: 1 MiB + 13 */
+		fl[4 * i + 0] = (struct flow){ .fd = a, .writer = true, .bytes = bytes + 4097u * (unsigned)i, .seed = 5u + (unsigned)i };
+		fl[4 * i + 1] = (struct flow){ .fd = b };
+		fl[4 * i + 2] = (struct flow){ .fd = b, .writer = true, .bytes = (1u << 20) + 13, .seed = 50u + (unsigned)i };
+		fl[4 * i + 3] = (struct flow){ .fd = a };
+	}
+	double t0 = now_s();
+	for (int i = 0; i < 8; i++)
+		pthread_create(&t[i], NULL, flow_main, &fl[i]);
+	for (int i = 0; i < 8; i++)
+		pthread_join(t[i], NULL);
+	double dt = now_s() - t0;
+	for (int i = 0; i < 8; i += 2)
+		CHECK(fl[i].moved == fl[i].bytes && fl[i + 1].moved == fl[i].bytes && fl[i].crc == fl[i + 1].crc,
+		      "stream %d %s: %zu bytes sent, %zu arrived, CRC32C %08x / %08x", i / 4, i % 4 ? "backward" : "forward",
+		      fl[i].moved, fl[i + 1].moved, fl[i].crc, fl[i + 1].crc);
+	printf("# streams: %.1f MB/s forward over 2 lanes\n", (double)(fl[0].bytes + fl[4].bytes) / dt / 1e6);
+	for (int i = 0; i < 2; i++) {
+		close(fl[4 * i].fd);
+		close(fl[4 * i + 1].fd);
+	}
+	ferry_session_close(src);
+	ferry_session_close(dst);
+	close(lfd);
+	unlink(dp);
+	rmdir(dir);
 }
 
 static void test_device_choice(void)
@@ -161,6 +270,7 @@ int main(int argc, char **argv)
 	size_t mb = argc > 1 ? strtoul(argv[1], NULL, 10) : 32;
 	test_device_choice();
 	test_regions(sdp, ddp, (mb << 20) + 4096, 2);
+	test_streams(sdp, ddp, mb << 20);
 	test_peer_region_too_small(sdp, ddp);
 	test_peer_closes(sdp, ddp, (mb < 8 ? 8 : mb) << 20);
 	ferry_dp_close(sdp);

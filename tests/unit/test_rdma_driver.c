@@ -1,6 +1,8 @@
-/* The RDMA driver under the data plane, on real verbs: device choice, region
- * writes (one-sided) checked byte for byte, streams both ways at once, a
- * destination region too small, and a peer that closes mid-transfer. Needs an active RDMA port (soft-RoCE
+/* The RDMA driver on real verbs: device choice; the driver alone with a
+ * one-sided write under a bogus key (remote access error on both ends); under
+ * the data plane, region writes (one-sided) checked byte for byte, streams
+ * both ways at once, a destination region too small, and a peer that closes
+ * mid-transfer. Needs an active RDMA port (soft-RoCE
  * in the test guest: tests/e2e/rdma-ferry.sh runs it there); exits 77 where
  * there is none. */
 #include <errno.h>
@@ -15,6 +17,7 @@
 
 #include "check.h"
 #include "dataplane/dataplane.h"
+#include "drivers/driver.h"
 
 static uint32_t next_session = 700;
 
@@ -255,6 +258,103 @@ static void test_peer_closes(struct ferry_dp *sdp, struct ferry_dp *ddp, size_t 
 	free(b);
 }
 
+/* ---- the driver alone, below the data plane ------------------------------- */
+
+struct acceptor {
+	const struct ferry_driver_ops *ops;
+	struct ferry_device *dev;
+	struct ferry_lane_drv *lane;
+};
+
+static void *accept_main(void *arg)
+{
+	struct acceptor *a = arg;
+	struct ferry_err err = { 0 };
+	for (int i = 0; i < 1000 && !a->lane; i++) {
+		struct pollfd p = { .fd = a->ops->listen_fd(a->dev), .events = POLLIN };
+		poll(&p, 1, 20);
+		if (a->ops->lane_accept(a->dev, &a->lane, &err) != -EAGAIN && !a->lane)
+			break;
+	}
+	return NULL;
+}
+
+/* Drive a lane until it fails or timeout_ms passes; returns the error. */
+static int until_failed(const struct ferry_driver_ops *ops, struct ferry_lane_drv *l, int timeout_ms,
+			struct ferry_err *err)
+{
+	double end = now_s() + timeout_ms / 1000.0;
+	while (now_s() < end) {
+		struct ferry_rx_frame f;
+		int rc = ops->tx_flush(l, err);
+		if (rc && rc != -EAGAIN)
+			return rc;
+		rc = ops->rx_burst(l, &f, 1, err);
+		if (rc < 0)
+			return rc;
+		if (rc > 0)
+			ops->rx_release(l, &f, 1);
+		short ev;
+		struct pollfd p = { .fd = ops->wakeup_fd(l, &ev, true), .events = POLLIN };
+		poll(&p, 1, 50);
+	}
+	return 0;
+}
+
+static void test_driver_errors(void)
+{
+	const struct ferry_driver_ops *ops = ferry_driver_find("rdma");
+	CHECK(ops && (ops->caps & FERRY_DRV_ONESIDED) && ops->write_remote, "the rdma driver is built and one-sided");
+	if (!ops)
+		return;
+	struct ferry_err err = { 0 };
+	struct ferry_driver_config cfg = { 0 };
+	struct ferry_device *da = NULL, *db = NULL;
+	CHECK(ops->open(&cfg, &da, &err) == 0 && ops->open(&cfg, &db, &err) == 0, "two devices open (%s)", err.msg);
+	char ep[FERRY_ENDPOINT_MAX];
+	ops->local_endpoint(db, ep, sizeof(ep), &err);
+	ferry_err_clear(&err);
+	struct ferry_lane_drv *la = NULL;
+	CHECK(ops->lane_connect(da, "rdma:198.18.0.1:", 0, 1000, &la, &err) == -EINVAL && strstr(err.msg, "IP:PORT"),
+	      "a malformed endpoint is refused: %s", err.msg);
+
+	struct acceptor acc = { ops, db, NULL };
+	pthread_t t;
+	pthread_create(&t, NULL, accept_main, &acc);
+	ferry_err_clear(&err);
+	int rc = ops->lane_connect(da, ep, 0, 10000, &la, &err);
+	pthread_join(t, NULL);
+	CHECK(rc == 0 && acc.lane, "a lane connects to %s (%s)", ep, err.msg);
+	if (rc || !acc.lane)
+		goto out;
+
+	/* A one-sided write with a key the peer never gave: the peer's device refuses it. */
+	size_t len = 1u << 20;
+	uint8_t *buf = calloc(1, len);
+	struct ferry_mr mr = { 0 };
+	CHECK(ops->mem_register(da, buf, len, &mr, &err) == 0, "1 MiB registered once");
+	ferry_err_clear(&err);
+	CHECK(ops->write_remote(la, &mr, 0, mr.rkey ^ 0x5a5a00, 4096, len, 1, NULL, &err) == 0, "a write with a bogus key is posted");
+	double t0 = now_s();
+	rc = until_failed(ops, la, 20000, &err);
+	CHECK(rc == -EACCES && strstr(err.msg, "remote access error"),
+	      "the lane fails with the device's reason in %.1f s: %s", now_s() - t0, err.msg);
+	ferry_err_clear(&err);
+	struct ferry_tx_frame f = { .hdr = { .type = FERRY_FT_CREDIT, .session = 1, .stream = 0 } };
+	CHECK(ops->tx_burst(la, &f, 1, &err) < 0 && strstr(err.msg, "rdma lane"), "and refuses more work: %s", err.msg);
+	/* The peer's queue pair went to error too (RC): it fails rather than hangs. */
+	ferry_err_clear(&err);
+	rc = until_failed(ops, acc.lane, 20000, &err);
+	CHECK(rc < 0 && strstr(err.msg, "rdma lane"), "the peer's lane fails as well: %s", err.msg);
+	ops->mem_deregister(da, &mr);
+	free(buf);
+out:
+	ops->lane_close(la);
+	ops->lane_close(acc.lane);
+	ops->close(da);
+	ops->close(db);
+}
+
 int main(int argc, char **argv)
 {
 	struct ferry_err err = { 0 };
@@ -269,6 +369,7 @@ int main(int argc, char **argv)
 		CHECK_DONE();
 	size_t mb = argc > 1 ? strtoul(argv[1], NULL, 10) : 32;
 	test_device_choice();
+	test_driver_errors();
 	test_regions(sdp, ddp, (mb << 20) + 4096, 2);
 	test_streams(sdp, ddp, mb << 20);
 	test_peer_region_too_small(sdp, ddp);

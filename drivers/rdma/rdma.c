@@ -188,7 +188,7 @@ static int find_device_ip(const char *name, const union ibv_gid *want, struct in
 	int n = 0;
 	struct ibv_device **list = ibv_get_device_list(&n);
 	if (!list)
-		return ferry_err_set(err, ENODEV, "rdma driver: no verbs devices (%s)", strerror(errno));
+		return ferry_err_set(err, ENODEV, "rdma driver: no RDMA device on this host (libibverbs: %s)", strerror(errno));
 	int rc = -ENODEV;
 	bool named = false;
 	for (int i = 0; i < n && rc; i++) {

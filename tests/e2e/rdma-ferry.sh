@@ -29,7 +29,7 @@ if [ "${1:-}" != --in-guest ]; then
 	. "$here/../lib/rdma-guest.sh"
 	trap rdma_guest_cleanup EXIT
 	build=${FERRY_BUILD:-$here/../../build}
-	export RDMA_DRIVER_TEST=${RDMA_DRIVER_TEST:-$build/tests/test-rdma-driver}
+	export RDMA_DRIVER_TEST=${RDMA_DRIVER_TEST-$build/tests/test-rdma-driver}
 	export FERRYD=${FERRYD:-$build/controlplane/ferryd} FERRYCTL=${FERRYCTL:-$build/controlplane/ferryctl}
 	[ -x "$RDMA_DRIVER_TEST" ] || { echo "SKIP: this build has no RDMA driver (libibverbs-dev, librdmacm-dev)"; exit 77; }
 	rdma_guest_prepare || { echo "SKIP: $RDMA_GUEST_WHY"; exit 77; }

@@ -140,8 +140,7 @@ static int set_nonblock(int fd)
 
 /* ---- addresses ------------------------------------------------------------ */
 
-static int parse_addr(const char *s, bool numeric_port_required, struct sockaddr_storage *ss,
-		      struct ferry_err *err)
+static int parse_addr(const char *s, struct sockaddr_storage *ss, struct ferry_err *err)
 {
 	const char *colon = strrchr(s, ':');
 	if (!colon || colon == s || !colon[1])
@@ -162,7 +161,6 @@ static int parse_addr(const char *s, bool numeric_port_required, struct sockaddr
 	long p = strtol(port, &end, 10);
 	if (*end || p < 0 || p > 65535)
 		return ferry_err_set(err, EINVAL, "rdma port '%s' is not a number from 0 to 65535", port);
-	(void)numeric_port_required;
 	struct addrinfo hints = { .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV }, *res = NULL;
 	int g = getaddrinfo(host, port, &hints, &res);
 	if (g)
@@ -251,7 +249,7 @@ static int rdma_open(const struct ferry_driver_config *cfg, struct ferry_device 
 	const char *dev_opt = ferry_driver_option(cfg, "dev");
 	const char *gid_opt = ferry_driver_option(cfg, "gid");
 	struct sockaddr_storage ss;
-	int rc = parse_addr(bind_opt ? bind_opt : "0.0.0.0:0", false, &ss, err);
+	int rc = parse_addr(bind_opt ? bind_opt : "0.0.0.0:0", &ss, err);
 	if (rc)
 		return ferry_err_prefix(err, "rdma driver: bind");
 	char devname[64] = "";
@@ -584,7 +582,7 @@ static int rdma_lane_connect(struct ferry_device *dev, const char *peer, unsigne
 	if (strncmp(peer, "rdma:", 5) != 0)
 		return ferry_err_set(err, EINVAL, "rdma driver cannot reach endpoint '%s' (want rdma:IP:PORT)", peer);
 	struct sockaddr_storage dst;
-	int rc = parse_addr(peer + 5, true, &dst, err);
+	int rc = parse_addr(peer + 5, &dst, err);
 	if (rc)
 		return rc;
 	struct ferry_lane_drv *l = lane_alloc(dev, err);
@@ -660,6 +658,8 @@ static void rdma_mem_deregister(struct ferry_device *dev, struct ferry_mr *mr)
 
 /* ---- completions and events ------------------------------------------------ */
 
+static void check_cm(struct ferry_lane_drv *l);
+
 static const char *wc_op(const struct ibv_wc *wc, const struct ferry_lane_drv *l)
 {
 	if (wc->wr_id & RECV_BIT)
@@ -673,6 +673,7 @@ static void wc_failed(struct ferry_lane_drv *l, const struct ibv_wc *wc)
 	const char *op = wc_op(wc, l);
 	switch (wc->status) {
 	case IBV_WC_WR_FLUSH_ERR:
+		check_cm(l); /* a disconnect flushes the queue pair: say that, if it is why */
 		if (l->disconnected)
 			lane_fail(l, ECONNRESET, "peer closed the lane");
 		else

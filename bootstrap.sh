@@ -35,6 +35,10 @@ PACKAGES=(
 	python3 openssl
 	# tests/e2e/libvirt-*.sh: two real libvirtd instances migrating through ferry
 	libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+	# the RDMA driver (drivers/rdma) and its tests: real verbs over soft-RoCE in a
+	# guest that boots Debian's kernel (tests/lib/rdma-guest.sh)
+	libibverbs-dev librdmacm-dev rdma-core ibverbs-utils ibverbs-providers perftest rdmacm-utils
+	busybox-static cpio kmod xz-utils
 )
 
 ORIG_ARGS="$*"

@@ -1,5 +1,6 @@
 #include "dataplane.h"
 
+#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -28,6 +29,9 @@
 #define PIPE_BYTES       (1u << 20)
 #define LOCAL_SNDBUF     (2 << 20)
 #define TX_CHUNKS        4
+/* Verbs drivers send from the chunks themselves (no copy), so a chunk is busy
+ * until the peer acknowledged it: more of them keep a window's worth in flight. */
+#define TX_CHUNKS_VERBS  16
 #define TX_CHUNK_BYTES   (256u << 10)
 #define YIELDS_BEFORE_SLEEP 8
 #define MAX_REGIONS      8
@@ -42,11 +46,20 @@ struct region {
 	uint8_t *base;
 	size_t len;
 	struct ferry_mr mr;
+	uint8_t key_msg[FERRY_WIRE_REGION_KEY_LEN]; /* one-sided drivers: REGION_KEY payload (rkey, len) */
 	bool used;
+};
+
+/* Source, one-sided drivers: a destination region as its REGION_KEY told. */
+struct peer_region {
+	uint32_t id;
+	uint64_t addr, rkey, len;
+	bool known;
 };
 
 struct chunk {
 	uint8_t *buf;
+	struct ferry_mr mr;   /* one-sided (verbs) drivers: registered once, sent from without a copy */
 	bool busy;      /* framed, waiting for the driver's completion */
 	size_t held;    /* read from the local socket, not framed yet (wire was full) */
 };
@@ -65,7 +78,8 @@ struct stream {
 	bool local_eof;
 	bool fin_sent;
 	int txp[2];
-	struct chunk chunks[TX_CHUNKS];
+	struct chunk chunks[TX_CHUNKS_VERBS];
+	unsigned nchunks;
 	/* wire -> local */
 	struct ferry_credit_rx rxc;
 	uint64_t rx_off;
@@ -106,6 +120,8 @@ struct lane {
 	unsigned ninbox;
 	struct region_job jobs[REGION_JOBS];
 	unsigned job_head, job_count;
+	struct peer_region peer_regions[MAX_REGIONS]; /* source: written by this lane's thread only */
+	bool key_sent[MAX_REGIONS];                    /* destination: REGION_KEY sent for regions[i] */
 	uint64_t fence_req;        /* source: fence token to send after queued work */
 	uint64_t fence_sent;
 	uint64_t fence_acked;      /* source: last token the peer acknowledged */
@@ -161,6 +177,7 @@ struct ferry_dp {
 	enum ferry_poll_mode poll_mode;
 	uint64_t spin_ns;
 	bool splice;
+	bool onesided;                      /* regions go by write_remote, not REGION_WRITE frames */
 	uint64_t window;
 	pthread_mutex_t lock;
 	struct ferry_session *sessions;
@@ -261,8 +278,11 @@ static void stream_free(struct stream *st)
 		close(st->fd);
 	close_pipe(st->txp);
 	close_pipe(st->rxp);
-	for (unsigned i = 0; i < TX_CHUNKS; i++)
+	for (unsigned i = 0; i < st->nchunks; i++) {
+		if (st->chunks[i].mr.addr)
+			st->lane->s->dp->ops->mem_deregister(st->lane->s->dp->dev, &st->chunks[i].mr);
 		free(st->chunks[i].buf);
+	}
 	free(st->ring);
 	free(st);
 }
@@ -284,10 +304,16 @@ static struct stream *stream_new(struct ferry_session *s, uint32_t id, int fd, s
 		if (make_pipe(st->txp, err) || make_pipe(st->rxp, err))
 			goto fail;
 	} else {
-		for (unsigned i = 0; i < TX_CHUNKS; i++) {
+		st->nchunks = s->dp->onesided ? TX_CHUNKS_VERBS : TX_CHUNKS;
+		for (unsigned i = 0; i < st->nchunks; i++) {
 			st->chunks[i].buf = malloc(TX_CHUNK_BYTES);
 			if (!st->chunks[i].buf)
 				goto nomem;
+			/* Verbs drivers send straight from registered memory: the
+			 * socket's bytes are read into the buffer the NIC sends. */
+			if (s->dp->onesided &&
+			    s->dp->ops->mem_register(s->dp->dev, st->chunks[i].buf, TX_CHUNK_BYTES, &st->chunks[i].mr, err))
+				goto fail;
 		}
 		st->ring = malloc(s->window);
 		if (!st->ring)
@@ -582,6 +608,21 @@ static int lane_handle_frame(struct lane *l, struct ferry_rx_frame *f, struct fe
 		}
 		return 0;
 	}
+	case FERRY_FT_REGION_KEY: {
+		if (!s->is_src || !s->dp->onesided || h->length != FERRY_WIRE_REGION_KEY_LEN || !f->payload)
+			return ferry_err_set(err, EPROTO, "unexpected REGION_KEY frame for region %u", h->stream);
+		struct peer_region *pr = NULL;
+		for (unsigned i = 0; i < MAX_REGIONS && !pr; i++)
+			if (!l->peer_regions[i].known || l->peer_regions[i].id == h->stream)
+				pr = &l->peer_regions[i];
+		if (!pr)
+			return ferry_err_set(err, EPROTO, "REGION_KEY for more than %d regions", MAX_REGIONS);
+		uint64_t v[2];
+		memcpy(v, f->payload, sizeof(v));
+		*pr = (struct peer_region){ .id = h->stream, .addr = h->seq, .rkey = be64toh(v[0]), .len = be64toh(v[1]),
+					    .known = true };
+		return 0;
+	}
 	case FERRY_FT_REGION_FENCE:
 		/* Frames on a lane are handled in order: every earlier write landed. */
 		pthread_mutex_lock(&l->lock);
@@ -733,6 +774,18 @@ static int lane_tx_ctrl(struct lane *l, struct ferry_err *err)
 			progress = 1;
 		}
 	}
+	struct ferry_session *s = l->s;
+	for (unsigned i = 0; s->dp->onesided && !s->is_src && i < MAX_REGIONS; i++) {
+		struct region *r = &s->regions[i];
+		if (l->key_sent[i] || !__atomic_load_n(&r->used, __ATOMIC_ACQUIRE))
+			continue;
+		/* One-sided writes need the region's address and key: tell each lane. */
+		if ((n = send_ctrl(l, FERRY_FT_REGION_KEY, r->id, (uint64_t)(uintptr_t)r->base, r->key_msg,
+				   FERRY_WIRE_REGION_KEY_LEN, err)) <= 0)
+			return n;
+		l->key_sent[i] = true;
+		progress = 1;
+	}
 	pthread_mutex_lock(&l->lock);
 	uint64_t ack = l->fence_ack_due, acked = l->fence_ack_sent;
 	pthread_mutex_unlock(&l->lock);
@@ -814,7 +867,7 @@ static int stream_tx_copy(struct lane *l, struct stream *st, struct ferry_err *e
 {
 	const struct ferry_driver_ops *ops = l->s->dp->ops;
 	int progress = 0;
-	for (unsigned c = 0; c < TX_CHUNKS && !l->tx_blocked && !st->local_eof; c++) {
+	for (unsigned c = 0; c < st->nchunks && !l->tx_blocked && !st->local_eof; c++) {
 		struct chunk *ch = &st->chunks[c];
 		if (ch->busy)
 			continue;
@@ -844,7 +897,7 @@ frame:;
 		struct ferry_tx_frame f = {
 			.hdr = { .type = FERRY_FT_DATA, .session = l->s->id, .stream = st->id,
 				 .seq = st->tx_off, .length = (uint32_t)r },
-			.iov = &iov, .iovcnt = 1, .cookie = ch,
+			.iov = &iov, .iovcnt = 1, .cookie = ch, .mr = ch->mr.addr ? &ch->mr : NULL,
 		};
 		int n = ops->tx_burst(l->drv, &f, 1, err);
 		if (n < 0)
@@ -864,6 +917,30 @@ frame:;
 			return rc;
 	}
 	return progress;
+}
+
+/* One-sided drivers: the bytes go straight into the peer's region (its
+ * REGION_KEY gave the address and key); the fence that follows on the same
+ * lane arrives after them. Returns 1 written, 0 not now (tx_blocked set when
+ * the lane is full), negative on failure. */
+static int region_write_onesided(struct lane *l, const struct region_job *job, size_t len, struct ferry_err *err)
+{
+	const struct peer_region *pr = NULL;
+	for (unsigned i = 0; i < MAX_REGIONS && !pr; i++)
+		if (l->peer_regions[i].known && l->peer_regions[i].id == job->r->id)
+			pr = &l->peer_regions[i];
+	if (!pr)
+		return 0;
+	if (job->off > pr->len || len > pr->len - job->off)
+		return ferry_err_set(err, ERANGE, "region %u: a write of %zu bytes at %" PRIu64 " overruns the peer's region (%" PRIu64 " bytes)",
+				     job->r->id, len, job->off, pr->len);
+	int rc = l->s->dp->ops->write_remote(l->drv, &job->r->mr, job->off, pr->rkey, pr->addr + job->off, len,
+					     job->r->id, NULL, err);
+	if (rc == -EAGAIN) {
+		l->tx_blocked = true;
+		return 0;
+	}
+	return rc < 0 ? rc : 1;
 }
 
 static int lane_tx_regions(struct lane *l, struct ferry_err *err)
@@ -891,17 +968,24 @@ static int lane_tx_regions(struct lane *l, struct ferry_err *err)
 		size_t len = job.len < REGION_FRAME ? job.len : REGION_FRAME;
 		pthread_mutex_unlock(&l->lock);
 
-		struct iovec iov = { .iov_base = job.r->base + job.off, .iov_len = len };
-		struct ferry_tx_frame f = {
-			.hdr = { .type = FERRY_FT_REGION_WRITE, .session = l->s->id, .stream = job.r->id,
-				 .seq = job.off, .length = (uint32_t)len },
-			.iov = &iov, .iovcnt = 1,
-		};
-		int n = ops->tx_burst(l->drv, &f, 1, err);
+		int n;
+		if (l->s->dp->onesided) {
+			n = region_write_onesided(l, &job, len, err);
+		} else {
+			struct iovec iov = { .iov_base = job.r->base + job.off, .iov_len = len };
+			struct ferry_tx_frame f = {
+				.hdr = { .type = FERRY_FT_REGION_WRITE, .session = l->s->id, .stream = job.r->id,
+					 .seq = job.off, .length = (uint32_t)len },
+				.iov = &iov, .iovcnt = 1,
+			};
+			n = ops->tx_burst(l->drv, &f, 1, err);
+		}
 		if (n < 0)
 			return n;
 		if (n == 0) {
-			l->tx_blocked = true;
+			/* one-sided: lane full (tx_blocked set) or the peer's key not here yet */
+			if (!l->s->dp->onesided)
+				l->tx_blocked = true;
 			break;
 		}
 		l->tx_bytes += len;
@@ -991,7 +1075,7 @@ static bool stream_chunk_free(const struct ferry_dp *dp, const struct stream *st
 {
 	if (dp->splice)
 		return true;
-	for (unsigned i = 0; i < TX_CHUNKS; i++)
+	for (unsigned i = 0; i < st->nchunks; i++)
 		if (!st->chunks[i].busy)
 			return true;
 	return false;
@@ -1590,6 +1674,7 @@ int ferry_dp_open(const struct ferry_dp_config *cfg, struct ferry_dp **out, stru
 	dp->poll_mode = cfg->poll_mode;
 	dp->spin_ns = (uint64_t)(cfg->spin_us ? cfg->spin_us : DEFAULT_SPIN_US) * 1000ull;
 	dp->splice = (ops->caps & FERRY_DRV_SPLICE) && !cfg->no_splice;
+	dp->onesided = (ops->caps & FERRY_DRV_ONESIDED) && ops->write_remote;
 	dp->window = cfg->window ? cfg->window : DEFAULT_WINDOW;
 	pthread_mutex_init(&dp->lock, NULL);
 	struct ferry_driver_config dcfg = { .options = cfg->driver_options };
@@ -1842,6 +1927,8 @@ int ferry_region_add(struct ferry_session *s, uint32_t id, void *base, size_t le
 		slot->id = id;
 		slot->base = base;
 		slot->len = len;
+		uint64_t key[2] = { htobe64(slot->mr.rkey), htobe64((uint64_t)len) };
+		memcpy(slot->key_msg, key, sizeof(key));
 		/* Published under the lock; lanes look regions up after this returns. */
 		__atomic_store_n(&slot->used, true, __ATOMIC_RELEASE);
 	}

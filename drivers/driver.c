@@ -3,14 +3,23 @@
 #include <string.h>
 
 #include "tcp/tcp.h"
+#ifdef FERRY_HAVE_RDMA
+#include "rdma/rdma.h"
+#endif
 
 static const struct ferry_driver_ops *const drivers[] = {
 	&ferry_tcp_driver,
+#ifdef FERRY_HAVE_RDMA
+	&ferry_rdma_driver,
+#endif
 };
 
 /* Datagram backends (dgram.h) are drivers too, through the data plane's
  * reliable-lane shim; best first. */
 static const char *const names[] = {
+#ifdef FERRY_HAVE_RDMA
+	"rdma",
+#endif
 #ifdef FERRY_HAVE_DPDK
 	"dpdk",
 #endif

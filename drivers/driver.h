@@ -55,6 +55,9 @@ struct ferry_tx_frame {
 	const struct iovec *iov;
 	unsigned iovcnt;
 	void *cookie;
+	/* Optional: the payload (one iovec) lies in memory registered with
+	 * mem_register, so a verbs driver can send it without copying. */
+	const struct ferry_mr *mr;
 };
 
 /* A received frame. payload points at driver memory valid until rx_release,

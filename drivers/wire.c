@@ -16,6 +16,7 @@ static const char *const type_names[FERRY_FT_MAX_] = {
 	[FERRY_FT_REGION_WRITE] = "REGION_WRITE",
 	[FERRY_FT_REGION_FENCE] = "REGION_FENCE",
 	[FERRY_FT_REGION_FENCE_ACK] = "REGION_FENCE_ACK",
+	[FERRY_FT_REGION_KEY] = "REGION_KEY",
 };
 
 const char *ferry_wire_type_name(unsigned type)
@@ -124,6 +125,8 @@ static uint32_t max_len_for(unsigned type)
 	case FERRY_FT_HELLO:
 	case FERRY_FT_RESET:
 		return FERRY_WIRE_MAX_CTRL;
+	case FERRY_FT_REGION_KEY:
+		return FERRY_WIRE_REGION_KEY_LEN;
 	default:
 		return 0;
 	}

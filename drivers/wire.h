@@ -15,6 +15,7 @@
 #define FERRY_WIRE_HDR_LEN     32
 #define FERRY_WIRE_MAX_PAYLOAD (1u << 20)  /* 1 MiB: large frames keep per-frame cost low */
 #define FERRY_WIRE_MAX_CTRL    4096        /* control frames carry small payloads only */
+#define FERRY_WIRE_REGION_KEY_LEN 16       /* REGION_KEY payload: be64 rkey, be64 region length */
 
 enum ferry_frame_type {
 	FERRY_FT_HELLO = 1,        /* lane handshake: stream = lane index, payload = session token */
@@ -28,6 +29,7 @@ enum ferry_frame_type {
 	FERRY_FT_REGION_WRITE = 9, /* stream = region id, seq = byte offset in the region */
 	FERRY_FT_REGION_FENCE = 10,/* seq = fence token; answered once all earlier writes landed */
 	FERRY_FT_REGION_FENCE_ACK = 11,
+	FERRY_FT_REGION_KEY = 12,  /* one-sided drivers: stream = region id, seq = its address, payload = rkey, length */
 	FERRY_FT_MAX_
 };
 

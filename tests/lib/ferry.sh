@@ -226,7 +226,7 @@ ferry_start_daemon() {
 			--run-dir "$QEMU_DIR" --state-dir "$dir/state" --host-uuid "${FERRY_HOST_UUID[$name]}" "${tls[@]+"${tls[@]}"}" "$@" </dev/null >>"$log" 2>&1 &
 		pid=$!
 		FERRY_PID[$name]=$pid
-		deadline=$(($(now_ms) + 10000))
+		deadline=$(($(now_ms) + ${FERRY_START_TIMEOUT:-10} * 1000))
 		while :; do
 			if ! kill -0 "$pid" 2>/dev/null; then
 				wait "$pid" 2>/dev/null
@@ -243,7 +243,7 @@ ferry_start_daemon() {
 				return 0
 			fi
 			if [ "$(now_ms)" -gt "$deadline" ]; then
-				echo "ferry_start_daemon: ferryd $name does not answer ping after 10s; log:" >&2
+				echo "ferry_start_daemon: ferryd $name does not answer ping after ${FERRY_START_TIMEOUT:-10}s; log:" >&2
 				sed 's/^/  | /' "$log" >&2
 				return 1
 			fi

@@ -46,46 +46,106 @@ def percentile(xs, p):
     return xs[k]
 
 
-def analyse(lines, page_size, before_us=None):
-    mask = ~(page_size - 1)
-    pending = {}  # page -> request time (us) of its first unanswered request
-    lat = []
-    faults = repeats = placed = 0
+REQ = re.compile(r"HVA=0x([0-9a-fA-F]+) rb=(\S+) offset=0x([0-9a-fA-F]+)")
+RP = re.compile(r"in (\S+) at 0x([0-9a-fA-F]+)")
+QUEUED = re.compile(r"(\S+)/0x([0-9a-fA-F]+) ")
+
+
+def parse(lines):
+    """(time_us, event, args) for every trace line of the log backend."""
     for line in lines:
         m = LINE.match(line)
-        if not m:
-            continue
-        t = int(m.group(1)) * 1000000 + int(m.group(2))
-        ev, args = m.group(3), m.group(4)
+        if m:
+            yield int(m.group(1)) * 1000000 + int(m.group(2)), m.group(3), m.group(4)
+
+
+def analyse(lines, page_size, before_us=None):
+    """Returns (summary, faults): one (latency_us, request time, rb, offset)
+    per answered fault."""
+    mask = ~(page_size - 1)
+    pending = {}  # page -> (time, rb, offset) of its first unanswered request
+    got = []
+    faults = repeats = placed = 0
+    for t, ev, args in parse(lines):
         if ev == "postcopy_ram_fault_thread_request":
-            a = HVA.search(args)
-            if not a:
-                continue
-            if before_us is not None and t >= before_us:
+            a = REQ.search(args)
+            if not a or (before_us is not None and t >= before_us):
                 continue
             page = int(a.group(1), 16) & mask
             faults += 1
             if page in pending:
                 repeats += 1
             else:
-                pending[page] = t
+                pending[page] = (t, a.group(2), int(a.group(3), 16) & mask)
         elif ev in ("postcopy_place_page", "postcopy_place_page_zero"):
             a = HOST.search(args)
             if not a:
                 continue
             placed += 1
-            page = int(a.group(1), 16) & mask
-            t0 = pending.pop(page, None)
-            if t0 is not None:
-                lat.append(t - t0)
-    lat.sort()
+            req = pending.pop(int(a.group(1), 16) & mask, None)
+            if req is not None:
+                got.append((t - req[0],) + req)
+    lat = sorted(g[0] for g in got)
     r = {"faults": faults, "matched": len(lat), "unmatched": len(pending), "repeats": repeats,
          "placed": placed}
-    if lat:
-        r.update({"median_us": percentile(lat, 50), "p90_us": percentile(lat, 90),
-                  "p99_us": percentile(lat, 99), "max_us": lat[-1],
-                  "mean_us": round(sum(lat) / len(lat), 1)})
-    return r, lat
+    r.update(stats(lat, ""))
+    return r, got
+
+
+def stats(xs, prefix):
+    xs = sorted(xs)
+    if not xs:
+        return {}
+    return {prefix + "median_us": percentile(xs, 50), prefix + "p90_us": percentile(xs, 90),
+            prefix + "p99_us": percentile(xs, 99), prefix + "max_us": xs[-1],
+            prefix + "mean_us": round(sum(xs) / len(xs), 1)}
+
+
+def split(got, src_lines):
+    """Follow each answered fault through the source QEMU's trace (same host,
+    same clock): its return-path thread reads the request
+    (migrate_handle_rp_req_pages), then the migration thread takes it
+    (get_queued_page: sent now) or finds the page already sent by the
+    background push (get_queued_page_not_dirty). Returns per fault
+    (kind, request_path_us, source_wait_us, page_path_us) and a summary."""
+    rp, taken = {}, {}
+    last_rb = None
+    for t, ev, args in parse(src_lines):
+        if ev == "migrate_handle_rp_req_pages":
+            a = RP.search(args)
+            if a:
+                # a request in the same RAM block as the one before carries
+                # no block name (REQ_PAGES, not REQ_PAGES_ID): "(null)"
+                rb = last_rb if a.group(1) == "(null)" else a.group(1)
+                last_rb = rb
+                rp.setdefault((rb, int(a.group(2), 16)), []).append(t)
+        elif ev in ("get_queued_page", "get_queued_page_not_dirty"):
+            a = QUEUED.search(args)
+            if a:
+                taken.setdefault((a.group(1), int(a.group(2), 16)), []).append((t, ev == "get_queued_page"))
+    out = []
+    parts = {"req": [], "src": [], "page": [], "total": []}
+    counts = {"by_request": 0, "already_sent": 0, "untraced": 0}
+    for total, tf, rb, off in got:
+        key = (rb, off)
+        t_rp = next((t for t in rp.get(key, []) if t >= tf), None)
+        tq = None if t_rp is None else next((x for x in taken.get(key, []) if x[0] >= t_rp), None)
+        if tq is None:
+            counts["untraced"] += 1
+            out.append(("untraced", None, None, None))
+        elif not tq[1]:
+            counts["already_sent"] += 1
+            out.append(("already_sent", t_rp - tf, None, None))
+        else:
+            counts["by_request"] += 1
+            d = (t_rp - tf, tq[0] - t_rp, total - (tq[0] - tf))
+            out.append(("by_request",) + d)
+            for k, v in zip(("req", "src", "page", "total"), d + (total,)):
+                parts[k].append(v)
+    r = dict(counts)
+    for k in ("total", "req", "src", "page"):
+        r.update(stats(parts[k], "sent_" + k + "_" if k != "total" else "sent_"))
+    return r, out
 
 
 def cmd_latency(a):
@@ -93,7 +153,12 @@ def cmd_latency(a):
         sys.exit("pctrace.py: --page-size must be a power of two, not %d" % a.page_size)
     try:
         with open(a.log, errors="replace") as f:
-            r, lat = analyse(f, a.page_size, a.before_us)
+            r, got = analyse(f, a.page_size, a.before_us)
+        parts = None
+        if a.src_log:
+            with open(a.src_log, errors="replace") as f:
+                more, parts = split(got, f)
+            r.update(more)
     except OSError as e:
         sys.exit("pctrace.py: %s" % e)
     for kv in a.label:
@@ -102,8 +167,13 @@ def cmd_latency(a):
             sys.exit("pctrace.py: --label wants k=v, not %r" % kv)
         r[k] = int(v) if v.isdigit() else v
     if a.latencies:
+        # latency, then with --src-log: how it was answered and its parts
         with open(a.latencies, "w") as f:
-            f.writelines("%d\n" % x for x in lat)
+            for i, g in enumerate(got):
+                cols = [str(g[0])]
+                if parts:
+                    cols += ["-" if x is None else str(x) for x in parts[i]]
+                f.write("\t".join(cols) + "\n")
     print(json.dumps(r, sort_keys=True))
 
 
@@ -125,6 +195,12 @@ def cmd_pace(a):
         uri = "tcp:127.0.0.1:%d" % a.port
         dst.execute("migrate-incoming", {"uri": uri})
         src.execute("migrate", {"uri": uri})
+        # as ferryctl does: --after counts from the status "active"
+        deadline = time.monotonic() + a.timeout
+        while src.execute("query-migrate", timeout=10).get("status") in ("none", "setup"):
+            if time.monotonic() > deadline:
+                raise QMPError("the direct migration did not become active within %g s" % a.timeout)
+            time.sleep(0.005)
         time.sleep(a.after)
         src.execute("migrate-start-postcopy")
         dst.close()
@@ -162,7 +238,10 @@ def main():
     s.add_argument("--before-us", type=int,
                    help="count only requests made before this time (microseconds since the epoch)")
     s.add_argument("--label", action="append", default=[], help="k=v added to the output")
-    s.add_argument("--latencies", help="also write every matched latency (us), one a line, to this file")
+    s.add_argument("--src-log", help="the source QEMU's trace (migrate_handle_rp_req_pages, get_queued_page, "
+                   "get_queued_page_not_dirty): split each latency into its parts")
+    s.add_argument("--latencies", help="also write every answered fault, one a line, to this file: latency (us), "
+                   "and with --src-log kind, request path, source wait, page path (us)")
     s.set_defaults(fn=cmd_latency)
     s = sub.add_parser("pace", help="drive the postcopy window on the source QEMU")
     s.add_argument("--src", required=True, help="a QMP socket of the source QEMU")
@@ -173,7 +252,7 @@ def main():
     s.add_argument("--lift-bw", type=int, default=0, help="bytes/s set when the window ends")
     s.add_argument("--direct-dst", help="start a direct TCP migration to this destination QMP socket")
     s.add_argument("--port", type=int, help="with --direct-dst: the TCP port on 127.0.0.1")
-    s.add_argument("--after", type=float, default=0.2, help="with --direct-dst: seconds before the switch")
+    s.add_argument("--after", type=float, default=0.2, help="with --direct-dst: seconds from 'active' to the switch")
     s.add_argument("--timeout", type=float, default=60)
     s.set_defaults(fn=cmd_pace)
     a = p.parse_args()

@@ -155,9 +155,10 @@ fi
 
 QEMU_VERSION=$("$QEMU_BIN" --version | head -n 1)
 OTHER_QEMUS=$(pgrep -c -x "$(basename "$QEMU_BIN" | cut -c1-15)" || true)
+LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
 log "postcopy latency bench: arms $ARMS, $ROUNDS round(s), RAM $RAM, switch after ${AFTER}s," \
 	"$MODE; $QEMU_VERSION; $(nproc) CPUs;" \
-	"load $(cut -d' ' -f1-3 /proc/loadavg)"
+	"load $LOADAVG"
 [ "${OTHER_QEMUS:-0}" = 0 ] || log "WARNING: $OTHER_QEMUS other QEMU process(es) on this host: figures may be noisy"
 
 # run_once ARM ROUND ATTEMPT: one migration; appends a JSON line to RESULTS.
@@ -269,9 +270,10 @@ done
 echo
 echo "postcopy page-request latency: RAM $RAM, switch after ${AFTER}s, $MODE," \
 	"$ROUNDS round(s), $(nproc) CPUs, $(($(date +%s) - T0)) s"
-python3 - "$QEMU_DIR" "$RESULTS" "$ARMS" "$QEMU_VERSION" "$RAM_BYTES" "$AFTER" "$WINDOW" "$PCBW" "${JSON_OUT:-}" <<'PY'
+python3 - "$QEMU_DIR" "$RESULTS" "$ARMS" "$QEMU_VERSION" "$RAM_BYTES" "$AFTER" "$WINDOW" "$PCBW" "${JSON_OUT:-}" \
+	"$LOADAVG" "${OTHER_QEMUS:-0}" <<'PY'
 import json, os, sys
-wd, results, arms, qemu, ram, after, window, pcbw, json_out = sys.argv[1:10]
+wd, results, arms, qemu, ram, after, window, pcbw, json_out, loadavg, others = sys.argv[1:12]
 
 def pct(xs, p):
     k = max(0, min(len(xs) - 1, int(-(-p * len(xs) // 100)) - 1))
@@ -279,7 +281,8 @@ def pct(xs, p):
 
 runs = [json.loads(l) for l in open(results) if l.strip()]
 summary = {"kind": "summary", "qemu": qemu, "ram_bytes": int(ram), "postcopy_after_s": float(after),
-           "window_s": float(window), "max_postcopy_bandwidth": int(pcbw), "cpus": os.cpu_count()}
+           "window_s": float(window), "max_postcopy_bandwidth": int(pcbw), "cpus": os.cpu_count(),
+           "loadavg_at_start": loadavg, "other_qemus_at_start": int(others or 0)}
 COLS = ("median_us", "p90_us", "p99_us", "max_us")
 print("%-7s %-28s %7s %10s %10s %10s %10s" % (("arm", "faults", "count") + tuple(c[:-3] + " us" for c in COLS)))
 for arm in arms.split(","):
@@ -333,5 +336,5 @@ PY
 for a in "${ARM_LIST[@]}"; do
 	[ -n "${GOT[$a]:-}" ] || FAILED=1
 done
-[ "$FAILED" = 0 ] || { echo "some runs failed after $RETRIES retries (logs kept in $QEMU_DIR)" >&2; QEMU_KEEP=1; exit 2; }
+[ "$FAILED" = 0 ] || { echo "some runs failed after $RETRIES retries (logs kept in $QEMU_DIR)" >&2; exit 2; }
 exit 0

@@ -62,7 +62,8 @@
 # (median_us, p99_us... pooled over all rounds' faults of an arm; sent_*: the
 # faults whose page was sent on request, sent_req_* / sent_src_* /
 # sent_page_*: their request path, source wait, page path; push_*: faults
-# whose page the push had already sent). Exit 0 when
+# whose page the push had already sent; norq_*: faults for which the
+# destination sent no request, the page having just arrived). Exit 0 when
 # every arm produced numbers, 2 when a run failed after its retries, 77 when
 # something the bench needs is missing.
 
@@ -299,7 +300,8 @@ for arm in arms.split(","):
                ("sent_req", "  request path (dst->src)", [val(r[2]) for r in sent]),
                ("sent_src", "  source QEMU wait", [val(r[3]) for r in sent]),
                ("sent_page", "  page path (src->dst)", [val(r[4]) for r in sent]),
-               ("push", "already sent by the push", [int(r[0]) for r in rows if len(r) == 5 and r[1] == "already_sent"])]
+               ("push", "already sent by the push", [int(r[0]) for r in rows if len(r) == 5 and r[1] == "already_sent"]),
+               ("norq", "no request (page just in)", [int(r[0]) for r in rows if len(r) == 5 and r[1] == "no_request"])]
     a = {"rounds": len(ok), "faults": len(rows),
          "failed_runs": sum(1 for r in runs if r.get("arm") == arm and r.get("ok") is False),
          "round_medians_us": [r.get("median_us") for r in ok], "round_p99s_us": [r.get("p99_us") for r in ok]}

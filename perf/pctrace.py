@@ -125,14 +125,17 @@ def split(got, src_lines):
                 taken.setdefault((a.group(1), int(a.group(2), 16)), []).append((t, ev == "get_queued_page"))
     out = []
     parts = {"req": [], "src": [], "page": [], "total": []}
-    counts = {"by_request": 0, "already_sent": 0, "untraced": 0}
+    # no_request: nothing on the source. The destination QEMU sends no request
+    # for a page it has just received (not yet placed): such faults last a
+    # few microseconds.
+    counts = {"by_request": 0, "already_sent": 0, "no_request": 0}
     for total, tf, rb, off in got:
         key = (rb, off)
         t_rp = next((t for t in rp.get(key, []) if t >= tf), None)
         tq = None if t_rp is None else next((x for x in taken.get(key, []) if x[0] >= t_rp), None)
         if tq is None:
-            counts["untraced"] += 1
-            out.append(("untraced", None, None, None))
+            counts["no_request"] += 1
+            out.append(("no_request", None, None, None))
         elif not tq[1]:
             counts["already_sent"] += 1
             out.append(("already_sent", t_rp - tf, None, None))

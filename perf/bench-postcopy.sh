@@ -186,7 +186,7 @@ run_once() {
 	local -a pace_cmd=(python3 "$HERE/pctrace.py" pace --src "$(side_sock "$src")" --pcbw "$PCBW" --max-bw "$MAX_BW")
 	[ "$PCBW" -gt 0 ] && pace_cmd+=(--window "$WINDOW" --lift-bw "$MAX_BW")
 	[ "$arm" = direct ] && pace_cmd+=(--direct-dst "$(qemu_sock "$dst")" --port "$(ferry_free_port)" --after "$AFTER")
-	wait_heartbeat "$(qemu_ramfile "$src")" 2 60 >/dev/null || rc=1
+	wait_heartbeat "$(qemu_ramfile "$src")" 1 60 >/dev/null || rc=1 # its area written once: non-zero pages
 	if [ "$rc" = 0 ]; then
 		"${pace_cmd[@]}" </dev/null >"$pace" 2>"$pace.err" &
 		pace_pid=$!

@@ -22,8 +22,11 @@ grep -q "unknown arm 'telepathy'" <<<"$out" || fail "the unknown arm is not name
 out=$("$bench" --postcopy-bw fast 2>&1) && fail "--postcopy-bw fast was accepted"
 grep -q -- "--postcopy-bw wants bytes/s" <<<"$out" || fail "the bad --postcopy-bw is not explained: $out"
 
-"$bench" --rounds 1 --retries 1 --json "$work/summary.jsonl" >"$work/out" 2>&1
+t0=$(date +%s)
+"$bench" --rounds 1 --retries 1 --window 1 --json "$work/summary.jsonl" >"$work/out" 2>&1
 rc=$?
+grep -E '^  (direct|ferry) +round|retrying' "$work/out" | cut -c1-160
+echo "bench: exit $rc after $(($(date +%s) - t0)) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
 [ "$rc" -eq 77 ] && { grep -m1 '^SKIP' "$work/out"; exit 77; }
 [ "$rc" -eq 0 ] || fail "bench-postcopy.sh exited $rc"
 line=$(grep '^SUMMARY ' "$work/out" | tail -n 1)

@@ -131,7 +131,8 @@ fi
 
 # two RAM files at a time; watchdog: generous per run
 per_run=$((60 + ${WINDOW%.*} * 2))
-[ "$KEEP_LOGS" = 1 ] && FERRY_KEEP=1 && QEMU_KEEP=1
+# shellcheck disable=SC2034 # QEMU_KEEP is read by tests/lib/qemu.sh at exit
+[ "$KEEP_LOGS" = 1 ] && QEMU_KEEP=1
 FERRY_TEST_TIMEOUT=${FERRY_TEST_TIMEOUT:-$((120 + ROUNDS * ${#ARM_LIST[@]} * (RETRIES + 1) * per_run))}
 QEMU_LIFETIME=${QEMU_LIFETIME:-$FERRY_TEST_TIMEOUT}
 ferry_init --shm $((2 * RAM_BYTES + (64 << 20))) --timeout "$FERRY_TEST_TIMEOUT"

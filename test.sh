@@ -2,8 +2,8 @@
 # ferry's whole test suite, from a fresh Debian 12 machine: installs what it
 # needs (bootstrap.sh), builds, then runs every test three ways:
 #   1. the normal build (unit tests + end-to-end tests with real QEMU),
-#   2. an ASan+UBSan build of the same suite but the libvirt tests (sanitizer
-#      reports fail the run),
+#   2. an ASan+UBSan build of the same suite but the libvirt tests and the
+#      benchmark smoke tests (sanitizer reports fail the run),
 #   3. the unit tests under valgrind,
 #   4. a 30 s libFuzzer run of the cookie parser (clang).
 # Ends with one line: "N passed, N failed[, N skipped]".
@@ -81,7 +81,7 @@ if [ "$quick" = 0 ]; then
 		echo "== tests: ASan + UBSan build (reports in $sanlog)"
 		ASAN_OPTIONS="log_path=$sanlog/asan:detect_leaks=1:abort_on_error=0" \
 		UBSAN_OPTIONS="log_path=$sanlog/ubsan:print_stacktrace=1:halt_on_error=1" \
-			meson test -C build-asan --print-errorlogs --num-processes 1 --no-suite libvirt || true
+			meson test -C build-asan --print-errorlogs --num-processes 1 --no-suite libvirt --no-suite bench || true
 		count build-asan/meson-logs/testlog.json asan
 		if compgen -G "$sanlog/*" >/dev/null; then
 			failed=$((failed + 1)); failures+=("sanitizer reports: $(ls "$sanlog" | tr '\n' ' ')")

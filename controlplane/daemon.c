@@ -151,6 +151,7 @@ static bool conn_owns(const struct conn *c, json_t *req)
 	return false;
 }
 
+static void logf_(struct daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void logf_(struct daemon *d, const char *fmt, ...)
 {
 	va_list ap;
@@ -308,8 +309,6 @@ static json_t *session_stats_json(struct ferry_session *s)
 }
 
 /* ---- destination side --------------------------------------------------- */
-
-static void logf_(struct daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* A started destination QEMU outlives the session only if it runs the VM. */
 static void dst_spawned_end(struct dst_entry *e)

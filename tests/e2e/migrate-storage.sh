@@ -23,7 +23,8 @@
 # 3. The destination daemon killed mid-mirror: the same, with an error
 #    naming the mirror or the destination.
 # Refusals: an unknown --disk; a second writable local disk neither listed
-# nor on a --shared-dir.
+# nor on a --shared-dir; a destination daemon without nbd (--disable nbd:
+# the disks cannot move, so no fallback). Each leaves both QEMUs as they were.
 #
 # Exit: 0 pass, 1 fail, 77 skip. Environment: tests/lib/ferry.sh;
 # STORAGE_DISK (default 256M), MIG_TIMEOUT (default 60 s).
@@ -213,7 +214,7 @@ REPORT3=$(grep "failed:" "$FERRY_MIG_ERR")
 
 log "refusals"
 # --- refusals (the daemon is gone on b: refused before Prepare) ---
-ferry_start_daemon b || ferry_fail "restarting ferryd b failed"
+ferry_start_daemon b --disable nbd || ferry_fail "restarting ferryd b failed"
 FERRY_TO=${FERRY_LISTEN[b]}
 truncate -s 1M "$QEMU_DIR/scratch.raw"
 # shellcheck disable=SC2046
@@ -225,8 +226,18 @@ ferry_migrate src4 src4 20 --disk vdz
 ferry_migrate src4 src4 20 --disk vda
 [ "$FERRY_MIG_RC" -eq 1 ] && grep -q "disk 'scratch'.*not migrated" "$FERRY_MIG_ERR" ||
 	{ ferry_mig_report; ferry_fail "a local writable disk left behind is not refused"; }
+# the fallback row: a destination without nbd cannot take the disks
+args=$(dst_args dst4) || ferry_fail "creating the target image failed"
+# shellcheck disable=SC2086
+qemu_start dst4 --ram 64M --incoming -- $args -drive "file=$QEMU_DIR/scratch.raw,format=raw,if=none,id=scratch" \
+	$(side_qmp_args dst4) || ferry_fail "starting dst4 failed"
+ferry_migrate src4 dst4 20 --disk vda --shared-dir "$QEMU_DIR"
+[ "$FERRY_MIG_RC" -eq 1 ] && grep -q "needs NBD on both sides and the destination does not support it" "$FERRY_MIG_ERR" ||
+	{ ferry_mig_report; ferry_fail "a destination without nbd is not refused with the reason"; }
 [ "$(qmp_get "$(side_sock src4)" query-status status)" = prelaunch ] || ferry_fail "a refusal changed the source VM"
+[ "$(qmp_get "$(side_sock dst4)" query-status status)" = inmigrate ] || ferry_fail "a refusal changed the destination QEMU"
 qemu_stop src4
+qemu_stop dst4
 
 echo "PASS migrate-storage ($DISK disk, daemons ready at ${T_READY}s) in $(ferry_elapsed)s"
 echo "  $REPORT"

@@ -754,8 +754,10 @@ static int disks_start(struct ferry_migration *m, struct ferry_qmp *q, struct fe
 		if (tsize < d->size)
 			return ferry_err_set(err, ENOSPC, "disk '%s': the destination's export has %" PRIu64
 					     " bytes, the source's disk %" PRIu64, d->name, tsize, d->size);
-		snprintf(d->tgt, sizeof(d->tgt), "ferry-nbd-%s", d->name);
-		snprintf(d->job, sizeof(d->job), "ferry-mirror-%s", d->name);
+		char name[sizeof(d->name)]; /* a copy: -Wrestrict cannot tell the fields apart */
+		memcpy(name, d->name, sizeof(name));
+		snprintf(d->tgt, sizeof(d->tgt), "ferry-nbd-%s", name);
+		snprintf(d->job, sizeof(d->job), "ferry-mirror-%s", name);
 		int rc = ferry_qmp_executef(q, NULL, err, "blockdev-add", "{s:s, s:s, s:s, s:{s:s, s:s}}", "driver", "nbd",
 					    "node-name", d->tgt, "export", d->name, "server", "type", "unix", "path",
 					    d->listen);

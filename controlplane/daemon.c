@@ -333,6 +333,8 @@ static void dst_spawned_end(struct dst_entry *e)
 	}
 	if (e->spawn_files && !e->spawn_keep)
 		ferry_spawn_remove_ram(e->spawn_cmd);
+	if (!e->spawn_keep)
+		ferry_spawn_remove_images(e->spawn_cmd);
 	ferry_spawn_cmd_free(e->spawn_cmd);
 	free(e->spawn_cmd);
 	e->spawn_cmd = NULL;
@@ -775,7 +777,9 @@ static int spawn_destination(struct daemon *d, struct dst_entry *e, const char *
 	struct ferry_spawn_config sc = { .qemu = d->cfg->qemu ? d->cfg->qemu : "qemu-system-x86_64",
 					 .storage_dir = storage, .mem_dir = d->cfg->mem_dir ? mem : NULL,
 					 .qmp_path = qmp_path, .pidfile = e->pidfile, .prealloc = d->cfg->spawn_prealloc };
+	/* Storage migration: the disks to receive are made empty here. */
 	if (!rc && (rc = ferry_spawn_build(&sc, &c->vm, e->spawn_cmd, err)) == 0 &&
+	    (rc = ferry_spawn_make_images(e->spawn_cmd, c, err)) == 0 &&
 	    (rc = ferry_spawn_check_files(e->spawn_cmd, &c->vm, err)) == 0) {
 		e->spawn_files = true;
 		rc = ferry_spawn_start(e->spawn_cmd, log, &e->spawned, err);

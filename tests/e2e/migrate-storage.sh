@@ -22,6 +22,10 @@
 #    writing; stopped, its disk holds a consistent stamp sequence.
 # 3. The destination daemon killed mid-mirror: the same, with an error
 #    naming the mirror or the destination.
+# 4. No QEMU waits on the destination: its daemon starts one from the
+#    source's command line and creates the missing target image in its
+#    --storage-dir (sparse raw, the source's size); the image ends up
+#    identical to the source's.
 # Refusals: an unknown --disk; a second writable local disk neither listed
 # nor on a --shared-dir; a destination daemon without nbd (--disable nbd:
 # the disks cannot move, so no fallback). Each leaves both QEMUs as they were.
@@ -211,6 +215,32 @@ interrupted 3 kill
 grep -qi "mirror\|destination" "$FERRY_MIG_ERR" ||
 	{ ferry_mig_report; ferry_fail "killed destination: the error names neither the mirror nor the destination"; }
 REPORT3=$(grep "failed:" "$FERRY_MIG_ERR")
+
+log "4. spawn"
+# --- 4. the destination daemon starts the QEMU and makes the target image ---
+store=$QEMU_DIR/store
+memdir=$QEMU_RAM_DIR/ferry-test-$$-c
+mkdir -p "$QEMU_DIR/c" "$store" "$memdir" || ferry_fail "cannot make the directories"
+FERRY_CLEANUP_DIRS+=("$memdir")
+ferry_start_daemon c --run-dir "$QEMU_DIR/c" --storage-dir "$store" --mem-dir "$memdir" --qemu "$QEMU_BIN" ||
+	ferry_fail "starting ferryd c failed"
+# shellcheck disable=SC2046
+qemu_start src5 --ram 64M -- $(src_args) $(side_qmp_args src5) || ferry_fail "starting src5 failed"
+wait_writing src5 16
+out=$(ferry_ctl a migrate src5 --to "${FERRY_LISTEN[c]}" --disk vda --suspend 2>&1)
+rc=$?
+[ "$rc" -eq 0 ] || { echo "$out" >&2; ferry_fail "spawn: ferryctl migrate exited $rc"; }
+pid=$(cat "$QEMU_DIR/c/src5.pid" 2>/dev/null)
+[[ $pid =~ ^[0-9]+$ ]] || ferry_fail "spawn: the started QEMU wrote no pid file"
+FERRY_EXTRA_PIDS+=("$pid")
+for _ in $(seq 50); do qemu_alive src5 || break; sleep 0.1; done
+qemu_alive src5 && ferry_fail "spawn: the source QEMU still runs"
+wait_status "$QEMU_DIR/c/src5.qmp" paused 10 || ferry_fail "spawn: the started QEMU is not paused (--suspend)"
+img=$store/$(basename "$SRC")
+qemu-img compare -U -f raw -F raw "$SRC" "$img" || ferry_fail "spawn: the image made on the destination differs"
+s=$(stamps_ok "$img" "$(hb_done src5)") || ferry_fail "spawn: $s"
+qmp "$QEMU_DIR/c/src5.qmp" quit >/dev/null 2>&1
+qemu_rm_ram src5
 
 log "refusals"
 # --- refusals (the daemon is gone on b: refused before Prepare) ---

@@ -137,7 +137,7 @@ out=$(qmp "$(side_sock dst)" nbd-server-stop 2>&1) && ferry_fail "the destinatio
 qemu-img compare -U -f raw -F qcow2 "$SRC" "$QEMU_DIR/dst.qcow2" ||
 	ferry_fail "the destination's disk differs from the source's at the switch-over"
 qemu-img convert -U -f qcow2 -O raw "$QEMU_DIR/dst.qcow2" "$QEMU_DIR/dst.raw" || ferry_fail "qemu-img convert failed"
-s=$(stamps_ok "$QEMU_DIR/dst.raw" "$d1") || ferry_fail "destination disk: $s"
+s=$(stamps_ok "$QEMU_DIR/dst.raw" "$d1" 2>&1) || ferry_fail "destination disk: $s"
 rm -f "$QEMU_DIR/dst.raw"
 qmp "$(side_sock dst)" cont >/dev/null || ferry_fail "cont on the destination failed"
 wait_writing dst $((d1 + 20))
@@ -161,7 +161,7 @@ check_source_kept() {
 	qmp "$sq" stop >/dev/null || ferry_fail "$2: stop failed"
 	wait_status "$sq" paused 10 || ferry_fail "$2: the source did not pause"
 	sleep 0.2
-	out=$(stamps_ok "$SRC" "$(hb_done "$1")") || ferry_fail "$2: the source disk is not intact: $out"
+	out=$(stamps_ok "$SRC" "$(hb_done "$1")" 2>&1) || ferry_fail "$2: the source disk is not intact: $out"
 	ferry_ping a || ferry_fail "$2: ferryd a does not answer"
 }
 
@@ -186,7 +186,7 @@ interrupted() {
 	args=$(dst_args "dst$n" $((8 << 20))) || ferry_fail "creating the target image failed"
 	# shellcheck disable=SC2086
 	qemu_start "dst$n" --ram 64M --incoming -- $args || ferry_fail "starting dst$n failed"
-	wait_writing "src$n" 16
+	wait_writing "src$n" $((WRITE_SECTORS + 16)) # the whole range rewritten by this boot
 	ferry_migrate_start "src$n" "dst$n" --disk vda
 	wait_mirroring "src$n"
 	case $how in
@@ -226,7 +226,7 @@ ferry_start_daemon c --run-dir "$QEMU_DIR/c" --storage-dir "$store" --mem-dir "$
 	ferry_fail "starting ferryd c failed"
 # shellcheck disable=SC2046
 qemu_start src5 --ram 64M -- $(src_args) $(side_qmp_args src5) || ferry_fail "starting src5 failed"
-wait_writing src5 16
+wait_writing src5 $((WRITE_SECTORS + 16))
 out=$(ferry_ctl a migrate src5 --to "${FERRY_LISTEN[c]}" --disk vda --suspend 2>&1)
 rc=$?
 [ "$rc" -eq 0 ] || { echo "$out" >&2; ferry_fail "spawn: ferryctl migrate exited $rc"; }
@@ -238,7 +238,7 @@ qemu_alive src5 && ferry_fail "spawn: the source QEMU still runs"
 wait_status "$QEMU_DIR/c/src5.qmp" paused 10 || ferry_fail "spawn: the started QEMU is not paused (--suspend)"
 img=$store/$(basename "$SRC")
 qemu-img compare -U -f raw -F raw "$SRC" "$img" || ferry_fail "spawn: the image made on the destination differs"
-s=$(stamps_ok "$img" "$(hb_done src5)") || ferry_fail "spawn: $s"
+s=$(stamps_ok "$img" "$(hb_done src5)" 2>&1) || ferry_fail "spawn: $s"
 qmp "$QEMU_DIR/c/src5.qmp" quit >/dev/null 2>&1
 qemu_rm_ram src5
 

@@ -59,13 +59,13 @@ dd if="$DISKGUEST_W_BIN" of="$SRC" bs=512 count=1 conv=notrunc status=none || fe
 
 # hb NAME: the guest's block (count magic done errs stamp lasterr) from its RAM file
 hb() { od -An -tu4 -j $((0x7e00)) -N 24 "$(qemu_ramfile "$1")" 2>/dev/null | tr -s ' ' | sed 's/^ //'; }
-hb_done() { local w; w=($(hb "$1")) && echo "${w[2]}"; }
+hb_done() { local w; read -ra w < <(hb "$1") && echo "${w[2]}"; }
 
 # wait_writing NAME MIN: the guest on NAME has completed MIN writes, none failed
 wait_writing() {
 	local deadline=$(($(now_ms) + 60000)) w
 	while :; do
-		w=($(hb "$1")) && [ "${w[1]:-0}" = $((0x44595246)) ] && [ "${w[2]}" -ge "$2" ] && break
+		read -ra w < <(hb "$1") && [ "${w[1]:-0}" = $((0x44595246)) ] && [ "${w[2]}" -ge "$2" ] && break
 		[ "$(now_ms)" -gt "$deadline" ] && ferry_fail "the guest on $1 did not write its disk (block: ${w[*]:-none})"
 		sleep 0.1
 	done
@@ -120,7 +120,7 @@ log "1."
 # shellcheck disable=SC2046
 qemu_start src --ram 64M -- $(src_args) $(side_qmp_args src) || ferry_fail "starting src failed"
 args=$(dst_args dst) || ferry_fail "creating the target image failed"
-# shellcheck disable=SC2086
+# shellcheck disable=SC2086,SC2046
 qemu_start dst --ram 64M --incoming -- $args $(side_qmp_args dst) || ferry_fail "starting dst failed"
 wait_writing src $((2 * WRITE_SECTORS))
 d0=$(hb_done src)
@@ -258,7 +258,7 @@ ferry_migrate src4 src4 20 --disk vda
 	{ ferry_mig_report; ferry_fail "a local writable disk left behind is not refused"; }
 # the fallback row: a destination without nbd cannot take the disks
 args=$(dst_args dst4) || ferry_fail "creating the target image failed"
-# shellcheck disable=SC2086
+# shellcheck disable=SC2086,SC2046
 qemu_start dst4 --ram 64M --incoming -- $args -drive "file=$QEMU_DIR/scratch.raw,format=raw,if=none,id=scratch" \
 	$(side_qmp_args dst4) || ferry_fail "starting dst4 failed"
 ferry_migrate src4 dst4 20 --disk vda --shared-dir "$QEMU_DIR"

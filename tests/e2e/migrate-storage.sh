@@ -31,7 +31,8 @@
 # the disks cannot move, so no fallback). Each leaves both QEMUs as they were.
 #
 # Exit: 0 pass, 1 fail, 77 skip. Environment: tests/lib/ferry.sh;
-# STORAGE_DISK (default 256M), MIG_TIMEOUT (default 60 s).
+# STORAGE_DISK (default 256M), MIG_TIMEOUT (default 60 s), STORAGE_RUN1_ARGS
+# (more ferryctl migrate options for run 1, e.g. "--channels 2").
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -40,6 +41,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 DISK=${STORAGE_DISK:-256M}
 MIG_TIMEOUT=${MIG_TIMEOUT:-60}
+RUN1_ARGS=${STORAGE_RUN1_ARGS:-} # more ferryctl migrate options for run 1, e.g. "--channels 2"
 WRITE_LBA=2048
 WRITE_SECTORS=256
 
@@ -124,7 +126,8 @@ args=$(dst_args dst) || ferry_fail "creating the target image failed"
 qemu_start dst --ram 64M --incoming -- $args $(side_qmp_args dst) || ferry_fail "starting dst failed"
 wait_writing src $((2 * WRITE_SECTORS))
 d0=$(hb_done src)
-ferry_migrate src dst "$MIG_TIMEOUT" --disk vda --suspend
+# shellcheck disable=SC2086
+ferry_migrate src dst "$MIG_TIMEOUT" --disk vda --suspend $RUN1_ARGS
 [ "$FERRY_MIG_RC" -eq 0 ] || { ferry_mig_report; ferry_fail "storage migration: ferryctl exited $FERRY_MIG_RC"; }
 grep -q "plan: .*disks over nbd" "$FERRY_MIG_ERR" || { ferry_mig_report; ferry_fail "the plan does not say disks over nbd"; }
 grep -q "completed.*destination completed" "$FERRY_MIG_OUT" || { ferry_mig_report; ferry_fail "no completed migration reported"; }

@@ -64,6 +64,11 @@ struct dst_entry {
 	bool pc_guarded, pc_go;
 	unsigned pc_recoveries;   /* new sessions after cut lanes */
 	unsigned pc_streams;      /* QEMU's channels: main (+ preempt) */
+	/* Storage migration: our QEMU's NBD server (nbd-server-start) on this
+	 * socket in the run dir; the VM stays paused until Finish, and a copy
+	 * that never got there must not run (its disks may be incomplete). */
+	char nbd_sock[PATH_MAX];
+	bool nbd_started, nbd_guarded, nbd_finished;
 };
 
 /* A source-side tunnel opened from the admin socket: one session for a fixed
@@ -327,6 +332,8 @@ static void dst_spawned_end(struct dst_entry *e)
 	}
 	if (e->spawn_files && !e->spawn_keep)
 		ferry_spawn_remove_ram(e->spawn_cmd);
+	if (!e->spawn_keep)
+		ferry_spawn_remove_images(e->spawn_cmd);
 	ferry_spawn_cmd_free(e->spawn_cmd);
 	free(e->spawn_cmd);
 	e->spawn_cmd = NULL;
@@ -337,6 +344,16 @@ static void dst_free(struct dst_entry *e)
 	if (!e)
 		return;
 	ferry_session_close(e->sess);
+	if (e->nbd_started && e->qmp) {
+		struct ferry_err qe = { 0 };
+		(void)ferry_qmp_execute(e->qmp, "nbd-server-stop", NULL, NULL, &qe);
+	}
+	if (e->nbd_sock[0])
+		unlink(e->nbd_sock);
+	if (e->nbd_guarded && !e->nbd_finished && e->qmp) {
+		struct ferry_err qe = { 0 };
+		(void)ferry_qmp_execute(e->qmp, "quit", NULL, NULL, &qe);
+	}
 	if (e->pc_guarded && !e->pc_go && e->qmp) {
 		/* The source may have taken the VM back: this paused copy must
 		 * never be resumed by anyone. */
@@ -539,6 +556,82 @@ static int req_features(json_t *req, const char *key, uint32_t *out, struct ferr
 	return 0;
 }
 
+/* Storage migration, destination (docs/protocol.md): each disk of the
+ * source's <nbd> must be a disk of our QEMU at least as large; our QEMU's NBD
+ * server listens on a socket in our run dir and exports each one writable
+ * under the source's name for it; our cookie tells the socket and sizes.
+ * Autostart goes off (stop while incoming), so the VM runs here only once
+ * Finish says so, after the mirrors ended. */
+static int dst_nbd_setup(struct daemon *d, struct dst_entry *e, const struct ferry_cookie *theirs,
+			 struct ferry_cookie *mine, struct ferry_err *err)
+{
+	json_t *blocks = NULL;
+	int rc = ferry_qmp_execute(e->qmp, "query-block", NULL, &blocks, err);
+	if (rc)
+		return rc;
+	char nodes[FERRY_COOKIE_MAX_DISKS][128];
+	mine->nbd.ndisks = 0;
+	for (size_t k = 0; k < theirs->nbd.ndisks && rc == 0; k++) {
+		const struct ferry_cookie_disk *sd = &theirs->nbd.disks[k];
+		size_t i;
+		json_t *b, *found = NULL;
+		json_array_foreach(blocks, i, b) {
+			json_t *ins = json_object_get(b, "inserted");
+			const char *device = json_string_value(json_object_get(b, "device"));
+			const char *qdev = json_string_value(json_object_get(b, "qdev"));
+			const char *node = json_string_value(json_object_get(ins, "node-name"));
+			if (ins && ((device && strcmp(device, sd->target) == 0) || (qdev && strcmp(qdev, sd->target) == 0) ||
+				    (node && strcmp(node, sd->target) == 0)))
+				found = ins;
+		}
+		json_t *vs = json_object_get(json_object_get(found, "image"), "virtual-size");
+		const char *node = json_string_value(json_object_get(found, "node-name"));
+		if (!found || !node)
+			rc = ferry_err_set(err, ENOENT, "the destination QEMU has no disk '%s' to receive it", sd->target);
+		else if (json_is_true(json_object_get(found, "ro")))
+			rc = ferry_err_set(err, EROFS, "the destination's disk '%s' is read-only", sd->target);
+		else if (!json_is_integer(vs) || (uint64_t)json_integer_value(vs) < sd->capacity)
+			rc = ferry_err_set(err, ENOSPC, "the destination's disk '%s' has %" PRIu64 " bytes, the source's %" PRIu64,
+					   sd->target, json_is_integer(vs) ? (uint64_t)json_integer_value(vs) : 0, sd->capacity);
+		else {
+			snprintf(nodes[k], sizeof(nodes[k]), "%s", node);
+			mine->nbd.disks[k] = (struct ferry_cookie_disk){ .capacity = (uint64_t)json_integer_value(vs) };
+			memcpy(mine->nbd.disks[k].target, sd->target, sizeof(sd->target));
+			mine->nbd.ndisks++;
+		}
+	}
+	json_decref(blocks);
+	if (rc)
+		return rc;
+	if ((size_t)snprintf(e->nbd_sock, sizeof(e->nbd_sock), "%s/nbd-%u.sock", d->run_dir, new_id(d)) >=
+	    sizeof(mine->nbd.socket)) {
+		e->nbd_sock[0] = '\0';
+		return ferry_err_set(err, ENAMETOOLONG, "run directory path too long for an NBD socket");
+	}
+	unlink(e->nbd_sock);
+	if ((rc = ferry_qmp_executef(e->qmp, NULL, err, "nbd-server-start", "{s:{s:s, s:{s:s}}}", "addr", "type", "unix",
+				     "data", "path", e->nbd_sock)))
+		return ferry_err_prefix(err, "starting the destination QEMU's NBD server");
+	e->nbd_started = true;
+	for (size_t k = 0; k < mine->nbd.ndisks; k++) {
+		char id[64];
+		snprintf(id, sizeof(id), "ferry-%s", mine->nbd.disks[k].target);
+		if ((rc = ferry_qmp_executef(e->qmp, NULL, err, "block-export-add", "{s:s, s:s, s:s, s:s, s:b}", "type",
+					     "nbd", "id", id, "node-name", nodes[k], "name", mine->nbd.disks[k].target,
+					     "writable", 1)))
+			return ferry_err_prefix(err, "exporting disk '%s'", mine->nbd.disks[k].target);
+	}
+	if ((rc = ferry_qmp_execute(e->qmp, "stop", NULL, NULL, err)))
+		return rc;
+	e->nbd_guarded = true;
+	memcpy(mine->nbd.socket, e->nbd_sock, strlen(e->nbd_sock) + 1); /* fits: checked above */
+	mine->flags |= FERRY_COOKIE_NBD;
+	mine->features |= FERRY_COOKIE_FEAT_NBD;
+	logf_(d, "storage migration: %zu disk%s exported on %s", mine->nbd.ndisks, mine->nbd.ndisks == 1 ? "" : "s",
+	      e->nbd_sock);
+	return 0;
+}
+
 /* Prepare (v3, step 2) on the destination: validate the source's cookie
  * against our QEMU and host, choose the plan from both sides' capabilities.
  * Fills the reply's cookie and plan. */
@@ -560,7 +653,8 @@ static int prepare_plan(struct daemon *d, struct dst_entry *e, json_t *req, cons
 	snprintf(src_host, hostlen, "%s", theirs.hostname);
 	ferry_caps_from_cookie(&theirs, &scaps);
 	struct ferry_plan_request preq = { .no_handoff = json_is_true(json_object_get(req, "no_handoff")),
-					   .postcopy = json_is_true(json_object_get(req, "postcopy")) };
+					   .postcopy = json_is_true(json_object_get(req, "postcopy")),
+					   .nbd = (theirs.flags & FERRY_COOKIE_NBD) && theirs.nbd.ndisks > 0 };
 	unsigned channels;
 	if ((rc = req_uint(req, "channels", 0, FERRY_MAX_STREAMS - 1, &channels, err)) ||
 	    (rc = req_features(req, "require", &preq.require, err)))
@@ -574,6 +668,8 @@ static int prepare_plan(struct daemon *d, struct dst_entry *e, json_t *req, cons
 	}
 	if ((rc = ferry_plan_choose(&scaps, &mycaps, &preq, plan, err)))
 		return rc;
+	if ((plan->features & FERRY_F_NBD) && (rc = dst_nbd_setup(d, e, &theirs, &mine, err)))
+		return ferry_err_prefix(err, "storage migration");
 	char *xml = NULL;
 	mine.vm.nargs = mine.vm.cmdline_len = 0; /* the source has no use for our command line */
 	if ((rc = ferry_cookie_format(&mine, &xml, err)))
@@ -680,7 +776,9 @@ static int spawn_destination(struct daemon *d, struct dst_entry *e, const char *
 	struct ferry_spawn_config sc = { .qemu = d->cfg->qemu ? d->cfg->qemu : "qemu-system-x86_64",
 					 .storage_dir = storage, .mem_dir = d->cfg->mem_dir ? mem : NULL,
 					 .qmp_path = qmp_path, .pidfile = e->pidfile, .prealloc = d->cfg->spawn_prealloc };
+	/* Storage migration: the disks to receive are made empty here. */
 	if (!rc && (rc = ferry_spawn_build(&sc, &c->vm, e->spawn_cmd, err)) == 0 &&
+	    (rc = ferry_spawn_make_images(e->spawn_cmd, c, err)) == 0 &&
 	    (rc = ferry_spawn_check_files(e->spawn_cmd, &c->vm, err)) == 0) {
 		e->spawn_files = true;
 		rc = ferry_spawn_start(e->spawn_cmd, log, &e->spawned, err);
@@ -896,6 +994,13 @@ static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_e
 		const char *vm = "?";
 		if (ferry_qmp_execute(e->qmp, "query-status", NULL, &vs, &e2) == 0)
 			vm = json_string_value(json_object_get(vs, "status"));
+		/* Storage migration: the source ended its mirrors before Finish;
+		 * the NBD server goes before the VM runs here. */
+		if (e->nbd_started && strcmp(status, "completed") == 0) {
+			(void)ferry_qmp_execute(e->qmp, "nbd-server-stop", NULL, NULL, &e2);
+			e->nbd_started = false;
+			e->nbd_finished = true;
+		}
 		/* Finish (v3, step 4): a QEMU started with -S waits for us to run
 		 * the VM it received, if the VM ran on the source; a QEMU that
 		 * failed to load is ended, never left half-alive. */
@@ -1295,8 +1400,18 @@ static json_t *peer_nbd(struct daemon *d, json_t *req, bool open, struct ferry_e
 	char target[PATH_MAX];
 	const char *export = nbd_export_name(req, err);
 	unsigned lanes;
-	if (!export || req_uint(req, "lanes", 1, FERRY_MAX_STREAMS, &lanes, err) ||
-	    resolve_peer_path(d, req_str(req, "target"), SCOPE_ALLOWED_ONLY, target, sizeof(target), err))
+	if (!export || req_uint(req, "lanes", 1, FERRY_MAX_STREAMS, &lanes, err))
+		return NULL;
+	/* A storage migration's export: the socket this daemon chose in its run dir. */
+	const char *t = req_str(req, "target");
+	bool own = false;
+	pthread_mutex_lock(&d->lock);
+	for (unsigned i = 0; t && i < MAX_ENTRIES && !own; i++)
+		own = d->dst[i] && d->dst[i]->nbd_started && strcmp(d->dst[i]->nbd_sock, t) == 0;
+	pthread_mutex_unlock(&d->lock);
+	if (own)
+		snprintf(target, sizeof(target), "%s", t);
+	else if (resolve_peer_path(d, t, SCOPE_ALLOWED_ONLY, target, sizeof(target), err))
 		return NULL;
 	if (!open)
 		return ferry_nbd_peer_probe(d->nbd, target, export, err);
@@ -1434,6 +1549,7 @@ static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *er
 	p.stall_timeout_s = (int)stall;
 	p.no_handoff = json_is_false(json_object_get(req, "handoff"));
 	p.keep_source = json_is_true(json_object_get(req, "keep_source"));
+	p.suspend = json_is_true(json_object_get(req, "suspend"));
 	p.postcopy = json_is_true(json_object_get(req, "postcopy"));
 	/* Without the set-up acknowledgement (decided with the peer) postcopy
 	 * needs this; migrate.c refuses otherwise. */
@@ -1453,6 +1569,31 @@ static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *er
 			return NULL;
 		}
 	}
+	/* Storage migration: the disks to mirror and the shared directories. */
+	json_t *jd = json_object_get(req, "disks"), *js = json_object_get(req, "shared_dirs"), *v;
+	size_t k;
+	if ((jd && (!json_is_array(jd) || json_array_size(jd) > FERRY_MIG_MAX_DISKS)) ||
+	    (js && (!json_is_array(js) || json_array_size(js) > FERRY_MIG_MAX_SHARED))) {
+		ferry_err_set(err, EINVAL, "\"disks\" and \"shared_dirs\" must be arrays of at most %d and %d strings",
+			      FERRY_MIG_MAX_DISKS, FERRY_MIG_MAX_SHARED);
+		return NULL;
+	}
+	json_array_foreach(jd, k, v) {
+		if (!json_is_string(v)) {
+			ferry_err_set(err, EINVAL, "\"disks\" must hold strings");
+			return NULL;
+		}
+		p.disks[p.ndisks] = json_string_value(v);
+		p.nbd_ids[p.ndisks++] = new_id(d);
+	}
+	json_array_foreach(js, k, v) {
+		if (!json_is_string(v)) {
+			ferry_err_set(err, EINVAL, "\"shared_dirs\" must hold strings");
+			return NULL;
+		}
+		p.shared_dirs[p.nshared++] = json_string_value(v);
+	}
+	p.nbd = d->nbd;
 	p.disabled = d->cfg->disabled_features;
 	p.state_dir = d->state_dir;
 	p.cookie_log = d->cfg->cookie_log;
@@ -1517,6 +1658,7 @@ static json_t *admin_migrate_status(struct daemon *d, json_t *req, bool cancel, 
 		json_object_set_new(r, "fallbacks", json_string(p.fallbacks));
 		json_object_set_new(r, "postcopy_at_s", json_real(p.postcopy_at_s));
 		json_object_set_new(r, "postcopy_recoveries", json_integer(p.postcopy_recoveries));
+		json_object_set_new(r, "storage", json_string(p.storage));
 		if (p.warning[0])
 			json_object_set_new(r, "warning", json_string(p.warning));
 	}

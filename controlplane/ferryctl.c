@@ -35,6 +35,7 @@ static void usage(FILE *f)
 		"          [--channels N] [--lanes N]\n"
 		"          [--stall-timeout S] [--no-handoff] [--transport auto|rdma|dpdk|tcp] [--require F]...\n"
 		"          [--keep-source] [--postcopy [--force-postcopy] [--postcopy-after S]] [--json] [--quiet]\n"
+		"          [--disk NAME]... [--shared-dir DIR]... [--suspend]\n"
 		"        live-migrate the VM behind --src-qmp into the QEMU behind --dst-qmp (started with\n"
 		"        -incoming defer) on the host whose ferryd listens at --to (port 7470 if omitted);\n"
 		"        VM names both: VM.qmp in each daemon's run directory; with no QEMU there on the\n"
@@ -50,6 +51,10 @@ static void usage(FILE *f)
 		"        after S seconds (default 1); the destination VM runs only once its daemon confirmed\n"
 		"        every device loaded, and a destination failing before that gives the VM back to the\n"
 		"        source. Where one side lacks that acknowledgement, --force-postcopy accepts the risk.\n"
+		"        --disk NAME (device, qdev id or node name, as query-block shows it) mirrors that disk into\n"
+		"        the destination QEMU's disk of the same name over ferry's NBD path before RAM moves; with\n"
+		"        --disk or --shared-dir, any other writable disk whose image file is not under a --shared-dir\n"
+		"        is refused. --suspend leaves the VM paused on the destination.\n"
 		"  status [ID] [--json]    progress of migration ID; without ID every migration the daemon\n"
 		"                          knows, and those its records say an earlier stop cut short\n"
 		"  recover [ID] [--json]   settle migrations this daemon's last stop (or a lost peer) cut short:\n"
@@ -149,9 +154,10 @@ static void progress_line(json_t *st, bool tty)
 		pct = 0;
 	char rb[32];
 	human_bytes(rem, rb, sizeof(rb));
-	fprintf(stderr, "%s%5.1f%%  %5.2f GB/s  remaining %s  dirty %.1f MB/s  %.1fs  [%s/%s]%s", tty ? "\r\033[K" : "",
+	const char *storage = str(st, "storage");
+	fprintf(stderr, "%s%5.1f%%  %5.2f GB/s  remaining %s  dirty %.1f MB/s  %.1fs  [%s/%s]%s%s%s", tty ? "\r\033[K" : "",
 		pct, num(st, "throughput_gbs"), rb, num(st, "dirty_rate_bps") / 1e6, num(st, "elapsed_s"),
-		str(st, "state"), str(st, "qemu_status"), tty ? "" : "\n");
+		str(st, "state"), str(st, "qemu_status"), storage[0] ? "  disks: " : "", storage, tty ? "" : "\n");
 	fflush(stderr);
 }
 
@@ -166,13 +172,20 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		{ "transport", required_argument, NULL, 'T' }, { "keep-source", no_argument, NULL, 'k' },
 		{ "postcopy", no_argument, NULL, 'P' },      { "force-postcopy", no_argument, NULL, 'F' },
 		{ "postcopy-after", required_argument, NULL, 'A' },
+		{ "disk", required_argument, NULL, 'D' },    { "shared-dir", required_argument, NULL, 'R' },
+		{ "suspend", no_argument, NULL, 'U' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *src = NULL, *dst = NULL, *to = NULL, *transport = "auto";
-	bool handoff = true, keep_source = false, postcopy = false, force_postcopy = false;
+	bool handoff = true, keep_source = false, postcopy = false, force_postcopy = false, suspend = false;
 	unsigned long long postcopy_after_ms = 1000;
 	const char *required[8];
 	unsigned nrequired = 0;
+	json_t *disks = json_array(), *shared = json_array();
+	if (!disks || !shared) {
+		fprintf(stderr, "ferryctl migrate: out of memory\n");
+		return EXIT_FAILURE;
+	}
 	unsigned long long channels = 0, lanes = 0, stall = 0;
 	bool json = false, quiet = false;
 	int c;
@@ -189,6 +202,9 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		case 'q': quiet = true; break;
 		case 'H': handoff = false; break;
 		case 'k': keep_source = true; break;
+		case 'U': suspend = true; break;
+		case 'D': json_array_append_new(disks, json_string(optarg)); break;
+		case 'R': json_array_append_new(shared, json_string(optarg)); break;
 		case 'P': postcopy = true; break;
 		case 'F': postcopy = force_postcopy = true; break;
 		case 'A': {
@@ -259,12 +275,12 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 	for (unsigned i = 0; require && i < nrequired; i++)
 		json_array_append_new(require, json_string(required[i]));
 	json_t *rep = NULL;
-	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:b, s:o, s:s, s:b, s:b, s:b, s:I}", "cmd",
+	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:b, s:o, s:s, s:b, s:b, s:b, s:I, s:o, s:o, s:b}", "cmd",
 				       "migrate", "src_qmp", src, "dst_qmp", dst, "peer", to, "channels", (json_int_t)channels,
 				       "lanes", (json_int_t)lanes, "stall_timeout", (json_int_t)stall, "handoff", handoff,
 				       "require", require, "transport", transport, "keep_source", keep_source, "postcopy",
 				       postcopy, "force_postcopy", force_postcopy, "postcopy_after_ms",
-				       (json_int_t)postcopy_after_ms), &rep);
+				       (json_int_t)postcopy_after_ms, "disks", disks, "shared_dirs", shared, "suspend", suspend), &rep);
 	if (rc)
 		return rc;
 	json_int_t id = json_integer_value(json_object_get(rep, "migration"));

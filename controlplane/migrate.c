@@ -2,7 +2,9 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <pthread.h>
 #include <sys/socket.h>
 #include <stdio.h>
@@ -13,6 +15,7 @@
 
 #include "cookie.h"
 #include "jsonline.h"
+#include "nbdpath.h"
 #include "pcguard.h"
 #include "plan.h"
 #include "probe.h"
@@ -25,7 +28,22 @@
 #define POLL_INTERVAL_MS 50
 #define FINISH_TIMEOUT_MS 120000
 #define SWITCHOVER_TIMEOUT_S 120
+#define MIRROR_READY_TIMEOUT_S 600 /* a full copy that makes no job progress for this long fails */
+#define MIRROR_END_TIMEOUT_S 120
+#define NBD_LANES 2                /* per disk, unless --lanes says otherwise */
 #define FERRY_MIGRATE_MAX_BANDWIDTH (100ll * 1000 * 1000 * 1000) /* bytes/s: effectively unlimited */
+
+/* One disk of a storage migration (docs/protocol.md, "Storage migration"). */
+struct mig_disk {
+	char name[FERRY_COOKIE_TARGET_MAX + 1]; /* as the user named it; also the export name */
+	char node[128];      /* its root node: what blockdev-mirror copies */
+	char job[64];        /* ferry-mirror-NAME */
+	char tgt[64];        /* ferry-nbd-NAME: the nbd node on ferry's NBD path */
+	char listen[PATH_MAX];
+	uint64_t size;
+	uint32_t nbd_id;
+	bool path_open, node_added, job_started;
+};
 
 struct ferry_migration {
 	struct ferry_dp *dp;
@@ -33,7 +51,7 @@ struct ferry_migration {
 	char *src_qmp, *dst_qmp, *peer, *run_dir;
 	unsigned channels, lanes;
 	int stall_timeout_s;
-	bool no_handoff, keep_source, postcopy, force_postcopy;
+	bool no_handoff, keep_source, postcopy, force_postcopy, suspend;
 	unsigned postcopy_after_ms;
 	uint32_t require, disabled;
 	int transport;
@@ -42,6 +60,11 @@ struct ferry_migration {
 	char *state_dir;
 	char *cookie_log;
 	struct ferry_state_record rec;   /* this migration's durable record, as last written */
+	struct ferry_nbd_registry *nbd;
+	unsigned ndisks, nshared;
+	struct mig_disk disks[FERRY_MIG_MAX_DISKS];
+	char *shared[FERRY_MIG_MAX_SHARED];
+	char dst_nbd_sock[FERRY_COOKIE_SOCKET_MAX + 1]; /* the destination's NBD server, from its cookie */
 
 	pthread_t thread;
 	pthread_mutex_t lock;
@@ -188,9 +211,33 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const st
 	struct ferry_side_caps dcaps;
 	ferry_caps_from_cookie(&theirs, &dcaps);
 	struct ferry_plan_request preq = { .transport = m->transport, .channels = m->channels, .require = m->require,
-					   .no_handoff = m->no_handoff, .postcopy = m->postcopy };
+					   .no_handoff = m->no_handoff, .postcopy = m->postcopy, .nbd = m->ndisks > 0 };
 	if ((rc = ferry_plan_choose(mycaps, &dcaps, &preq, plan, err)))
 		goto out;
+	if (plan->features & FERRY_F_NBD) {
+		/* The destination exports each disk on its NBD server's socket. */
+		if (!(theirs.flags & FERRY_COOKIE_NBD) || !theirs.nbd.socket[0]) {
+			rc = ferry_err_set(err, EPROTO, "the destination agreed to storage migration but its cookie has no "
+					   "<nbd socket=...>");
+			goto out;
+		}
+		for (unsigned k = 0; k < m->ndisks; k++) {
+			size_t j;
+			for (j = 0; j < theirs.nbd.ndisks && strcmp(theirs.nbd.disks[j].target, m->disks[k].name); j++)
+				;
+			if (j == theirs.nbd.ndisks) {
+				rc = ferry_err_set(err, EPROTO, "the destination exports no disk '%s'", m->disks[k].name);
+				goto out;
+			}
+			if (theirs.nbd.disks[j].capacity < m->disks[k].size) {
+				rc = ferry_err_set(err, ENOSPC, "disk '%s': the destination's image has %" PRIu64
+						   " bytes, smaller than the source's %" PRIu64, m->disks[k].name,
+						   theirs.nbd.disks[j].capacity, m->disks[k].size);
+				goto out;
+			}
+		}
+		snprintf(m->dst_nbd_sock, sizeof(m->dst_nbd_sock), "%s", theirs.nbd.socket);
+	}
 	struct ferry_plan told = { 0 };
 	const char *tt = json_string_value(json_object_get(jplan, "transport"));
 	told.transport = ferry_cookie_driver_kind(tt);
@@ -546,6 +593,331 @@ static int postcopy_recover(struct ferry_migration *m, struct ferry_jl *jl, stru
 	return 0;
 }
 
+/* ---- storage migration (docs/protocol.md, "Storage migration") ---------- */
+
+/* A local file under one of the --shared-dir directories (both resolved). */
+static bool on_shared_dir(struct ferry_migration *m, const char *file)
+{
+	char f[PATH_MAX], dir[PATH_MAX];
+	if (!realpath(file, f))
+		return false;
+	for (unsigned i = 0; i < m->nshared; i++) {
+		if (!realpath(m->shared[i], dir))
+			continue;
+		size_t n = strlen(dir);
+		if (strncmp(f, dir, n) == 0 && (f[n] == '/' || (n == 1 && dir[0] == '/')))
+			return true;
+	}
+	return false;
+}
+
+static bool disk_listed(struct ferry_migration *m, const char *device, const char *qdev, const char *node)
+{
+	for (unsigned i = 0; i < m->ndisks; i++) {
+		const char *n = m->disks[i].name;
+		if ((device && strcmp(device, n) == 0) || (qdev && strcmp(qdev, n) == 0) || (node && strcmp(node, n) == 0))
+			return true;
+	}
+	return false;
+}
+
+/* Begin, storage part: resolve each listed disk (its root node and size),
+ * refuse a writable local disk that is neither listed nor on a --shared-dir,
+ * and refuse while any block job runs (it would race the mirrors). */
+static int disks_check(struct ferry_migration *m, struct ferry_qmp *q, struct ferry_err *err)
+{
+	json_t *blocks = NULL, *jobs = NULL;
+	int rc = ferry_qmp_execute(q, "query-block", NULL, &blocks, err);
+	if (rc)
+		return ferry_err_prefix(err, "listing the source's disks");
+	char have[512] = "";
+	size_t i, hl = 0;
+	json_t *b;
+	json_array_foreach(blocks, i, b) {
+		const char *device = json_string_value(json_object_get(b, "device"));
+		const char *qdev = json_string_value(json_object_get(b, "qdev"));
+		json_t *ins = json_object_get(b, "inserted");
+		const char *node = json_string_value(json_object_get(ins, "node-name"));
+		const char *shown = device && *device ? device : qdev ? qdev : node ? node : "?";
+		if (ins && hl < sizeof(have))
+			hl += (size_t)snprintf(have + hl, sizeof(have) - hl, "%s%s", hl ? ", " : "", shown);
+		for (unsigned k = 0; k < m->ndisks; k++) {
+			struct mig_disk *d = &m->disks[k];
+			if ((!device || strcmp(device, d->name)) && (!qdev || strcmp(qdev, d->name)) &&
+			    (!node || strcmp(node, d->name)))
+				continue;
+			json_t *vs = json_object_get(json_object_get(ins, "image"), "virtual-size");
+			if (!ins || !node || !json_is_integer(vs) || json_integer_value(vs) <= 0) {
+				rc = ferry_err_set(err, ENOMEDIUM, "disk '%s' has no medium to migrate", d->name);
+				goto out;
+			}
+			if (d->size) {
+				rc = ferry_err_set(err, EINVAL, "disk '%s' names two block devices; name it by node name", d->name);
+				goto out;
+			}
+			snprintf(d->node, sizeof(d->node), "%s", node);
+			d->size = (uint64_t)json_integer_value(vs);
+		}
+	}
+	for (unsigned k = 0; k < m->ndisks; k++)
+		if (!m->disks[k].size) {
+			rc = ferry_err_set(err, ENOENT, "--disk %s: the source VM has no such disk (device, qdev id or node "
+					   "name; it has: %s)", m->disks[k].name, have[0] ? have : "none");
+			goto out;
+		}
+	json_array_foreach(blocks, i, b) {
+		const char *device = json_string_value(json_object_get(b, "device"));
+		const char *qdev = json_string_value(json_object_get(b, "qdev"));
+		json_t *ins = json_object_get(b, "inserted");
+		const char *node = json_string_value(json_object_get(ins, "node-name"));
+		if (!ins || json_is_true(json_object_get(ins, "ro")) || disk_listed(m, device, qdev, node))
+			continue;
+		const char *file = json_string_value(json_object_get(ins, "file"));
+		/* A network image (nbd:, rbd:, json:{...}) is reachable from both hosts; a local file only
+		 * where a --shared-dir says its directory is shared. */
+		if (file && file[0] == '/' && !on_shared_dir(m, file)) {
+			rc = ferry_err_set(err, EXDEV, "disk '%s' (%s) is writable, local and not migrated: list it with "
+					   "--disk to migrate it, or name the shared directory it lies in with --shared-dir",
+					   device && *device ? device : qdev ? qdev : node ? node : "?", file);
+			goto out;
+		}
+	}
+	if (m->ndisks == 0)
+		goto out;
+	if ((rc = ferry_qmp_execute(q, "query-block-jobs", NULL, &jobs, err))) {
+		ferry_err_prefix(err, "listing the source's block jobs");
+		goto out;
+	}
+	if (json_array_size(jobs) > 0) {
+		json_t *j0 = json_array_get(jobs, 0);
+		const char *id = json_string_value(json_object_get(j0, "device"));
+		const char *type = json_string_value(json_object_get(j0, "type"));
+		rc = ferry_err_set(err, EBUSY, "a block job is active on the source (%s '%s'%s): storage migration needs "
+				   "the disks free of jobs; wait for it or cancel it", type ? type : "job", id ? id : "?",
+				   json_array_size(jobs) > 1 ? " and more" : "");
+	}
+out:
+	json_decref(blocks);
+	json_decref(jobs);
+	return rc;
+}
+
+/* The job status of disk d's mirror ("" when QEMU has no such job) and its error. */
+static int job_status(json_t *jobs, const struct mig_disk *d, char *status, size_t slen, char *why, size_t wlen)
+{
+	size_t i;
+	json_t *j;
+	status[0] = why[0] = '\0';
+	json_array_foreach(jobs, i, j) {
+		const char *id = json_string_value(json_object_get(j, "id"));
+		if (!id || strcmp(id, d->job) != 0)
+			continue;
+		const char *st = json_string_value(json_object_get(j, "status"));
+		const char *e = json_string_value(json_object_get(j, "error"));
+		snprintf(status, slen, "%s", st ? st : "?");
+		snprintf(why, wlen, "%s", e ? e : "");
+		return 0;
+	}
+	return 0;
+}
+
+/* Why disk d's NBD path failed, if it knows. */
+static void path_failure(struct ferry_migration *m, const struct mig_disk *d, char *out, size_t len)
+{
+	struct ferry_err e = { 0 };
+	out[0] = '\0';
+	json_t *st = d->path_open ? ferry_nbd_status(m->nbd, d->nbd_id, false, &e) : NULL;
+	const char *lf = json_string_value(json_object_get(json_object_get(st, "stats"), "last_error"));
+	if (lf && *lf)
+		snprintf(out, len, "; ferry's NBD path: %s", lf);
+	json_decref(st);
+}
+
+/* Step 3: one NBD path per disk to the destination's export, an nbd node on
+ * it, and a full mirror into that node. */
+static int disks_start(struct ferry_migration *m, struct ferry_qmp *q, struct ferry_err *err)
+{
+	for (unsigned i = 0; i < m->ndisks; i++) {
+		struct mig_disk *d = &m->disks[i];
+		if ((size_t)snprintf(d->listen, sizeof(d->listen), "%s/mig-%u-nbd-%u.sock", m->run_dir, m->id, i) >=
+		    sizeof(d->listen))
+			return ferry_err_set(err, ENAMETOOLONG, "run directory path too long");
+		unlink(d->listen);
+		json_t *r = ferry_nbd_open(m->nbd, d->nbd_id, m->peer, d->listen, m->dst_nbd_sock, d->name,
+					   m->lanes ? m->lanes : NBD_LANES, err);
+		if (!r)
+			return ferry_err_prefix(err, "disk '%s': opening ferry's NBD path to the destination's export", d->name);
+		d->path_open = true;
+		json_t *sz = json_object_get(json_object_get(r, "export"), "size");
+		uint64_t tsize = json_is_integer(sz) ? (uint64_t)json_integer_value(sz) : 0;
+		json_decref(r);
+		if (tsize < d->size)
+			return ferry_err_set(err, ENOSPC, "disk '%s': the destination's export has %" PRIu64
+					     " bytes, the source's disk %" PRIu64, d->name, tsize, d->size);
+		char name[sizeof(d->name)]; /* a copy: -Wrestrict cannot tell the fields apart */
+		memcpy(name, d->name, sizeof(name));
+		snprintf(d->tgt, sizeof(d->tgt), "ferry-nbd-%s", name);
+		snprintf(d->job, sizeof(d->job), "ferry-mirror-%s", name);
+		int rc = ferry_qmp_executef(q, NULL, err, "blockdev-add", "{s:s, s:s, s:s, s:{s:s, s:s}}", "driver", "nbd",
+					    "node-name", d->tgt, "export", d->name, "server", "type", "unix", "path",
+					    d->listen);
+		if (rc)
+			return ferry_err_prefix(err, "disk '%s': adding the nbd node", d->name);
+		d->node_added = true;
+		/* auto-dismiss off: the job's outcome stays readable until we dismiss it. */
+		rc = ferry_qmp_executef(q, NULL, err, "blockdev-mirror", "{s:s, s:s, s:s, s:s, s:b}", "job-id", d->job,
+					"device", d->node, "target", d->tgt, "sync", "full", "auto-dismiss", 0);
+		if (rc)
+			return ferry_err_prefix(err, "disk '%s': starting the mirror", d->name);
+		d->job_started = true;
+	}
+	return 0;
+}
+
+static void progress_storage(struct ferry_migration *m, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void progress_storage(struct ferry_migration *m, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	pthread_mutex_lock(&m->lock);
+	vsnprintf(m->prog.storage, sizeof(m->prog.storage), fmt, ap);
+	pthread_mutex_unlock(&m->lock);
+	va_end(ap);
+}
+
+/* Step 4: every mirror READY (the copy done, writes mirrored from now on).
+ * A mirror that ends before, the user's cancel or a vanished destination
+ * stop the wait. */
+static int disks_wait_ready(struct ferry_migration *m, struct ferry_qmp *q, struct ferry_jl *jl, struct ferry_err *err)
+{
+	uint64_t last_done = 0;
+	double last_move = since(&m->t0);
+	for (;;) {
+		json_t *jobs = NULL;
+		int rc = ferry_qmp_execute(q, "query-jobs", NULL, &jobs, err);
+		if (rc)
+			return ferry_err_prefix(err, "watching the mirrors");
+		unsigned ready = 0;
+		uint64_t done = 0, total = 0;
+		size_t i;
+		json_t *j;
+		json_array_foreach(jobs, i, j) {
+			done += ju(j, "current-progress");
+			total += ju(j, "total-progress");
+		}
+		for (unsigned k = 0; k < m->ndisks && rc == 0; k++) {
+			char st[32], why[256], pf[300];
+			job_status(jobs, &m->disks[k], st, sizeof(st), why, sizeof(why));
+			if (strcmp(st, "ready") == 0) {
+				ready++;
+			} else if (strcmp(st, "running") != 0 && strcmp(st, "created") != 0) {
+				path_failure(m, &m->disks[k], pf, sizeof(pf));
+				rc = ferry_err_set(err, EIO, "the mirror of disk '%s' ended before it was ready (%s%s%s)%s",
+						   m->disks[k].name, st[0] ? st : "gone", why[0] ? ": " : "", why, pf);
+			}
+		}
+		json_decref(jobs);
+		if (rc)
+			return rc;
+		progress_storage(m, "mirroring %u disk%s: %" PRIu64 " of %" PRIu64 " bytes, %u ready", m->ndisks,
+				 m->ndisks == 1 ? "" : "s", done, total, ready);
+		if (ready == m->ndisks)
+			return 0;
+		if (cancelled(m))
+			return ferry_err_set(err, ECANCELED, "cancelled by the user");
+		if (peer_gone(jl))
+			return ferry_err_set(err, ECONNRESET, "the destination daemon went away during the disk copy");
+		if (done != last_done) {
+			last_done = done;
+			last_move = since(&m->t0);
+		} else if (since(&m->t0) - last_move > MIRROR_READY_TIMEOUT_S) {
+			return ferry_err_set(err, ETIMEDOUT, "the disk copy made no progress for %d s", MIRROR_READY_TIMEOUT_S);
+		}
+		struct timespec ts = { 0, 100 * 1000000L };
+		nanosleep(&ts, NULL);
+	}
+}
+
+/* Wait until every started mirror concluded; the first failure is returned. */
+static int disks_wait_concluded(struct ferry_migration *m, struct ferry_qmp *q, int timeout_s, struct ferry_err *err)
+{
+	double t0 = since(&m->t0);
+	for (;;) {
+		json_t *jobs = NULL;
+		int rc = ferry_qmp_execute(q, "query-jobs", NULL, &jobs, err);
+		if (rc)
+			return rc;
+		unsigned open = 0;
+		for (unsigned k = 0; k < m->ndisks && rc == 0; k++) {
+			struct mig_disk *d = &m->disks[k];
+			char st[32], why[256];
+			if (!d->job_started)
+				continue;
+			job_status(jobs, d, st, sizeof(st), why, sizeof(why));
+			if (strcmp(st, "concluded") == 0 || st[0] == '\0') {
+				d->job_started = false;
+				struct ferry_err e2 = { 0 };
+				if (st[0])
+					(void)ferry_qmp_executef(q, NULL, &e2, "job-dismiss", "{s:s}", "id", d->job);
+				if (why[0] || !st[0])
+					rc = ferry_err_set(err, EIO, "the mirror of disk '%s' failed at its end: %s", d->name,
+							   why[0] ? why : "the job vanished");
+			} else {
+				open++;
+			}
+		}
+		json_decref(jobs);
+		if (rc || open == 0)
+			return rc;
+		if (since(&m->t0) - t0 > timeout_s)
+			return ferry_err_set(err, ETIMEDOUT, "the mirrors did not end within %d s", timeout_s);
+		struct timespec ts = { 0, 20 * 1000000L };
+		nanosleep(&ts, NULL);
+	}
+}
+
+/* After QEMU completed (the VM is stopped): a ready mirror cancelled without
+ * force completes without pivot once the target holds every last write. */
+static int disks_complete(struct ferry_migration *m, struct ferry_qmp *q, struct ferry_err *err)
+{
+	for (unsigned k = 0; k < m->ndisks; k++) {
+		int rc = ferry_qmp_executef(q, NULL, err, "block-job-cancel", "{s:s}", "device", m->disks[k].job);
+		if (rc)
+			return ferry_err_prefix(err, "ending the mirror of disk '%s'", m->disks[k].name);
+	}
+	progress_storage(m, "%u disk%s in sync at the switch-over", m->ndisks, m->ndisks == 1 ? "" : "s");
+	return disks_wait_concluded(m, q, MIRROR_END_TIMEOUT_S, err);
+}
+
+/* Whatever is left: mirrors cancelled by force, nbd nodes removed, NBD
+ * paths closed. The source's own disks are never touched. */
+static void disks_cleanup(struct ferry_migration *m, struct ferry_qmp *q)
+{
+	bool any = false;
+	for (unsigned k = 0; k < m->ndisks; k++) {
+		struct ferry_err e = { 0 };
+		if (m->disks[k].job_started && q) {
+			(void)ferry_qmp_executef(q, NULL, &e, "block-job-cancel", "{s:s, s:b}", "device", m->disks[k].job,
+						 "force", 1);
+			any = true;
+		}
+	}
+	if (any && q) {
+		struct ferry_err e = { 0 };
+		(void)disks_wait_concluded(m, q, 30, &e);
+	}
+	for (unsigned k = 0; k < m->ndisks; k++) {
+		struct mig_disk *d = &m->disks[k];
+		struct ferry_err e = { 0 };
+		if (d->node_added && q && !d->job_started)
+			(void)ferry_qmp_executef(q, NULL, &e, "blockdev-del", "{s:s}", "node-name", d->tgt);
+		d->node_added = false;
+		if (d->path_open)
+			json_decref(ferry_nbd_status(m->nbd, d->nbd_id, true, &e));
+		d->path_open = false;
+	}
+}
+
 static void *migration_main(void *arg)
 {
 	struct ferry_migration *m = arg;
@@ -602,6 +974,19 @@ static void *migration_main(void *arg)
 		ferry_err_prefix(&err, "describing the source");
 		goto out;
 	}
+	if (m->ndisks || m->nshared) {
+		if ((rc = disks_check(m, q, &err)))
+			goto out;
+	}
+	if (m->ndisks) {
+		mine.flags |= FERRY_COOKIE_NBD;
+		mine.features |= FERRY_COOKIE_FEAT_NBD;
+		mine.nbd.ndisks = m->ndisks;
+		for (unsigned k = 0; k < m->ndisks; k++) {
+			snprintf(mine.nbd.disks[k].target, sizeof(mine.nbd.disks[k].target), "%s", m->disks[k].name);
+			mine.nbd.disks[k].capacity = m->disks[k].size;
+		}
+	}
 	snprintf(m->rec.vm, sizeof(m->rec.vm), "%s", mine.name);
 	m->rec.was_running = was_running;
 	record(m, FERRY_PHASE_BEGIN, NULL);
@@ -644,6 +1029,14 @@ static void *migration_main(void *arg)
 		goto out;
 	if (cancelled(m))
 		goto cancel;
+	if (plan.features & FERRY_F_NBD) {
+		/* Disks first: RAM starts once every mirror is ready. */
+		if ((rc = disks_start(m, q, &err)) || (rc = disks_wait_ready(m, q, &jl, &err))) {
+			if (rc == -ECANCELED)
+				goto cancel;
+			goto out;
+		}
+	}
 
 	char uri[600];
 	if (sp.handoff) {
@@ -857,6 +1250,17 @@ static void *migration_main(void *arg)
 		nanosleep(&ts, NULL);
 	}
 
+	if (plan.features & FERRY_F_NBD) {
+		/* The VM is stopped: the mirrors bring the destination's disks to
+		 * the switch-over state. Until Finish the destination keeps its VM
+		 * paused, so a failure here still leaves the VM to the source. */
+		if ((rc = disks_complete(m, q, &err))) {
+			src_completed = false;
+			ferry_err_prefix(&err, "the disks could not be brought in sync; the source keeps the VM");
+			goto out;
+		}
+		disks_cleanup(m, q);
+	}
 	/* Finish (v3, step 4): the destination checks its QEMU loaded
 	 * everything, resumes the VM if it ran here, and answers. */
 	json_t *fin = NULL;
@@ -873,7 +1277,7 @@ static void *migration_main(void *arg)
 		goto out;
 	log_cookie(m, "perform", fin_xml);
 	json_t *freq = json_pack("{s:s, s:I, s:b, s:s}", "cmd", "migrate-finish", "session", (json_int_t)sp.id, "resume",
-				 was_running, "cookie", fin_xml);
+				 was_running && !m->suspend, "cookie", fin_xml);
 	free(fin_xml);
 	rc = freq ? ferry_jl_call(&jl, freq, FINISH_TIMEOUT_MS, &fin, &err) : ferry_err_set(&err, ENOMEM, "out of memory");
 	json_decref(freq);
@@ -914,6 +1318,8 @@ cancel:
 	ferry_err_set(&err, ECANCELED, "cancelled by the user");
 out:
 	if (final != FERRY_MIG_COMPLETED) {
+		/* The mirrors go first: the source's disks stay as they are. */
+		disks_cleanup(m, q);
 		if (prepared && jl.fd >= 0) {
 			struct ferry_err e2 = { 0 };
 			(void)peer_simple(&jl, "migrate-abort", sp.id, 5000, NULL, &e2);
@@ -976,6 +1382,7 @@ int ferry_migration_start(struct ferry_dp *dp, const struct ferry_migration_para
 	m->lanes = p->lanes;
 	m->no_handoff = p->no_handoff;
 	m->keep_source = p->keep_source;
+	m->suspend = p->suspend;
 	m->postcopy = p->postcopy;
 	m->force_postcopy = p->force_postcopy;
 	m->postcopy_after_ms = p->postcopy_after_ms;
@@ -992,6 +1399,46 @@ int ferry_migration_start(struct ferry_dp *dp, const struct ferry_migration_para
 	    (p->cookie_log && !(m->cookie_log = strdup(p->cookie_log)))) {
 		ferry_migration_free(m);
 		return ferry_err_set(err, ENOMEM, "out of memory");
+	}
+	if (p->ndisks > FERRY_MIG_MAX_DISKS || p->nshared > FERRY_MIG_MAX_SHARED) {
+		ferry_migration_free(m);
+		return ferry_err_set(err, EINVAL, "at most %d --disk and %d --shared-dir", FERRY_MIG_MAX_DISKS,
+				     FERRY_MIG_MAX_SHARED);
+	}
+	if (p->ndisks && !p->nbd) {
+		ferry_migration_free(m);
+		return ferry_err_set(err, ENOTSUP, "this daemon has no NBD path for storage migration");
+	}
+	m->nbd = p->nbd;
+	for (unsigned k = 0; k < p->ndisks; k++) {
+		const char *n = p->disks[k];
+		size_t len = n ? strlen(n) : 0;
+		bool ok = len > 0 && len <= FERRY_COOKIE_TARGET_MAX;
+		for (size_t c = 0; ok && c < len; c++)
+			ok = (n[c] >= 'a' && n[c] <= 'z') || (n[c] >= 'A' && n[c] <= 'Z') || (n[c] >= '0' && n[c] <= '9') ||
+			     n[c] == '_' || n[c] == '-';
+		for (unsigned j = 0; ok && j < k; j++)
+			ok = strcmp(m->disks[j].name, n) != 0;
+		if (!ok) {
+			ferry_migration_free(m);
+			return ferry_err_set(err, EINVAL, "--disk '%s': a disk is named once, by 1 to %d of A-Z a-z 0-9 _ -",
+					     n ? n : "", FERRY_COOKIE_TARGET_MAX);
+		}
+		memcpy(m->disks[k].name, n, len + 1);
+		m->disks[k].nbd_id = p->nbd_ids[k];
+	}
+	m->ndisks = p->ndisks;
+	for (unsigned k = 0; k < p->nshared; k++) {
+		if (!p->shared_dirs[k] || p->shared_dirs[k][0] != '/') {
+			ferry_migration_free(m);
+			return ferry_err_set(err, EINVAL, "--shared-dir '%s' must be an absolute path",
+					     p->shared_dirs[k] ? p->shared_dirs[k] : "");
+		}
+		if (!(m->shared[k] = strdup(p->shared_dirs[k]))) {
+			ferry_migration_free(m);
+			return ferry_err_set(err, ENOMEM, "out of memory");
+		}
+		m->nshared = k + 1;
 	}
 	m->stall_timeout_s = p->stall_timeout_s > 0 ? p->stall_timeout_s : 120;
 	pthread_mutex_init(&m->lock, NULL);
@@ -1047,5 +1494,7 @@ void ferry_migration_free(struct ferry_migration *m)
 	free(m->run_dir);
 	free(m->state_dir);
 	free(m->cookie_log);
+	for (unsigned k = 0; k < m->nshared; k++)
+		free(m->shared[k]);
 	free(m);
 }

@@ -12,6 +12,11 @@
 #include "../dataplane/dataplane.h"
 #include "../drivers/err.h"
 
+struct ferry_nbd_registry;
+
+#define FERRY_MIG_MAX_DISKS 16
+#define FERRY_MIG_MAX_SHARED 8
+
 struct ferry_migration_params {
 	const char *src_qmp;      /* source QEMU's QMP unix socket */
 	const char *dst_qmp;      /* destination QEMU's QMP socket, as the destination daemon sees it */
@@ -25,6 +30,7 @@ struct ferry_migration_params {
 	uint32_t disabled;        /* FERRY_F_* this daemon's configuration masks */
 	int transport;            /* enum ferry_cookie_driver_kind; 0 = the best both sides have */
 	bool keep_source;         /* after success leave the source QEMU paused instead of ending it */
+	bool suspend;             /* leave the VM paused on the destination (virsh migrate --suspend) */
 	bool postcopy;            /* switch to postcopy postcopy_after_ms into the migration */
 	bool force_postcopy;      /* postcopy even without the set-up acknowledgement */
 	unsigned postcopy_after_ms;
@@ -32,6 +38,14 @@ struct ferry_migration_params {
 	const char *hostuuid;
 	const char *state_dir;    /* where the migration's durable record goes (state.h); NULL: none */
 	const char *cookie_log;   /* keep each cookie sent here (ferryd --cookie-log); NULL: no */
+	/* Storage migration (docs/protocol.md): the disks to mirror, by device,
+	 * qdev id or node name; the directories on shared storage; the NBD
+	 * registry the mirrors go through and an NBD path id for each disk. */
+	unsigned ndisks, nshared;
+	const char *disks[FERRY_MIG_MAX_DISKS];
+	const char *shared_dirs[FERRY_MIG_MAX_SHARED];
+	struct ferry_nbd_registry *nbd;
+	uint32_t nbd_ids[FERRY_MIG_MAX_DISKS];
 };
 
 enum ferry_migration_state {
@@ -56,6 +70,7 @@ struct ferry_migration_progress {
 	char plan[96];              /* what was agreed, e.g. "tcp relay, 2 multifd channels" */
 	char fallbacks[600];        /* fallbacks taken, "; "-separated ("" = none) */
 	char warning[256];          /* e.g. the durable record could not be written */
+	char storage[160];          /* storage migration: the mirrors' state ("" = none) */
 	double postcopy_at_s;       /* when the switch to postcopy was made (0: never) */
 	unsigned postcopy_recoveries; /* postcopy resumed over new lanes after a cut */
 	char error[FERRY_ERR_MSG_MAX];

@@ -188,6 +188,16 @@ int ferry_plan_choose(const struct ferry_side_caps *src, const struct ferry_side
 			note(out, "postcopy: %s; migrating in precopy", lacking(src->features, dst->features, FERRY_F_POSTCOPY));
 	}
 
+	/* Disks can move only over NBD: without it on both sides there is no
+	 * way to carry them, and a VM whose disks stay behind must not move. */
+	if (req->nbd) {
+		if (!(both & FERRY_F_NBD))
+			return ferry_err_set(err, ENOTSUP, "storage migration (--disk) needs NBD on both sides and %s; the "
+					     "listed disks cannot move otherwise, so the migration is refused",
+					     lacking(src->features, dst->features, FERRY_F_NBD));
+		out->features |= FERRY_F_NBD;
+	}
+
 	/* Handing the connection to QEMU saves every copy, but only a single
 	 * kernel TCP stream can be handed over. */
 	/* The set-up acknowledgement needs ferry to hold QEMU's channel. */
@@ -223,9 +233,11 @@ void ferry_plan_describe(const struct ferry_plan *p, char *buf, size_t len)
 			 : (p->features & FERRY_F_POSTCOPY_PREEMPT) ? ", postcopy (set-up acknowledged, preempt channel)"
 			 : (p->features & FERRY_F_POSTCOPY_SETUP)   ? ", postcopy (set-up acknowledged)"
 								    : ", postcopy";
+	const char *disks = (p->features & FERRY_F_NBD) ? ", disks over nbd" : "";
 	if (p->channels)
-		snprintf(buf, len, "%s %s, %u multifd channel%s%s", driver_name(p->transport), p->handoff ? "handoff" : "relay",
-			 p->channels, p->channels == 1 ? "" : "s", pc);
+		snprintf(buf, len, "%s %s, %u multifd channel%s%s%s", driver_name(p->transport),
+			 p->handoff ? "handoff" : "relay", p->channels, p->channels == 1 ? "" : "s", pc, disks);
 	else
-		snprintf(buf, len, "%s %s, single channel%s", driver_name(p->transport), p->handoff ? "handoff" : "relay", pc);
+		snprintf(buf, len, "%s %s, single channel%s%s", driver_name(p->transport), p->handoff ? "handoff" : "relay",
+			 pc, disks);
 }

@@ -45,6 +45,7 @@ struct ferry_plan_request {
 	uint32_t require;                        /* FERRY_F_* the user insists on */
 	bool no_handoff;                         /* keep ferry in the data path */
 	bool postcopy;                           /* switch to postcopy during the migration */
+	bool nbd;                                /* disks to migrate (--disk): storage migration over NBD */
 };
 
 struct ferry_plan {

@@ -101,7 +101,21 @@ int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled
 			out->features |= FERRY_F_POSTCOPY_PREEMPT;
 	}
 	json_decref(caps);
-	/* Storage migration is advertised once ferry carries it. */
+	/* Storage migration: ferry's NBD path is built in; the QEMU must export
+	 * (destination) and mirror into an NBD node (source). */
+	json_t *cmds = NULL;
+	if ((rc = ferry_qmp_execute(q, "query-commands", NULL, &cmds, err)))
+		return rc;
+	unsigned have = 0;
+	json_array_foreach(cmds, i, c) {
+		const char *name = json_string_value(json_object_get(c, "name"));
+		have |= name && strcmp(name, "nbd-server-start") == 0 ? 1 : 0;
+		have |= name && strcmp(name, "block-export-add") == 0 ? 2 : 0;
+		have |= name && strcmp(name, "blockdev-mirror") == 0 ? 4 : 0;
+	}
+	json_decref(cmds);
+	if (have == 7)
+		out->features |= FERRY_F_NBD;
 	if (ferry_dp_can_handoff(dp))
 		out->features |= FERRY_F_HANDOFF;
 	out->features &= ~disabled;

@@ -782,6 +782,46 @@ int ferry_spawn_check_files(struct ferry_spawn_cmd *c, const struct ferry_cookie
 	return rc;
 }
 
+int ferry_spawn_make_images(struct ferry_spawn_cmd *c, const struct ferry_cookie *cookie, struct ferry_err *err)
+{
+	if (!(cookie->flags & FERRY_COOKIE_NBD))
+		return 0;
+	for (size_t i = 0; i < c->nfiles; i++) {
+		struct ferry_spawn_file *f = &c->files[i];
+		if (f->kind != FERRY_SPAWN_IMAGE || !f->device[0])
+			continue;
+		size_t k;
+		for (k = 0; k < cookie->nbd.ndisks && strcmp(cookie->nbd.disks[k].target, f->device) != 0; k++)
+			;
+		if (k == cookie->nbd.ndisks)
+			continue;
+		int fd = open(f->path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0600);
+		if (fd < 0 && errno == EEXIST)
+			continue; /* an image put there ahead: checked like any other */
+		if (fd < 0 || ftruncate(fd, (off_t)cookie->nbd.disks[k].capacity) != 0) {
+			int e = errno;
+			if (fd >= 0) {
+				close(fd);
+				unlink(f->path);
+			}
+			ferry_spawn_remove_images(c);
+			return ferry_err_set(err, e, "creating disk image %s for %s: %s", f->path, f->device, strerror(e));
+		}
+		close(fd);
+		f->made = true;
+	}
+	return 0;
+}
+
+void ferry_spawn_remove_images(struct ferry_spawn_cmd *c)
+{
+	for (size_t i = 0; i < c->nfiles; i++)
+		if (c->files[i].made) {
+			unlink(c->files[i].path);
+			c->files[i].made = false;
+		}
+}
+
 void ferry_spawn_remove_ram(const struct ferry_spawn_cmd *c)
 {
 	for (size_t i = 0; i < c->nfiles; i++)

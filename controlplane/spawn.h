@@ -51,6 +51,7 @@ struct ferry_spawn_file {
 	 * says ("ide0-hd0", an id=), to compare with the cookie's size; "" if
 	 * unknown (the shape check after start still compares every device). */
 	char device[FERRY_COOKIE_TOKEN_MAX + 1];
+	bool made;               /* IMAGE created by ferry_spawn_make_images */
 };
 
 struct ferry_spawn_cmd {
@@ -67,6 +68,14 @@ struct ferry_spawn_cmd {
 int ferry_spawn_build(const struct ferry_spawn_config *cfg, const struct ferry_cookie_vm *vm,
 		      struct ferry_spawn_cmd *out, struct ferry_err *err);
 void ferry_spawn_cmd_free(struct ferry_spawn_cmd *c);
+
+/* Storage migration: create each missing IMAGE whose device is one of the
+ * cookie's <nbd> disks, as an empty (sparse) raw image of the disk's
+ * capacity, ready for the mirror. An existing file is left to
+ * ferry_spawn_check_files. On error the images made are removed again. */
+int ferry_spawn_make_images(struct ferry_spawn_cmd *c, const struct ferry_cookie *cookie, struct ferry_err *err);
+/* Remove the images ferry_spawn_make_images made (a migration that failed). */
+void ferry_spawn_remove_images(struct ferry_spawn_cmd *c);
 
 /* Check the files before starting: every image exists as a regular file
  * (not a link) and, where its device is known and it is raw, has the size

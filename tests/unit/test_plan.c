@@ -53,6 +53,21 @@ int main(void)
 	      "--no-handoff keeps ferry relaying, without a fallback note (the user asked)");
 	req.no_handoff = false;
 
+	/* Storage migration: nbd only when disks are listed, and no fallback
+	 * (the disks could not move otherwise). */
+	CHECK(!(p.features & FERRY_F_NBD), "no disks listed: no nbd in the plan");
+	req.nbd = true;
+	CHECK(choose(&full, &full, &req, &p, &err) == 0 && (p.features & FERRY_F_NBD) && p.handoff,
+	      "disks listed, both sides have nbd: nbd beside the RAM plan");
+	ferry_plan_describe(&p, desc0, sizeof(desc0));
+	CHECK(strstr(desc0, "disks over nbd") != NULL, "the plan says so: %s", desc0);
+	dst = full;
+	dst.features &= ~FERRY_F_NBD;
+	CHECK(choose(&full, &dst, &req, &p, &err) == -ENOTSUP, "disks listed, no nbd on the destination: refused");
+	CHECK(strstr(err.msg, "the destination does not support it") && strstr(err.msg, "cannot move otherwise"),
+	      "the refusal says why: %s", err.msg);
+	req.nbd = false;
+
 	/* Rows of the matrix: one side masks a feature. */
 	dst = full;
 	dst.features &= ~FERRY_F_HANDOFF;

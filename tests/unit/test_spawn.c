@@ -279,6 +279,31 @@ static void test_files(void)
 	CHECK(ferry_spawn_check_files(&cmd, &vm, &err) == -EPERM && strstr(err.msg, "not a regular file"),
 	      "a link is refused: %s", err.msg);
 	unlink(img);
+
+	/* Storage migration: a listed disk's missing image is made empty, of
+	 * the disk's size; a link in its place is not followed; unlisted disks
+	 * are left alone. */
+	static struct ferry_cookie ck;
+	ck.flags = FERRY_COOKIE_NBD;
+	ck.nbd.ndisks = 1;
+	strcpy(ck.nbd.disks[0].target, "other");
+	ck.nbd.disks[0].capacity = 4096;
+	ferry_err_clear(&err);
+	CHECK(ferry_spawn_make_images(&cmd, &ck, &err) == 0 && access(img, F_OK) != 0, "an unlisted disk gets no image");
+	strcpy(ck.nbd.disks[0].target, "ide0-hd0");
+	CHECK(ferry_spawn_make_images(&cmd, &ck, &err) == 0 && lstat(img, &st) == 0 && st.st_size == 4096 &&
+		      (st.st_mode & 0777) == 0600 && st.st_blocks == 0,
+	      "a listed disk's image is made sparse, of its size, owner only (%s)", err.msg);
+	CHECK(ferry_spawn_check_files(&cmd, &vm, &err) == 0, "and passes the check: %s", err.msg);
+	ferry_spawn_remove_ram(&cmd);
+	ferry_spawn_remove_images(&cmd);
+	CHECK(access(img, F_OK) != 0, "the image made is removed again");
+	CHECK(symlink("/nonexistent/ferry-spawn-target", img) == 0, "a dangling link where the image goes");
+	ferry_err_clear(&err);
+	CHECK(ferry_spawn_make_images(&cmd, &ck, &err) == -EEXIST || ferry_spawn_check_files(&cmd, &vm, &err) == -EPERM,
+	      "the link is neither followed nor accepted: %s", err.msg);
+	CHECK(access("/nonexistent/ferry-spawn-target", F_OK) != 0, "nothing was made through the link");
+	unlink(img);
 	unlink(ram);
 	rmdir(dir);
 }

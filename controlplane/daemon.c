@@ -1556,7 +1556,8 @@ static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *er
 	p.force_postcopy = json_is_true(json_object_get(req, "force_postcopy"));
 	json_t *jafter = json_object_get(req, "postcopy_after_ms");
 	p.postcopy_after_ms = json_is_integer(jafter) && json_integer_value(jafter) >= 0 &&
-				      json_integer_value(jafter) <= 86400000
+				      (json_integer_value(jafter) <= 86400000 ||
+				       json_integer_value(jafter) == FERRY_POSTCOPY_AFTER_AUTO)
 			      ? (unsigned)json_integer_value(jafter)
 			      : 1000;
 	if (req_features(req, "require", &p.require, err))

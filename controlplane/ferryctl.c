@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "jsonline.h"
+#include "migrate.h"
 #include "plan.h"
 #include "qmp.h"
 
@@ -34,7 +35,7 @@ static void usage(FILE *f)
 		"  migrate VM --to HOST[:PORT] | migrate --src-qmp PATH --dst-qmp PATH --to HOST[:PORT]\n"
 		"          [--channels N] [--lanes N]\n"
 		"          [--stall-timeout S] [--no-handoff] [--transport auto|rdma|dpdk|tcp] [--require F]...\n"
-		"          [--keep-source] [--postcopy [--force-postcopy] [--postcopy-after S]] [--json] [--quiet]\n"
+		"          [--keep-source] [--postcopy [--force-postcopy] [--postcopy-after S|auto]] [--json] [--quiet]\n"
 		"          [--disk NAME]... [--shared-dir DIR]... [--suspend]\n"
 		"        live-migrate the VM behind --src-qmp into the QEMU behind --dst-qmp (started with\n"
 		"        -incoming defer) on the host whose ferryd listens at --to (port 7470 if omitted);\n"
@@ -48,7 +49,8 @@ static void usage(FILE *f)
 		"        (multifd, handoff, nbd, postcopy, postcopy-setup, postcopy-preempt) makes a missing F\n"
 		"        an error.\n"
 		"        On success the source QEMU is ended (--keep-source leaves it paused). --postcopy switches\n"
-		"        after S seconds (default 1); the destination VM runs only once its daemon confirmed\n"
+		"        after S seconds (default 1; auto: once two passes over RAM did not converge); the\n"
+		"        destination VM runs only once its daemon confirmed\n"
 		"        every device loaded, and a destination failing before that gives the VM back to the\n"
 		"        source. Where one side lacks that acknowledgement, --force-postcopy accepts the risk.\n"
 		"        --disk NAME (device, qdev id or node name, as query-block shows it) mirrors that disk into\n"
@@ -208,14 +210,19 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		case 'P': postcopy = true; break;
 		case 'F': postcopy = force_postcopy = true; break;
 		case 'A': {
+			postcopy = true;
+			if (strcmp(optarg, "auto") == 0) {
+				postcopy_after_ms = FERRY_POSTCOPY_AFTER_AUTO;
+				break;
+			}
 			char *end;
 			double sec = strtod(optarg, &end);
 			if (end == optarg || *end || sec < 0 || sec > 86400) {
-				fprintf(stderr, "ferryctl migrate: --postcopy-after wants seconds (0..86400), not '%s'\n", optarg);
+				fprintf(stderr, "ferryctl migrate: --postcopy-after wants seconds (0..86400) or auto, not '%s'\n",
+					optarg);
 				return EXIT_USAGE;
 			}
 			postcopy_after_ms = (unsigned long long)(sec * 1000.0);
-			postcopy = true;
 			break;
 		}
 		case 'T':

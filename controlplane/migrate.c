@@ -1132,10 +1132,13 @@ static void *migration_main(void *arg)
 		/* In the final stop-and-copy the destination may already hold the
 		 * whole stream: cancelling now could leave the VM running on both
 		 * hosts. Only QEMU's own verdict counts until it is over. */
-		/* Forced postcopy (the user accepted it): once switched, the
-		 * destination runs the VM and the source can never resume. */
+		/* Postcopy: after the given time, or (auto) once QEMU begins a
+		 * third pass over RAM because two did not converge. */
+		bool switch_due = m->postcopy_after_ms == FERRY_POSTCOPY_AFTER_AUTO
+					  ? ju(json_object_get(info, "ram"), "dirty-sync-count") >= FERRY_POSTCOPY_AUTO_PASSES
+					  : since(&m->t0) - active_t >= m->postcopy_after_ms / 1000.0;
 		if ((plan.features & FERRY_F_POSTCOPY) && !postcopy_started && status && strcmp(status, "active") == 0 &&
-		    since(&m->t0) - active_t >= m->postcopy_after_ms / 1000.0) {
+		    switch_due) {
 			if ((rc = ferry_qmp_execute(q, "migrate-start-postcopy", NULL, NULL, &err))) {
 				json_decref(info);
 				goto out;

@@ -17,6 +17,11 @@ struct ferry_nbd_registry;
 #define FERRY_MIG_MAX_DISKS 16
 #define FERRY_MIG_MAX_SHARED 8
 
+/* --postcopy-after auto: switch once QEMU starts a third pass over RAM, i.e.
+ * when two passes did not converge (the guest dirties faster than the wire). */
+#define FERRY_POSTCOPY_AFTER_AUTO 0xffffffffu
+#define FERRY_POSTCOPY_AUTO_PASSES 3
+
 struct ferry_migration_params {
 	const char *src_qmp;      /* source QEMU's QMP unix socket */
 	const char *dst_qmp;      /* destination QEMU's QMP socket, as the destination daemon sees it */
@@ -33,7 +38,7 @@ struct ferry_migration_params {
 	bool suspend;             /* leave the VM paused on the destination (virsh migrate --suspend) */
 	bool postcopy;            /* switch to postcopy postcopy_after_ms into the migration */
 	bool force_postcopy;      /* postcopy even without the set-up acknowledgement */
-	unsigned postcopy_after_ms;
+	unsigned postcopy_after_ms; /* or FERRY_POSTCOPY_AFTER_AUTO */
 	const char *hostname;     /* this host, for the cookie */
 	const char *hostuuid;
 	const char *state_dir;    /* where the migration's durable record goes (state.h); NULL: none */

@@ -20,7 +20,10 @@
 #     already runs on the destination: both QEMUs pause their postcopy, ferry
 #     opens a new session, the destination listens again (migrate-recover),
 #     the source resumes over it, and the migration completes with the
-#     guest's memory consistent.
+#     guest's memory consistent;
+#  6. --postcopy-after auto with a guest that cannot converge (1 ms
+#     downtime-limit): the switch comes once two passes over RAM did not
+#     converge, and the migration completes.
 #
 # Exit: 0 pass, 1 fail, 77 skip. Environment: tests/lib/ferry.sh.
 set -uo pipefail
@@ -170,8 +173,31 @@ part4() {
 	echo "4. forced: $plan, $(json_field total_s <"$FERRY_MIG_OUT") s"
 }
 
+# ---- 6. --postcopy-after auto: the switch comes when precopy does not converge
+part6() {
+	cp "$DIRTY_BIN" "$QEMU_DIR/src6.img" && cp "$DIRTY_BIN" "$QEMU_DIR/dst6.img" || ferry_fail "cannot copy the boot image"
+	# shellcheck disable=SC2046
+	qemu_start src6 --ram "$SMALL" --boot "$QEMU_DIR/src6.img" -- $(side_qmp_args src6) || ferry_fail "starting src6 failed"
+	qemu_start dst6 --ram "$SMALL" --boot "$QEMU_DIR/dst6.img" --incoming || ferry_fail "starting dst6 failed"
+	wait_heartbeat "$(qemu_ramfile src6)" 3 60 >/dev/null || ferry_fail "the guest does not run on src6"
+	out=$("$FERRYCTL" --admin "${FERRY_ADMIN[a]}" migrate src6 --to "$FERRY_TO" --postcopy-after soon 2>&1)
+	[ $? -eq 2 ] && echo "$out" | grep -q "seconds (0..86400) or auto, not 'soon'" ||
+		ferry_fail "6: a bad --postcopy-after is not a usage error naming it: $out"
+	# 1 ms of downtime: a guest rewriting 32 MiB never converges in precopy.
+	qmp "$(side_sock src6)" '{"execute":"migrate-set-parameters","arguments":{"downtime-limit":1}}' >/dev/null ||
+		ferry_fail "6: setting downtime-limit failed"
+	ferry_migrate src6 dst6 120 --postcopy --postcopy-after auto --json
+	[ "$FERRY_MIG_RC" -eq 0 ] || { ferry_mig_report; ferry_fail "6: auto postcopy exited $FERRY_MIG_RC"; }
+	at=$(json_field postcopy_at_s <"$FERRY_MIG_OUT")
+	python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) > 0 else 1)" "$at" ||
+		{ ferry_mig_report; ferry_fail "6: the migration never switched to postcopy"; }
+	vm_runs_consistent dst6 "after auto postcopy"
+	echo "6. auto: switched at ${at}s after two passes, $(json_field total_s <"$FERRY_MIG_OUT") s"
+	qemu_stop dst6
+}
+
 # POSTCOPY_PARTS="3 5" runs only those (when chasing one case by hand).
-for n in ${POSTCOPY_PARTS:-1 2 3 5 4}; do
+for n in ${POSTCOPY_PARTS:-1 2 3 5 6 4}; do
 	"part$n"
 done
 echo "PASS postcopy in $(ferry_elapsed)s"

@@ -18,7 +18,8 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
+# /tmp stays the host's (writable through the overlay): a clone or build
+# directory under the host's /tmp must be visible in here.
 # The guest kernel's modules, not the host's, under /lib/modules.
 mkdir -p /lib/modules
 mount --bind "$RDMA_GUEST_KMODS" /lib/modules || { echo "rdma-guest: no modules dir" >"$io/err"; finish 125; }

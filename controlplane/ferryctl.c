@@ -163,7 +163,9 @@ static void progress_line(json_t *st, bool tty)
 	fflush(stderr);
 }
 
-static int cmd_migrate(const char *admin, int argc, char **argv)
+/* migrate's options and run; disks and shared collect --disk and
+ * --shared-dir (the caller owns and frees them). */
+static int run_migrate(const char *admin, int argc, char **argv, json_t *disks, json_t *shared)
 {
 	static const struct option opts[] = {
 		{ "src-qmp", required_argument, NULL, 's' }, { "dst-qmp", required_argument, NULL, 'd' },
@@ -183,11 +185,6 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 	unsigned long long postcopy_after_ms = 1000;
 	const char *required[8];
 	unsigned nrequired = 0;
-	json_t *disks = json_array(), *shared = json_array();
-	if (!disks || !shared) {
-		fprintf(stderr, "ferryctl migrate: out of memory\n");
-		return EXIT_FAILURE;
-	}
 	unsigned long long channels = 0, lanes = 0, stall = 0;
 	bool json = false, quiet = false;
 	int c;
@@ -287,7 +284,8 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 				       "lanes", (json_int_t)lanes, "stall_timeout", (json_int_t)stall, "handoff", handoff,
 				       "require", require, "transport", transport, "keep_source", keep_source, "postcopy",
 				       postcopy, "force_postcopy", force_postcopy, "postcopy_after_ms",
-				       (json_int_t)postcopy_after_ms, "disks", disks, "shared_dirs", shared, "suspend", suspend), &rep);
+				       (json_int_t)postcopy_after_ms, "disks", json_incref(disks), "shared_dirs",
+				       json_incref(shared), "suspend", suspend), &rep);
 	if (rc)
 		return rc;
 	json_int_t id = json_integer_value(json_object_get(rep, "migration"));
@@ -357,6 +355,19 @@ static int cmd_migrate(const char *admin, int argc, char **argv)
 		/* Cheap local calls: poll often so the end is seen at once. */
 		usleep(50000);
 	}
+}
+
+static int cmd_migrate(const char *admin, int argc, char **argv)
+{
+	json_t *disks = json_array(), *shared = json_array();
+	int rc = EXIT_FAILURE;
+	if (disks && shared)
+		rc = run_migrate(admin, argc, argv, disks, shared);
+	else
+		fprintf(stderr, "ferryctl migrate: out of memory\n");
+	json_decref(disks);
+	json_decref(shared);
+	return rc;
 }
 
 /* "status" without an ID: every migration the daemon knows. */

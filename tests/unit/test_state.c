@@ -1,6 +1,7 @@
 /* Durable migration records: round trip, replace, damaged files skipped,
  * removal; recover ending a destination QEMU the daemon started. */
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -96,12 +97,18 @@ int main(void)
 		char qarg[400];
 		snprintf(qarg, sizeof(qarg), "unix:%s,server=on,wait=off", qmp);
 		pid_t ours = fork(), other = ours > 0 ? fork() : -1;
-		if (ours == 0) {
-			execlp("sh", "sh", "-c", "sleep 30; :", "-qmp", qarg, (char *)NULL);
-			_exit(127);
-		}
-		if (other == 0) {
-			execlp("sh", "sh", "-c", "sleep 30; :", "-qmp", "unix:/elsewhere.qmp", (char *)NULL);
+		if (ours == 0 || other == 0) {
+			/* Their own process group, off our stdout: the shell's
+			 * sleep must neither outlive the test holding the test
+			 * runner's pipe open nor escape the final kill. */
+			setpgid(0, 0);
+			int nul = open("/dev/null", O_WRONLY);
+			if (nul >= 0) {
+				dup2(nul, 1);
+				dup2(nul, 2);
+			}
+			execlp("sh", "sh", "-c", "sleep 30; :", "-qmp", ours == 0 ? qarg : "unix:/elsewhere.qmp",
+			       (char *)NULL);
 			_exit(127);
 		}
 		CHECK(ours > 0 && other > 0, "two stand-ins for QEMU");
@@ -129,6 +136,8 @@ int main(void)
 		json_decref(rep);
 		kill(other, SIGKILL);
 		waitpid(other, &ws, 0);
+		kill(-ours, SIGKILL);
+		kill(-other, SIGKILL);
 	}
 
 	char cmd[300];

@@ -115,6 +115,33 @@ static void print_json(json_t *j)
 	}
 }
 
+/* Send req (taken) and print the daemon's reply as JSON. */
+static int call_and_print(const char *admin, json_t *req)
+{
+	json_t *rep = NULL;
+	int rc = call(admin, req, &rep);
+	if (rc)
+		return rc;
+	print_json(rep);
+	json_decref(rep);
+	return 0;
+}
+
+/* tunnel-open and nbd-open: no stray words, and the three paths given. */
+static int check_path_args(const char *cmd, int argc, char **argv, const char *to, const char *listen,
+			   const char *target)
+{
+	if (optind < argc) {
+		fprintf(stderr, "ferryctl %s: unexpected argument '%s'\n", cmd, argv[optind]);
+		return EXIT_USAGE;
+	}
+	if (!to || !listen || !target) {
+		fprintf(stderr, "ferryctl %s: needs --to, --listen and --target\n", cmd);
+		return EXIT_USAGE;
+	}
+	return 0;
+}
+
 static int parse_uint(const char *s, const char *what, unsigned long long max, unsigned long long *out)
 {
 	char *end;
@@ -446,13 +473,7 @@ static int cmd_id(const char *admin, const char *cmd, const char *key, int argc,
 		fprintf(stderr, "ferryctl: %s needs an ID\n", argv[0]);
 		return EXIT_USAGE;
 	}
-	json_t *rep = NULL;
-	int rc = call(admin, json_pack("{s:s, s:I}", "cmd", cmd, key, (json_int_t)id), &rep);
-	if (rc)
-		return rc;
-	print_json(rep);
-	json_decref(rep);
-	return 0;
+	return call_and_print(admin, json_pack("{s:s, s:I}", "cmd", cmd, key, (json_int_t)id));
 }
 
 static int cmd_tunnel_open(const char *admin, int argc, char **argv)
@@ -483,28 +504,16 @@ static int cmd_tunnel_open(const char *admin, int argc, char **argv)
 		default: usage(stderr); return EXIT_USAGE;
 		}
 	}
-	if (optind < argc) {
-		fprintf(stderr, "ferryctl tunnel-open: unexpected argument '%s'\n", argv[optind]);
-		return EXIT_USAGE;
-	}
-	if (!to || !listen || !target) {
-		fprintf(stderr, "ferryctl tunnel-open: needs --to, --listen and --target\n");
-		return EXIT_USAGE;
-	}
+	int bad = check_path_args("tunnel-open", argc, argv, to, listen, target);
+	if (bad)
+		return bad;
 	if (standing && streams_given) {
 		fprintf(stderr, "ferryctl tunnel-open: --standing takes any number of connections; drop --streams\n");
 		return EXIT_USAGE;
 	}
-	json_t *rep = NULL;
-	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:b}", "cmd", "tunnel-open", "peer", to, "listen",
+	return call_and_print(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:b}", "cmd", "tunnel-open", "peer", to, "listen",
 				       listen, "target", target, "streams", (json_int_t)streams, "lanes", (json_int_t)lanes,
-				       "standing", standing),
-		      &rep);
-	if (rc)
-		return rc;
-	print_json(rep);
-	json_decref(rep);
-	return 0;
+				       "standing", standing));
 }
 
 static int cmd_nbd_open(const char *admin, int argc, char **argv)
@@ -535,23 +544,11 @@ static int cmd_nbd_open(const char *admin, int argc, char **argv)
 		default: usage(stderr); return EXIT_USAGE;
 		}
 	}
-	if (optind < argc) {
-		fprintf(stderr, "ferryctl nbd-open: unexpected argument '%s'\n", argv[optind]);
-		return EXIT_USAGE;
-	}
-	if (!to || !listen || !target) {
-		fprintf(stderr, "ferryctl nbd-open: needs --to, --listen and --target\n");
-		return EXIT_USAGE;
-	}
-	json_t *rep = NULL;
-	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:s, s:I}", "cmd", "nbd-open", "peer", to, "listen", listen,
-				       "target", target, "export", export, "lanes", (json_int_t)lanes),
-		      &rep);
-	if (rc)
-		return rc;
-	print_json(rep);
-	json_decref(rep);
-	return 0;
+	int bad = check_path_args("nbd-open", argc, argv, to, listen, target);
+	if (bad)
+		return bad;
+	return call_and_print(admin, json_pack("{s:s, s:s, s:s, s:s, s:s, s:I}", "cmd", "nbd-open", "peer", to, "listen", listen,
+				       "target", target, "export", export, "lanes", (json_int_t)lanes));
 }
 
 static int cmd_perf_region(const char *admin, int argc, char **argv)
@@ -576,14 +573,8 @@ static int cmd_perf_region(const char *admin, int argc, char **argv)
 		fprintf(stderr, "ferryctl perf-region: needs --to and --bytes\n");
 		return EXIT_USAGE;
 	}
-	json_t *rep = NULL;
-	int rc = call(admin, json_pack("{s:s, s:s, s:I, s:I}", "cmd", "perf-region", "peer", to, "bytes",
-				       (json_int_t)bytes, "lanes", (json_int_t)lanes), &rep);
-	if (rc)
-		return rc;
-	print_json(rep);
-	json_decref(rep);
-	return 0;
+	return call_and_print(admin, json_pack("{s:s, s:s, s:I, s:I}", "cmd", "perf-region", "peer", to, "bytes",
+				       (json_int_t)bytes, "lanes", (json_int_t)lanes));
 }
 
 static int cmd_qmp(int argc, char **argv)
@@ -680,13 +671,7 @@ int main(int argc, char **argv)
 	if (strcmp(cmd, "qmp") == 0)
 		return cmd_qmp(sub_argc, sub_argv);
 	if (strcmp(cmd, "ping") == 0 || strcmp(cmd, "stats") == 0) {
-		json_t *rep = NULL;
-		int rc = call(admin, json_pack("{s:s}", "cmd", cmd), &rep);
-		if (rc)
-			return rc;
-		print_json(rep);
-		json_decref(rep);
-		return 0;
+		return call_and_print(admin, json_pack("{s:s}", "cmd", cmd));
 	}
 	fprintf(stderr, "ferryctl: unknown command '%s'\n", cmd);
 	usage(stderr);

@@ -40,12 +40,21 @@ ferry_need_dirty_bin
 ferry_start_daemons || ferry_fail "starting the daemons failed"
 ferry_start_daemon c --disable postcopy-setup || ferry_fail "starting ferryd c failed"
 
+# start_pair N RAM [SOURCE QEMU ARGS...]: a running source srcN (the dirty
+# guest) and a destination dstN waiting for a migration, each on its own copy
+# of the boot image.
+start_pair() {
+	local n=$1 ram=$2
+	shift 2
+	cp "$DIRTY_BIN" "$QEMU_DIR/src$n.img" && cp "$DIRTY_BIN" "$QEMU_DIR/dst$n.img" || ferry_fail "cannot copy the boot image"
+	qemu_start "src$n" --ram "$ram" --boot "$QEMU_DIR/src$n.img" -- "$@" || ferry_fail "starting src$n failed"
+	qemu_start "dst$n" --ram "$ram" --boot "$QEMU_DIR/dst$n.img" --incoming || ferry_fail "starting dst$n failed"
+	wait_heartbeat "$(qemu_ramfile "src$n")" 3 60 >/dev/null || ferry_fail "the guest does not run on src$n"
+}
+
 # ---- 1. guarded postcopy completes
 part1() {
-	cp "$DIRTY_BIN" "$QEMU_DIR/src.img" && cp "$DIRTY_BIN" "$QEMU_DIR/dst.img" || ferry_fail "cannot copy the boot image"
-	qemu_start src --ram "$RAM" --boot "$QEMU_DIR/src.img" || ferry_fail "starting src failed"
-	qemu_start dst --ram "$RAM" --boot "$QEMU_DIR/dst.img" --incoming || ferry_fail "starting dst failed"
-	wait_heartbeat "$(qemu_ramfile src)" 3 60 >/dev/null || ferry_fail "the guest does not run"
+	start_pair "" "$RAM"
 	ferry_migrate src dst 90 --postcopy --postcopy-after 0.3 --json
 	[ "$FERRY_MIG_RC" -eq 0 ] || { ferry_mig_report; ferry_fail "guarded postcopy exited $FERRY_MIG_RC"; }
 	plan=$(json_field plan <"$FERRY_MIG_OUT")
@@ -65,10 +74,7 @@ part1() {
 
 # ---- 2. the destination fails to load the device state
 part2() {
-	cp "$DIRTY_BIN" "$QEMU_DIR/src2.img" && cp "$DIRTY_BIN" "$QEMU_DIR/dst2.img" || ferry_fail "cannot copy the boot image"
-	qemu_start src2 --ram "$SMALL" --boot "$QEMU_DIR/src2.img" -- -device virtio-rng-pci || ferry_fail "starting src2 failed"
-	qemu_start dst2 --ram "$SMALL" --boot "$QEMU_DIR/dst2.img" --incoming || ferry_fail "starting dst2 failed"
-	wait_heartbeat "$(qemu_ramfile src2)" 3 60 >/dev/null || ferry_fail "the guest does not run on src2"
+	start_pair "2" "$SMALL" -device virtio-rng-pci
 	ferry_migrate src2 dst2 90 --postcopy --postcopy-after 0.1
 	[ "$FERRY_MIG_RC" -eq 1 ] || { ferry_mig_report; ferry_fail "a destination that cannot load exited $FERRY_MIG_RC"; }
 	grep -q "postcopy set-up failed at the destination" "$FERRY_MIG_ERR" &&
@@ -82,11 +88,8 @@ part2() {
 
 # ---- 3. the destination QEMU dies during the set-up
 part3() {
-	cp "$DIRTY_BIN" "$QEMU_DIR/src3.img" && cp "$DIRTY_BIN" "$QEMU_DIR/dst3.img" || ferry_fail "cannot copy the boot image"
 	# shellcheck disable=SC2046
-	qemu_start src3 --ram "$SMALL" --boot "$QEMU_DIR/src3.img" -- $(side_qmp_args src3) || ferry_fail "starting src3 failed"
-	qemu_start dst3 --ram "$SMALL" --boot "$QEMU_DIR/dst3.img" --incoming || ferry_fail "starting dst3 failed"
-	wait_heartbeat "$(qemu_ramfile src3)" 3 60 >/dev/null || ferry_fail "the guest does not run on src3"
+	start_pair "3" "$SMALL" $(side_qmp_args src3)
 	ferry_migrate_start src3 dst3 --postcopy --postcopy-after 0.5 --json
 	# Frozen as soon as it listens, the destination cannot load anything.
 	deadline=$(($(now_ms) + 20000))
@@ -119,11 +122,8 @@ part3() {
 
 # ---- 5. lanes cut after the acknowledgement: postcopy recovers over new lanes
 part5() {
-	cp "$DIRTY_BIN" "$QEMU_DIR/src5.img" && cp "$DIRTY_BIN" "$QEMU_DIR/dst5.img" || ferry_fail "cannot copy the boot image"
 	# shellcheck disable=SC2046
-	qemu_start src5 --ram "$SMALL" --boot "$QEMU_DIR/src5.img" -- $(side_qmp_args src5) || ferry_fail "starting src5 failed"
-	qemu_start dst5 --ram "$SMALL" --boot "$QEMU_DIR/dst5.img" --incoming || ferry_fail "starting dst5 failed"
-	wait_heartbeat "$(qemu_ramfile src5)" 3 60 >/dev/null || ferry_fail "the guest does not run on src5"
+	start_pair "5" "$SMALL" $(side_qmp_args src5)
 	# A slow background push keeps the postcopy phase long enough to cut it.
 	qmp "$(side_sock src5)" '{"execute":"migrate-set-parameters","arguments":{"max-postcopy-bandwidth":16777216}}' >/dev/null ||
 		ferry_fail "5: setting max-postcopy-bandwidth failed"
@@ -153,10 +153,7 @@ part5() {
 # ---- 4. no acknowledgement on the destination: refused unless forced
 part4() {
 	FERRY_TO=${FERRY_LISTEN[c]}
-	cp "$DIRTY_BIN" "$QEMU_DIR/src4.img" && cp "$DIRTY_BIN" "$QEMU_DIR/dst4.img" || ferry_fail "cannot copy the boot image"
-	qemu_start src4 --ram "$RAM" --boot "$QEMU_DIR/src4.img" || ferry_fail "starting src4 failed"
-	qemu_start dst4 --ram "$RAM" --boot "$QEMU_DIR/dst4.img" --incoming || ferry_fail "starting dst4 failed"
-	wait_heartbeat "$(qemu_ramfile src4)" 3 60 >/dev/null || ferry_fail "the guest does not run on src4"
+	start_pair "4" "$RAM"
 	ferry_migrate src4 dst4 60 --postcopy
 	[ "$FERRY_MIG_RC" -eq 1 ] || { ferry_mig_report; ferry_fail "--postcopy without an acknowledgement exited $FERRY_MIG_RC"; }
 	grep -q "postcopy-setup: the destination does not support it" "$FERRY_MIG_ERR" &&
@@ -175,11 +172,8 @@ part4() {
 
 # ---- 6. --postcopy-after auto: the switch comes when precopy does not converge
 part6() {
-	cp "$DIRTY_BIN" "$QEMU_DIR/src6.img" && cp "$DIRTY_BIN" "$QEMU_DIR/dst6.img" || ferry_fail "cannot copy the boot image"
 	# shellcheck disable=SC2046
-	qemu_start src6 --ram "$SMALL" --boot "$QEMU_DIR/src6.img" -- $(side_qmp_args src6) || ferry_fail "starting src6 failed"
-	qemu_start dst6 --ram "$SMALL" --boot "$QEMU_DIR/dst6.img" --incoming || ferry_fail "starting dst6 failed"
-	wait_heartbeat "$(qemu_ramfile src6)" 3 60 >/dev/null || ferry_fail "the guest does not run on src6"
+	start_pair "6" "$SMALL" $(side_qmp_args src6)
 	out=$("$FERRYCTL" --admin "${FERRY_ADMIN[a]}" migrate src6 --to "$FERRY_TO" --postcopy-after soon 2>&1)
 	[ $? -eq 2 ] && echo "$out" | grep -q "seconds (0..86400) or auto, not 'soon'" ||
 		ferry_fail "6: a bad --postcopy-after is not a usage error naming it: $out"

@@ -15,7 +15,9 @@
 # Usage: perf/bench-migrate.sh [options]
 #   --size SIZE        guest RAM (default 2G; K/M/G suffixes, binary)
 #   --runs N           runs per arm and multifd setting (default 3); median reported
-#   --arms LIST        comma list of direct,socat1m,socat8k,ferry (default: all)
+#   --arms LIST        comma list of direct,socat1m,socat8k,ferry,ferry-dpdk
+#                      (default: all but ferry-dpdk; ferry-dpdk = two ferryd
+#                      --driver dpdk joined by net_memif, needs a DPDK build)
 #   --multifd LIST     comma list of channel counts, 0 = multifd off (default 0,2,4)
 #   --json FILE        write every run and the summary as JSON
 #   --accel kvm|tcg    default kvm when /dev/kvm is usable, else tcg
@@ -94,7 +96,7 @@ case $VERIFY in first | all | none) ;; *) die "bad --verify $VERIFY" ;; esac
 IFS=, read -r -a ARM_LIST <<<"$ARMS"
 IFS=, read -r -a MF_LIST <<<"$MULTIFD"
 for a in "${ARM_LIST[@]}"; do
-	case $a in direct | socat1m | socat8k | ferry) ;; *) die "unknown arm '$a'" ;; esac
+	case $a in direct | socat1m | socat8k | ferry | ferry-dpdk) ;; *) die "unknown arm '$a'" ;; esac
 done
 for m in "${MF_LIST[@]}"; do
 	[[ $m =~ ^[0-9]+$ ]] && [ "$m" -le 64 ] || die "bad multifd channel count '$m'"
@@ -221,6 +223,7 @@ ferry_missing() { # prints the reason ferry cannot run, if any
 }
 
 # Two daemons whose run dir is the work dir, so the QMP sockets there qualify.
+# FERRYD_SRC_ARGS / FERRYD_DST_ARGS: extra options (the driver) per daemon.
 arm_ferry() {
 	local mf=$1 sock_src=$WORK/ferryd-src.sock sock_dst=$WORK/ferryd-dst.sock psk=$WORK/ferry.psk
 	rm -f "$sock_src" "$sock_dst"
@@ -228,11 +231,11 @@ arm_ferry() {
 	[ -f "$psk" ] || (umask 077 && printf 'ferry-bench:%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 -v | tr -d ' \n')" >"$psk") ||
 		return 1
 	bg_start "$RUN_LOG_PREFIX-ferryd-src.log" "$FERRYD" --admin "$sock_src" --listen "127.0.0.1:$P_FERRY_SRC" --tls-psk "$psk" \
-		--host-uuid "$(cat /proc/sys/kernel/random/uuid)"
+		--host-uuid "$(cat /proc/sys/kernel/random/uuid)" "${FERRYD_SRC_ARGS[@]+"${FERRYD_SRC_ARGS[@]}"}"
 	ARM_PIDS+=("$BG_PID")
 	local pid_src=$BG_PID
 	bg_start "$RUN_LOG_PREFIX-ferryd-dst.log" "$FERRYD" --admin "$sock_dst" --listen "127.0.0.1:$P_FERRY_DST" --tls-psk "$psk" \
-		--host-uuid "$(cat /proc/sys/kernel/random/uuid)"
+		--host-uuid "$(cat /proc/sys/kernel/random/uuid)" "${FERRYD_DST_ARGS[@]+"${FERRYD_DST_ARGS[@]}"}"
 	ARM_PIDS+=("$BG_PID")
 	local pid_dst=$BG_PID
 	wait_for 10 "ferryd admin sockets" eval "[ -S '$sock_src' ] && [ -S '$sock_dst' ]" || {
@@ -244,7 +247,22 @@ arm_ferry() {
 	[ "$FERRY_PRESET" = 1 ] || MIG_ARGS+=(--no-configure)
 	MIG_ARGS+=(-- "$FERRYCTL" --admin "$sock_src" migrate
 		--src-qmp "$WORK/src-ctl.sock" --dst-qmp "$WORK/dst-ctl.sock"
-		--to "127.0.0.1:$P_FERRY_DST" --channels "$mf" --json)
+		--to "127.0.0.1:$P_FERRY_DST" --channels "$mf" --keep-source --json)
+}
+
+# The same two daemons over DPDK: net_memif between them (shared memory, one
+# core each), as tests/e2e/migrate-dpdk.sh runs them. The plan must be dpdk.
+arm_ferry-dpdk() {
+	local memif=$WORK/memif.sock common=(--driver dpdk --driver-opt queues=4 --driver-opt dgram=8972)
+	rm -f "$memif"
+	FERRYD_SRC_ARGS=("${common[@]}" --driver-opt "vdev=net_memif0,role=server,socket=$memif,bsize=9216"
+		--driver-opt eal=-l0 --driver-opt ip=198.18.0.1)
+	FERRYD_DST_ARGS=("${common[@]}" --driver-opt "vdev=net_memif0,role=client,socket=$memif,bsize=9216"
+		--driver-opt eal=-l1 --driver-opt ip=198.18.0.2)
+	arm_ferry "$1"
+	local rc=$?
+	FERRYD_SRC_ARGS=() FERRYD_DST_ARGS=()
+	return $rc
 }
 
 # ------------------------------------------------------------ one run

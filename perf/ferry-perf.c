@@ -30,7 +30,7 @@ struct opts {
 	const char *src_admin, *dst_admin;
 	unsigned long long bytes;
 	unsigned streams, lanes;
-	bool stream_mode, region_mode, json, verify;
+	bool stream_mode, region_mode, memcpy_mode, json, verify;
 };
 
 struct endpoint_pair {
@@ -306,11 +306,42 @@ static json_t *run_region(const struct opts *o)
 	return result;
 }
 
+/* The physical ceiling of a copying driver on this host: one core copying
+ * buffers far larger than its caches, 1 MiB at a time, as a lane would. */
+#define MEMCPY_SPAN (256u << 20)
+static json_t *run_memcpy(const struct opts *o)
+{
+	uint8_t *a = malloc(MEMCPY_SPAN), *b = malloc(MEMCPY_SPAN);
+	json_t *result = NULL;
+	if (!a || !b) {
+		fprintf(stderr, "ferry-perf: cannot allocate 2 x %u MiB for the memcpy ceiling\n", MEMCPY_SPAN >> 20);
+		goto out;
+	}
+	memset(a, 0x5a, MEMCPY_SPAN); /* fault both in before the clock starts */
+	memset(b, 0, MEMCPY_SPAN);
+	unsigned long long done = 0;
+	double t0 = now_s();
+	while (done < o->bytes) {
+		for (size_t off = 0; off < MEMCPY_SPAN && done < o->bytes; off += BUF_BYTES, done += BUF_BYTES)
+			memcpy(b + off, a + off, BUF_BYTES);
+		__asm__ volatile("" : : "r"(b) : "memory"); /* keep the copies */
+	}
+	double secs = now_s() - t0;
+	result = json_pack("{s:s, s:I, s:f, s:f}", "mode", "memcpy", "bytes", (json_int_t)done, "seconds", secs, "gbs",
+			   (double)done / secs / 1e9);
+out:
+	free(a);
+	free(b);
+	return result;
+}
+
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: ferry-perf --src-admin PATH --dst-admin PATH [--mode stream|region|both]\n"
 		   "                  [--bytes N[K|M|G]] [--streams N] [--lanes N] [--no-verify] [--json]\n"
-		   "  --bytes is per stream in stream mode, the region size in region mode (default 1G)\n");
+		   "       ferry-perf --mode memcpy [--bytes N] [--json]\n"
+		   "  --bytes is per stream in stream mode, the region size in region mode (default 1G)\n"
+		   "  memcpy: this host's single-core copy bandwidth (the ceiling of a copying driver), no daemons\n");
 }
 
 static int parse_size(const char *s, unsigned long long *out)
@@ -351,8 +382,9 @@ int main(int argc, char **argv)
 		case 'm':
 			o.stream_mode = strcmp(optarg, "stream") == 0 || strcmp(optarg, "both") == 0;
 			o.region_mode = strcmp(optarg, "region") == 0 || strcmp(optarg, "both") == 0;
-			if (!o.stream_mode && !o.region_mode) {
-				fprintf(stderr, "ferry-perf: --mode must be stream, region or both\n");
+			o.memcpy_mode = strcmp(optarg, "memcpy") == 0;
+			if (!o.stream_mode && !o.region_mode && !o.memcpy_mode) {
+				fprintf(stderr, "ferry-perf: --mode must be stream, region, both or memcpy\n");
 				return 2;
 			}
 			break;
@@ -379,13 +411,20 @@ int main(int argc, char **argv)
 		default: usage(stderr); return 2;
 		}
 	}
-	if (!o.src_admin || !o.dst_admin || optind < argc) {
+	if ((!o.memcpy_mode && (!o.src_admin || !o.dst_admin)) || optind < argc) {
 		usage(stderr);
 		return 2;
 	}
 	signal(SIGPIPE, SIG_IGN);
 	json_t *all = json_array();
 	int rc = 0;
+	if (o.memcpy_mode) {
+		json_t *r = run_memcpy(&o);
+		if (!r)
+			rc = 1;
+		else
+			json_array_append_new(all, r);
+	}
 	if (o.stream_mode) {
 		json_t *r = run_stream(&o);
 		if (!r || !json_is_true(json_object_get(r, "complete")) ||
@@ -411,6 +450,13 @@ int main(int argc, char **argv)
 		}
 	} else {
 		json_array_foreach(all, i, r) {
+			if (strcmp(json_string_value(json_object_get(r, "mode")), "memcpy") == 0) {
+				printf("memcpy, one core: %.2f GiB in %.3f s = %.2f GB/s\n",
+				       (double)json_integer_value(json_object_get(r, "bytes")) / (1024.0 * 1024 * 1024),
+				       json_number_value(json_object_get(r, "seconds")),
+				       json_number_value(json_object_get(r, "gbs")));
+				continue;
+			}
 			printf("%-6s %2lld lane(s) %2lld stream(s): %.2f GiB in %.3f s = %.2f GB/s; CPU s/GiB src %.3f dst %.3f; %s\n",
 			       json_string_value(json_object_get(r, "mode")),
 			       (long long)json_integer_value(json_object_get(r, "lanes")),

@@ -24,6 +24,7 @@
 #include "jsonline.h"
 #include "migrate.h"
 #include "nbdpath.h"
+#include "pinlisten.h"
 #include "plan.h"
 #include "probe.h"
 #include "recover.h"
@@ -69,6 +70,9 @@ struct dst_entry {
 	 * that never got there must not run (its disks may be incomplete). */
 	char nbd_sock[PATH_MAX];
 	bool nbd_started, nbd_guarded, nbd_finished;
+	/* Multifd handoff: our QEMU listens on a socket pinned to the source
+	 * host; the session's one lane only proves the source holds the token. */
+	bool direct;
 };
 
 /* A source-side tunnel opened from the admin socket: one session for a fixed
@@ -811,6 +815,30 @@ static int spawn_destination(struct daemon *d, struct dst_entry *e, const char *
 	}
 }
 
+/* Multifd handoff (controlplane/pinlisten.h): a listener on our data address
+ * pinned to the source host's address (which the source names: the one its
+ * route to us leaves from), given to our QEMU as its incoming socket. The
+ * reply tells the source where its QEMU connects. */
+static int listen_pinned(struct daemon *d, struct dst_entry *e, json_t *req, unsigned channels, char *addr,
+			 size_t len, struct ferry_err *err)
+{
+	const char *src_ip = req_str(req, "src_ip");
+	char host[FERRY_DP_ENDPOINT_MAX];
+	if (!src_ip)
+		return ferry_err_set(err, EINVAL, "multifd handoff: the request names no source address (src_ip)");
+	int rc = ferry_endpoint_host(d->endpoint, host, sizeof(host), err);
+	int fd = -1;
+	unsigned port = 0;
+	if (rc || (rc = ferry_pinned_listen(host, src_ip, (int)channels + 1, &fd, &port, err)))
+		return ferry_err_prefix(err, "multifd handoff");
+	rc = ferry_qmp_getfd(e->qmp, fd, "ferry-multifd", err);
+	close(fd); /* QEMU holds its own copy now */
+	if (rc || (rc = ferry_qmp_executef(e->qmp, NULL, err, "migrate-incoming", "{s:s}", "uri", "tcp:fd:ferry-multifd")))
+		return ferry_err_prefix(err, "the destination QEMU did not take the pinned listener");
+	snprintf(addr, len, strchr(host, ':') ? "[%s]:%u" : "%s:%u", host, port);
+	return 0;
+}
+
 static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_err *err)
 {
 	struct ferry_plan plan = { 0 };
@@ -881,6 +909,9 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 			       "capability", "postcopy-preempt", "state", 1))
 		goto fail;
 	e->pc_streams = channels + 1 + ((plan.features & FERRY_F_POSTCOPY_PREEMPT) ? 1 : 0);
+	e->direct = handoff && channels > 0;
+	if (e->direct)
+		e->pc_streams = 1;
 	if (channels > 0) {
 		if (ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
 				       "capability", "multifd", "state", 1) ||
@@ -888,17 +919,23 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 				       (int)channels))
 			goto fail;
 	}
-	if (handoff && (channels > 0 || !ferry_dp_can_handoff(d->dp))) {
-		ferry_err_set(err, EINVAL, "handoff needs a single channel and a driver that can hand over");
+	if (handoff && !ferry_dp_can_handoff(d->dp)) {
+		ferry_err_set(err, EINVAL, "handoff needs a driver that can hand over (kernel tcp)");
 		goto fail;
 	}
+	char direct_addr[FERRY_DP_ENDPOINT_MAX] = "";
+	if (e->direct && listen_pinned(d, e, req, channels, direct_addr, sizeof(direct_addr), err))
+		goto fail;
 	uint8_t token[FERRY_TOKEN_LEN];
 	e->window = ferry_agree_window(json_object_get(req, "window"), ferry_dp_window(d->dp));
 	/* The stream socket is ours, in our run dir, named after the session. */
 	if (new_dst_session(d, e, lanes, e->pc_streams, NULL, handoff, token, err))
 		goto fail;
 	uint32_t id = e->id;
-	if (handoff) {
+	if (e->direct) {
+		logf_(d, "session %u: destination QEMU %s listens on %s for the source host %s (%u multifd channels)", id,
+		      qmp_path, direct_addr, req_str(req, "src_ip"), channels);
+	} else if (handoff) {
 		/* QEMU gets the authenticated connection in migrate-handoff. */
 		logf_(d, "session %u: destination QEMU %s waits for a handed-over connection", id, qmp_path);
 	} else {
@@ -924,6 +961,8 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 							 ferry_cookie_driver_name(plan.transport), "channels", (int)channels,
 							 "handoff", handoff, "lanes", (int)(lanes ? lanes : channels + 1),
 							 "features", feats, "notes", notes));
+		if (e->direct)
+			json_object_set_new(json_object_get(r, "plan"), "direct", json_string(direct_addr));
 	}
 	return r;
 fail:
@@ -1177,7 +1216,12 @@ static json_t *peer_migrate_handoff(struct daemon *d, json_t *req, struct ferry_
 		return NULL;
 	json_t *r = NULL;
 	int fd = ferry_session_take_fd(e->sess, 10000, err);
-	if (fd >= 0) {
+	if (fd >= 0 && e->direct) {
+		/* The source proved it holds the session's token; its QEMU
+		 * connects to our QEMU's pinned listener, not over this lane. */
+		close(fd);
+		r = reply_ok();
+	} else if (fd >= 0) {
 		int rc = ferry_qmp_getfd(e->qmp, fd, "ferry-migration", err);
 		close(fd); /* QEMU holds its own copy now */
 		if (rc == 0 && ferry_qmp_executef(e->qmp, NULL, err, "migrate-incoming", "{s:s}", "uri",
@@ -1550,6 +1594,12 @@ static json_t *admin_migrate(struct daemon *d, json_t *req, struct ferry_err *er
 	p.no_handoff = json_is_false(json_object_get(req, "handoff"));
 	p.keep_source = json_is_true(json_object_get(req, "keep_source"));
 	p.suspend = json_is_true(json_object_get(req, "suspend"));
+	json_t *jbw = json_object_get(req, "max_bandwidth");
+	if (jbw && (!json_is_integer(jbw) || json_integer_value(jbw) < 0)) {
+		ferry_err_set(err, EINVAL, "max_bandwidth must be a number of bytes/s");
+		return NULL;
+	}
+	p.max_bandwidth = jbw ? (uint64_t)json_integer_value(jbw) : 0;
 	p.postcopy = json_is_true(json_object_get(req, "postcopy"));
 	/* Without the set-up acknowledgement (decided with the peer) postcopy
 	 * needs this; migrate.c refuses otherwise. */

@@ -36,17 +36,21 @@ static void usage(FILE *f)
 		"          [--channels N] [--lanes N]\n"
 		"          [--stall-timeout S] [--no-handoff] [--transport auto|rdma|dpdk|tcp] [--require F]...\n"
 		"          [--keep-source] [--postcopy [--force-postcopy] [--postcopy-after S|auto]] [--json] [--quiet]\n"
-		"          [--disk NAME]... [--shared-dir DIR]... [--suspend]\n"
+		"          [--disk NAME]... [--shared-dir DIR]... [--suspend] [--max-bandwidth RATE]\n"
 		"        live-migrate the VM behind --src-qmp into the QEMU behind --dst-qmp (started with\n"
 		"        -incoming defer) on the host whose ferryd listens at --to (port 7470 if omitted);\n"
 		"        VM names both: VM.qmp in each daemon's run directory; with no QEMU there on the\n"
 		"        destination, its ferryd starts one from the source's command line. Exits 0 only when both\n"
 		"        QEMUs report the migration completed. Ctrl-C cancels (the source VM keeps running).\n"
 		"        A single-channel migration over tcp hands ferry's authenticated connection to both\n"
-		"        QEMUs (no copy in between); --no-handoff keeps ferry relaying every byte.\n"
+		"        QEMUs (no copy in between); multifd channels over tcp go straight to a listener ferry\n"
+		"        gives the destination QEMU, which admits only the source host; --no-handoff keeps ferry\n"
+		"        relaying every byte. --max-bandwidth caps QEMU's rate in bytes/s (K, M, G: binary;\n"
+		"        default: no cap).\n"
 		"        The daemons swap migration cookies and pick the best plan both hosts and both QEMUs\n"
 		"        support, falling back (and saying so) where one lacks a feature; --require F\n"
-		"        (multifd, handoff, nbd, postcopy, postcopy-setup, postcopy-preempt) makes a missing F\n"
+		"        (multifd, handoff, handoff-multifd, nbd, postcopy, postcopy-setup, postcopy-preempt)\n"
+		"        makes a missing F\n"
 		"        an error.\n"
 		"        On success the source QEMU is ended (--keep-source leaves it paused). --postcopy switches\n"
 		"        after S seconds (default 1; auto: once two passes over RAM did not converge); the\n"
@@ -155,6 +159,28 @@ static int parse_uint(const char *s, const char *what, unsigned long long max, u
 	return 0;
 }
 
+/* A rate in bytes/s: a number, optionally K, M or G (binary), at least 1 MiB/s
+ * (QEMU counts in bytes/s; below that a migration would never end). */
+static int parse_rate(const char *s, unsigned long long *out)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	unsigned shift = 0;
+	switch (*end) {
+	case 'K': case 'k': shift = 10; end++; break;
+	case 'M': case 'm': shift = 20; end++; break;
+	case 'G': case 'g': shift = 30; end++; break;
+	default: break;
+	}
+	if (errno || end == s || *end || s[0] == '-' || v > (1ull << 50) >> shift || (v << shift) < (1ull << 20)) {
+		fprintf(stderr, "ferryctl: --max-bandwidth '%s' is not a rate from 1M to 1P bytes/s (K, M, G suffixes)\n", s);
+		return -1;
+	}
+	*out = v << shift;
+	return 0;
+}
+
 static double num(json_t *o, const char *k)
 {
 	json_t *v = json_object_get(o, k);
@@ -204,7 +230,7 @@ static int run_migrate(const char *admin, int argc, char **argv, json_t *disks, 
 		{ "postcopy", no_argument, NULL, 'P' },      { "force-postcopy", no_argument, NULL, 'F' },
 		{ "postcopy-after", required_argument, NULL, 'A' },
 		{ "disk", required_argument, NULL, 'D' },    { "shared-dir", required_argument, NULL, 'R' },
-		{ "suspend", no_argument, NULL, 'U' },
+		{ "suspend", no_argument, NULL, 'U' },       { "max-bandwidth", required_argument, NULL, 'B' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *src = NULL, *dst = NULL, *to = NULL, *transport = "auto";
@@ -212,7 +238,7 @@ static int run_migrate(const char *admin, int argc, char **argv, json_t *disks, 
 	unsigned long long postcopy_after_ms = 1000;
 	const char *required[8];
 	unsigned nrequired = 0;
-	unsigned long long channels = 0, lanes = 0, stall = 0;
+	unsigned long long channels = 0, lanes = 0, stall = 0, max_bw = 0;
 	bool json = false, quiet = false;
 	int c;
 	optind = 1;
@@ -229,6 +255,7 @@ static int run_migrate(const char *admin, int argc, char **argv, json_t *disks, 
 		case 'H': handoff = false; break;
 		case 'k': keep_source = true; break;
 		case 'U': suspend = true; break;
+		case 'B': if (parse_rate(optarg, &max_bw)) return EXIT_USAGE; break;
 		case 'D': json_array_append_new(disks, json_string(optarg)); break;
 		case 'R': json_array_append_new(shared, json_string(optarg)); break;
 		case 'P': postcopy = true; break;
@@ -258,8 +285,8 @@ static int run_migrate(const char *admin, int argc, char **argv, json_t *disks, 
 			break;
 		case 'r': {
 			if (!ferry_feature_parse(optarg)) {
-				fprintf(stderr, "ferryctl migrate: --require takes one of multifd, handoff, nbd, postcopy, "
-						"postcopy-setup, postcopy-preempt, not '%s'\n", optarg);
+				fprintf(stderr, "ferryctl migrate: --require takes one of multifd, handoff, handoff-multifd, nbd, "
+						"postcopy, postcopy-setup, postcopy-preempt, not '%s'\n", optarg);
 				return EXIT_USAGE;
 			}
 			if (nrequired == sizeof(required) / sizeof(required[0])) {
@@ -306,13 +333,13 @@ static int run_migrate(const char *admin, int argc, char **argv, json_t *disks, 
 	for (unsigned i = 0; require && i < nrequired; i++)
 		json_array_append_new(require, json_string(required[i]));
 	json_t *rep = NULL;
-	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:b, s:o, s:s, s:b, s:b, s:b, s:I, s:o, s:o, s:b}", "cmd",
+	int rc = call(admin, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:b, s:o, s:s, s:b, s:b, s:b, s:I, s:o, s:o, s:b, s:I}", "cmd",
 				       "migrate", "src_qmp", src, "dst_qmp", dst, "peer", to, "channels", (json_int_t)channels,
 				       "lanes", (json_int_t)lanes, "stall_timeout", (json_int_t)stall, "handoff", handoff,
 				       "require", require, "transport", transport, "keep_source", keep_source, "postcopy",
 				       postcopy, "force_postcopy", force_postcopy, "postcopy_after_ms",
 				       (json_int_t)postcopy_after_ms, "disks", json_incref(disks), "shared_dirs",
-				       json_incref(shared), "suspend", suspend), &rep);
+				       json_incref(shared), "suspend", suspend, "max_bandwidth", (json_int_t)max_bw), &rep);
 	if (rc)
 		return rc;
 	json_int_t id = json_integer_value(json_object_get(rep, "migration"));

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <netdb.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <pthread.h>
@@ -17,6 +18,7 @@
 #include "jsonline.h"
 #include "nbdpath.h"
 #include "pcguard.h"
+#include "pinlisten.h"
 #include "plan.h"
 #include "probe.h"
 #include "qmp.h"
@@ -52,6 +54,7 @@ struct ferry_migration {
 	unsigned channels, lanes;
 	int stall_timeout_s;
 	bool no_handoff, keep_source, postcopy, force_postcopy, suspend;
+	uint64_t max_bandwidth;
 	unsigned postcopy_after_ms;
 	uint32_t require, disabled;
 	int transport;
@@ -65,6 +68,10 @@ struct ferry_migration {
 	struct mig_disk disks[FERRY_MIG_MAX_DISKS];
 	char *shared[FERRY_MIG_MAX_SHARED];
 	char dst_nbd_sock[FERRY_COOKIE_SOCKET_MAX + 1]; /* the destination's NBD server, from its cookie */
+	/* Multifd handoff: where our QEMU connects (the destination's pinned
+	 * listener), and the address the destination admits (ours). */
+	char direct_addr[FERRY_DP_ENDPOINT_MAX];
+	char src_ip[64];
 
 	pthread_t thread;
 	pthread_mutex_t lock;
@@ -160,12 +167,21 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const st
 		return ferry_err_prefix(err, "our own cookie");
 	log_cookie(m, "begin", xml);
 	const char *tname = m->transport ? ferry_cookie_driver_name(m->transport) : "auto";
+	/* Our address as the destination sees it: the control connection's
+	 * local end. A pinned multifd listener admits only it. */
+	struct sockaddr_storage me;
+	socklen_t melen = sizeof(me);
+	m->src_ip[0] = 0;
+	if (getsockname(jl->fd, (struct sockaddr *)&me, &melen) == 0)
+		(void)getnameinfo((struct sockaddr *)&me, melen, m->src_ip, sizeof(m->src_ip), NULL, 0, NI_NUMERICHOST);
 	/* "channels", "lanes" and "handoff" are what a daemon without cookies reads. */
 	json_t *req = json_pack("{s:s, s:s, s:s, s:i, s:i, s:b, s:I, s:s, s:o, s:b, s:b}", "cmd", "migrate-prepare", "qmp",
 				m->dst_qmp, "cookie", xml, "channels", (int)m->channels, "lanes", (int)m->lanes,
 				"handoff", false, "window", (json_int_t)ferry_dp_window(m->dp), "transport", tname,
 				"require", ferry_features_json(m->require), "no_handoff", m->no_handoff, "postcopy", m->postcopy);
 	free(xml);
+	if (req && m->src_ip[0])
+		json_object_set_new(req, "src_ip", json_string(m->src_ip));
 	if (!req)
 		return ferry_err_set(err, ENOMEM, "out of memory");
 	json_t *reply = NULL;
@@ -264,6 +280,16 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const st
 	sp->lanes = (unsigned)json_integer_value(jl_lanes);
 	sp->max_streams = ferry_plan_streams(plan);
 	sp->handoff = plan->handoff;
+	if (plan->handoff && plan->channels > 0) {
+		const char *direct = json_string_value(json_object_get(jplan, "direct"));
+		if (!direct || !direct[0] || strlen(direct) >= sizeof(m->direct_addr) || strchr(direct, ',')) {
+			rc = ferry_err_set(err, EPROTO, "the destination agreed to multifd handoff but names no valid "
+					   "listener address ('direct': %s)", direct ? direct : "missing");
+			goto out;
+		}
+		snprintf(m->direct_addr, sizeof(m->direct_addr), "%s", direct);
+		sp->max_streams = 1; /* the lane only proves the token; QEMU connects itself */
+	}
 	rc = ferry_session_reply_parse(reply, ferry_dp_window(m->dp), sp, endpoint, eplen, err);
 out:
 	json_decref(reply);
@@ -318,7 +344,8 @@ static bool peer_gone(struct ferry_jl *jl)
 	return ferry_jl_peer_gone(jl);
 }
 
-static int set_source_caps(struct ferry_qmp *q, unsigned channels, bool postcopy, struct ferry_err *err)
+static int set_source_caps(struct ferry_qmp *q, unsigned channels, bool postcopy, uint64_t max_bandwidth,
+			   struct ferry_err *err)
 {
 	json_t *caps = NULL;
 	int rc = ferry_qmp_execute(q, "query-migrate-capabilities", NULL, &caps, err);
@@ -348,10 +375,10 @@ static int set_source_caps(struct ferry_qmp *q, unsigned channels, bool postcopy
 		rc = ferry_qmp_executef(q, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
 					"capability", "postcopy-ram", "state", 1);
 	/* QEMU 7.2 throttles migration to 32 MiB/s unless told otherwise; the
-	 * transport, not a default, should set the pace. */
+	 * transport (or the user's cap), not a default, should set the pace. */
 	if (rc == 0)
 		rc = ferry_qmp_executef(q, NULL, err, "migrate-set-parameters", "{s:I}", "max-bandwidth",
-					(json_int_t)FERRY_MIGRATE_MAX_BANDWIDTH);
+					(json_int_t)(max_bandwidth ? max_bandwidth : FERRY_MIGRATE_MAX_BANDWIDTH));
 	return rc;
 }
 
@@ -1021,7 +1048,7 @@ static void *migration_main(void *arg)
 				   plan.nnotes ? plan.notes[plan.nnotes - 1] : "one side lacks postcopy-setup");
 		goto out;
 	}
-	if ((rc = set_source_caps(q, plan.channels, (plan.features & FERRY_F_POSTCOPY) != 0, &err)))
+	if ((rc = set_source_caps(q, plan.channels, (plan.features & FERRY_F_POSTCOPY) != 0, m->max_bandwidth, &err)))
 		goto out;
 	if ((plan.features & FERRY_F_POSTCOPY_PREEMPT) &&
 	    (rc = ferry_qmp_executef(q, NULL, &err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
@@ -1052,14 +1079,33 @@ static void *migration_main(void *arg)
 		}
 		/* The destination QEMU takes its end first, then ours starts writing. */
 		rc = peer_simple(&jl, "migrate-handoff", sp.id, PEER_TIMEOUT_MS, NULL, &err);
-		if (rc == 0)
+		if (rc == 0 && !plan.channels)
 			rc = ferry_qmp_getfd(q, fd, "ferry-migration", &err);
 		close(fd);
 		if (rc) {
 			ferry_err_prefix(&err, "handing the connection to QEMU");
 			goto out;
 		}
-		snprintf(uri, sizeof(uri), "fd:ferry-migration");
+		if (plan.channels) {
+			/* Multifd: our QEMU connects its channels to the destination
+			 * QEMU's listener, which admits only m->src_ip: the route
+			 * there must leave from that address too. */
+			snprintf(uri, sizeof(uri), "tcp:%s", m->direct_addr);
+			char host[FERRY_DP_ENDPOINT_MAX], from[64];
+			if ((rc = ferry_endpoint_host(uri, host, sizeof(host), &err)) ||
+			    (rc = ferry_route_source(host, from, sizeof(from), &err))) {
+				ferry_err_prefix(&err, "multifd handoff");
+				goto out;
+			}
+			if (strcmp(from, m->src_ip) != 0) {
+				rc = ferry_err_set(&err, EADDRNOTAVAIL, "multifd handoff: the route to the destination's data "
+						   "address %s leaves from %s, but the destination admits %s (where the "
+						   "control connection comes from); use --no-handoff", host, from, m->src_ip);
+				goto out;
+			}
+		} else {
+			snprintf(uri, sizeof(uri), "fd:ferry-migration");
+		}
 	} else if (guarded) {
 		/* QEMU's channel goes through the guard, which holds it until the
 		 * destination acknowledged the postcopy set-up. */
@@ -1385,6 +1431,7 @@ int ferry_migration_start(struct ferry_dp *dp, const struct ferry_migration_para
 	m->lanes = p->lanes;
 	m->no_handoff = p->no_handoff;
 	m->keep_source = p->keep_source;
+	m->max_bandwidth = p->max_bandwidth;
 	m->suspend = p->suspend;
 	m->postcopy = p->postcopy;
 	m->force_postcopy = p->force_postcopy;

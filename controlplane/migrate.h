@@ -36,6 +36,7 @@ struct ferry_migration_params {
 	int transport;            /* enum ferry_cookie_driver_kind; 0 = the best both sides have */
 	bool keep_source;         /* after success leave the source QEMU paused instead of ending it */
 	bool suspend;             /* leave the VM paused on the destination (virsh migrate --suspend) */
+	uint64_t max_bandwidth;   /* QEMU's max-bandwidth in bytes/s; 0 = no cap */
 	bool postcopy;            /* switch to postcopy postcopy_after_ms into the migration */
 	bool force_postcopy;      /* postcopy even without the set-up acknowledgement */
 	unsigned postcopy_after_ms; /* or FERRY_POSTCOPY_AFTER_AUTO */

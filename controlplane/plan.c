@@ -15,6 +15,7 @@ static const struct {
 	{ FERRY_F_POSTCOPY, "postcopy" },
 	{ FERRY_F_POSTCOPY_SETUP, "postcopy-setup" },
 	{ FERRY_F_POSTCOPY_PREEMPT, "postcopy-preempt" },
+	{ FERRY_F_HANDOFF_MULTIFD, "handoff-multifd" },
 };
 #define NFEATURES (sizeof(features) / sizeof(features[0]))
 
@@ -62,7 +63,7 @@ int ferry_feature_list_parse(const char *list, uint32_t *out, struct ferry_err *
 		uint32_t f = ferry_feature_parse(tok);
 		if (!f)
 			return ferry_err_set(err, EINVAL,
-					     "unknown feature '%s' (known: multifd, handoff, nbd, postcopy, postcopy-setup, postcopy-preempt)", tok);
+					     "unknown feature '%s' (known: multifd, handoff, nbd, postcopy, postcopy-setup, postcopy-preempt, handoff-multifd)", tok);
 		*out |= f;
 	}
 	return 0;
@@ -198,21 +199,25 @@ int ferry_plan_choose(const struct ferry_side_caps *src, const struct ferry_side
 		out->features |= FERRY_F_NBD;
 	}
 
-	/* Handing the connection to QEMU saves every copy, but only a single
-	 * kernel TCP stream can be handed over. */
+	/* Over kernel TCP ferry gets out of QEMU's way, which saves every copy:
+	 * one stream is handed over; multifd channels (which QEMU 7.2 opens
+	 * only to an address) go to a listener pinned to the source host. */
 	/* The set-up acknowledgement needs ferry to hold QEMU's channel. */
 	bool guarded = out->features & FERRY_F_POSTCOPY_SETUP;
-	if (out->transport == FERRY_COOKIE_DRIVER_TCP && out->channels == 0 && !req->no_handoff && !guarded) {
-		if (both & FERRY_F_HANDOFF) {
+	if (out->transport == FERRY_COOKIE_DRIVER_TCP && !req->no_handoff && !guarded) {
+		uint32_t need = FERRY_F_HANDOFF | (out->channels ? FERRY_F_HANDOFF_MULTIFD : 0);
+		if ((both & need) == need) {
 			out->handoff = true;
-			out->features |= FERRY_F_HANDOFF;
+			out->features |= need;
 		} else {
-			note(out, "handoff: %s; ferry relays the stream",
-			     lacking(src->features, dst->features, FERRY_F_HANDOFF));
+			uint32_t missing = !(both & FERRY_F_HANDOFF) ? FERRY_F_HANDOFF : FERRY_F_HANDOFF_MULTIFD;
+			note(out, "%s: %s; ferry relays the stream%s", ferry_feature_name(missing),
+			     lacking(src->features, dst->features, missing), out->channels ? "s" : "");
 		}
 	}
 	if ((req->require & FERRY_F_HANDOFF) && !out->handoff)
-		return ferry_err_set(err, ENOTSUP, "required feature 'handoff' needs a single stream over tcp");
+		return ferry_err_set(err, ENOTSUP, "required feature 'handoff' needs kernel tcp on both sides%s",
+				     guarded ? " and no postcopy set-up acknowledgement (ferry holds that channel)" : "");
 	return 0;
 }
 

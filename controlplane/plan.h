@@ -28,8 +28,12 @@ enum {
 	FERRY_F_POSTCOPY       = 1u << 3, /* "postcopy" */
 	FERRY_F_POSTCOPY_SETUP = 1u << 4, /* "postcopy-setup": set-up acknowledgement before the destination runs */
 	FERRY_F_POSTCOPY_PREEMPT = 1u << 5, /* "postcopy-preempt": requested pages on their own channel and lane */
+	/* "handoff-multifd": multifd channels straight from the source QEMU to a
+	 * listener ferry gave the destination QEMU, pinned to the source host
+	 * (controlplane/pinlisten.h) */
+	FERRY_F_HANDOFF_MULTIFD = 1u << 6,
 };
-#define FERRY_F_ALL 0x3fu
+#define FERRY_F_ALL 0x7fu
 
 #define FERRY_PLAN_MAX_NOTES 6
 
@@ -51,7 +55,8 @@ struct ferry_plan_request {
 struct ferry_plan {
 	enum ferry_cookie_driver_kind transport;
 	unsigned channels;   /* multifd channels used (0: single stream) */
-	bool handoff;
+	bool handoff;        /* QEMU's channels bypass ferry's lanes (one handed-over
+	                      * connection, or multifd to a pinned listener) */
 	uint32_t features;   /* FERRY_F_* in use */
 	unsigned nnotes;
 	char notes[FERRY_PLAN_MAX_NOTES][192]; /* each fallback taken, for the user */

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "spawn.h"
@@ -78,6 +79,21 @@ enum ferry_cookie_driver_kind ferry_probe_driver_kind(struct ferry_dp *dp)
 	return ferry_cookie_driver_kind(ferry_dp_driver_name(dp));
 }
 
+/* Is the QEMU behind q in this daemon's network namespace? Not knowing
+ * (no peer pid, no access to its /proc) counts as no. */
+static bool shares_our_network(struct ferry_qmp *q)
+{
+	int pid;
+	struct ferry_err e = { 0 };
+	struct stat mine, its;
+	char path[64];
+	if (ferry_qmp_peer_pid(q, &pid, &e))
+		return false;
+	snprintf(path, sizeof(path), "/proc/%d/ns/net", pid);
+	return stat("/proc/self/ns/net", &mine) == 0 && stat(path, &its) == 0 && mine.st_ino == its.st_ino &&
+	       mine.st_dev == its.st_dev;
+}
+
 int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled, struct ferry_side_caps *out,
 		     struct ferry_err *err)
 {
@@ -116,8 +132,11 @@ int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled
 	json_decref(cmds);
 	if (have == 7)
 		out->features |= FERRY_F_NBD;
+	/* Multifd handoff hands QEMU a listening socket (tcp:fd:NAME), which
+	 * QEMU 7.2 takes on any build; the source QEMU then connects by itself,
+	 * so it must see the network this daemon sees. */
 	if (ferry_dp_can_handoff(dp))
-		out->features |= FERRY_F_HANDOFF;
+		out->features |= FERRY_F_HANDOFF | (shares_our_network(q) ? FERRY_F_HANDOFF_MULTIFD : 0);
 	out->features &= ~disabled;
 	enum ferry_cookie_driver_kind k = ferry_probe_driver_kind(dp);
 	if (k)

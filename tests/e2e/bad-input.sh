@@ -234,6 +234,9 @@ expect f-channels-word 2 "--channels 'two' is not a number" "$FERRYCTL" "${A[@]}
 expect f-channels-negative 2 "--channels '-1' is not a number" "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" --channels -1
 expect f-channels-too-many 2 "--channels '64' is not a number from 0 to 63" "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" --channels 64
 expect f-channels-empty 2 "--channels '' is not a number" "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" --channels ""
+expect f-bandwidth-word 2 "--max-bandwidth 'fast' is not a rate" "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" --max-bandwidth fast
+expect f-bandwidth-tiny 2 "--max-bandwidth '64K' is not a rate from 1M" "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" --max-bandwidth 64K
+expect f-bandwidth-unit 2 "--max-bandwidth '5T' is not a rate" "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" --max-bandwidth 5T
 expect f-unknown-migrate-opt 2 'usage' "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" --turbo
 expect f-cancel-no-id 2 'cancel needs an ID' "$FERRYCTL" "${A[@]}" cancel
 expect f-status-bad-id 2 "ID 'abc' is not a number" "$FERRYCTL" "${A[@]}" status abc

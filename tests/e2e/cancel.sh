@@ -7,8 +7,8 @@
 #
 # Per run: a RUNNING dirty.bin TCG guest (256 MiB) migrates with 2 multifd
 # channels (CHANNELS). Kept from converging as in dest-dies.sh: downtime-limit
-# 1 ms on the source before ferryctl starts, max-bandwidth lowered to
-# 64 MiB/s via a second QMP monitor once the migration is active.
+# 1 ms on the source before ferryctl starts, ferryctl --max-bandwidth 64 MiB/s
+# (checked on the source QEMU through a second monitor).
 # Checks: ferryctl migrate exits 1 within 15 s of the cancel, saying
 # "migration N cancelled" and "source VM is running"; `ferryctl status N`
 # says state "cancelled"; the source QEMU is running and its query-migrate
@@ -57,14 +57,15 @@ run_one() {
 	qmp "$(qemu_sock "$src")" '{"execute":"migrate-set-parameters","arguments":{"downtime-limit":1}}' >/dev/null ||
 		ferry_fail "$how: setting downtime-limit on $src failed"
 
-	ferry_migrate_start "$src" "$dst" --channels "$CHANNELS"
+	ferry_migrate_start "$src" "$dst" --channels "$CHANNELS" --max-bandwidth "$SLOW_BW"
 	wait_mig_active "$(side_sock "$src")" 20 $((16 * 1024 * 1024)) >/dev/null || {
 		ferry_migrate_wait 1
 		ferry_mig_report
 		ferry_fail "$how: the migration did not become active with data flowing"
 	}
-	qmp "$(side_sock "$src")" "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"max-bandwidth\":$SLOW_BW}}" >/dev/null ||
-		ferry_fail "$how: lowering max-bandwidth on $src failed"
+	# ferryctl --max-bandwidth reached the source QEMU
+	bw=$(qmp_get "$(side_sock "$src")" query-migrate-parameters max-bandwidth)
+	[ "$bw" = "$SLOW_BW" ] || ferry_fail "$how: the source QEMU's max-bandwidth is '$bw', not --max-bandwidth $SLOW_BW"
 	id=$(ferry_mig_id) || ferry_fail "$how: no migration id in ferryd a's log"
 	sleep 0.5
 	st=$(mig_field "$(side_sock "$src")" status)

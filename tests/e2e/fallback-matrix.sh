@@ -103,7 +103,7 @@ refused() {
 DST_EXTRA=()
 daemons "" ""
 ok "both full, one stream" "tcp handoff, single channel" ""
-ok "both full, 2 channels" "tcp relay, 2 multifd channels" "" --channels 2
+ok "both full, 2 channels" "tcp handoff, 2 multifd channels" "" --channels 2
 refused "--transport rdma, no rdma anywhere" "transport 'rdma' was asked for but neither side has the rdma driver" --transport rdma
 
 daemons "" "--disable multifd"
@@ -119,6 +119,10 @@ refused "source masks handoff, --require handoff" "required feature 'handoff' is
 
 daemons "" "--disable handoff"
 ok "destination masks handoff" "tcp relay, single channel" "handoff: the destination does not support it"
+
+daemons "" "--disable handoff-multifd"
+ok "destination masks handoff-multifd" "tcp relay, 2 multifd channels" \
+	"handoff-multifd: the destination does not support it; ferry relays the streams" --channels 2
 
 # Untrusted cookies: another VM behind the destination's monitor, or a
 # "destination" that is this very host.

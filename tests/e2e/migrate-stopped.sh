@@ -25,7 +25,8 @@ if [ $# -lt 1 ] || [ $# -gt 2 ] || ! [[ $1 =~ ^[0-9]+$ ]]; then
 	exit 2
 fi
 CHANNELS=$1
-# MODE: auto (ferry picks: handoff for one stream over tcp, relay for multifd) or relay (--no-handoff)
+# MODE: auto (ferry picks: over tcp, one stream handed over, multifd channels
+# straight to a listener pinned to the source host) or relay (--no-handoff)
 MODE=${2:-auto}
 case "$MODE" in auto) mode_args=() ;; relay) mode_args=(--no-handoff) ;; *) echo "MODE must be auto or relay" >&2; exit 2 ;; esac
 RAM=${STOPPED_RAM:-1G}
@@ -64,7 +65,7 @@ dst_status=$(json_field dst_status <"$FERRY_MIG_OUT")
 
 # the data path must be the one expected for this mode
 transport=$(json_field transport <"$FERRY_MIG_OUT")
-if [ "$CHANNELS" = 0 ] && [ "$MODE" = auto ]; then want="tcp handoff"; else want="tcp relay"; fi
+if [ "$MODE" = auto ]; then want="tcp handoff"; else want="tcp relay"; fi
 case "$transport" in "$want"*) ;; *) ferry_fail "data path was '$transport', expected '$want'" ;; esac
 
 src_sock=$(qemu_sock src)
@@ -80,7 +81,7 @@ fallbacks=$(json_field fallbacks <"$FERRY_MIG_OUT")
 caps=$(qmp "$dst_sock" query-migrate-capabilities) || ferry_fail "query-migrate-capabilities failed"
 multifd=$(python3 -c 'import json,sys; print(next((str(c["state"]).lower() for c in json.loads(sys.argv[1]) if c["capability"]=="multifd"), "absent"))' "$caps")
 if [ "$CHANNELS" -gt 0 ]; then
-	[ "$plan" = "tcp relay, $CHANNELS multifd channels" ] || ferry_fail "plan '$plan' with --channels $CHANNELS"
+	[ "$plan" = "$want, $CHANNELS multifd channels" ] || ferry_fail "plan '$plan' with --channels $CHANNELS"
 	[ "$multifd" = true ] || ferry_fail "destination multifd capability is '$multifd' with --channels $CHANNELS"
 	n=$(qmp_get "$dst_sock" query-migrate-parameters multifd-channels)
 	[ "$n" = "$CHANNELS" ] || ferry_fail "destination multifd-channels is '$n', expected $CHANNELS"

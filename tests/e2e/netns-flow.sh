@@ -4,7 +4,9 @@
 # cut in the middle of a migration.
 #
 #  1. One stream (handed over: ferry's authenticated connection crosses the
-#     veth, then belongs to both QEMUs) and 2 multifd channels (relayed):
+#     veth, then belongs to both QEMUs) and 2 multifd channels (relayed: the
+#     QEMUs run outside the daemons' namespaces, so they cannot connect to
+#     each other, and ferry does not offer multifd handoff):
 #     each completes, the guest runs on the destination only, its memory
 #     consistent, the source QEMU ended.
 #  2. The link goes down mid-migration (no reset, no FIN: packets just stop).
@@ -32,7 +34,8 @@ net_cleanup() {
 	ip netns del "$nsb" 2>/dev/null
 }
 ip netns add "$nsa" && ip netns add "$nsb" || ferry_skip "cannot create network namespaces here"
-trap 'net_cleanup; ferry_cleanup' EXIT
+# net_cleanup must not hide the test's exit status from ferry_cleanup
+trap 'rc=$?; net_cleanup; (exit $rc); ferry_cleanup' EXIT
 ip link add "$va" type veth peer name "$vb" || ferry_fail "cannot create a veth pair"
 ip link set "$va" netns "$nsa" && ip link set "$vb" netns "$nsb" || ferry_fail "cannot move the veth ends"
 ip -n "$nsa" addr add 10.199.77.1/30 dev "$va" && ip -n "$nsb" addr add 10.199.77.2/30 dev "$vb" ||

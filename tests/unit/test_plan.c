@@ -11,7 +11,8 @@
 #define DPDK (1u << FERRY_COOKIE_DRIVER_DPDK)
 #define RDMA (1u << FERRY_COOKIE_DRIVER_RDMA)
 #define FULL \
-	(FERRY_F_MULTIFD | FERRY_F_HANDOFF | FERRY_F_NBD | FERRY_F_POSTCOPY | FERRY_F_POSTCOPY_SETUP | FERRY_F_POSTCOPY_PREEMPT)
+	(FERRY_F_MULTIFD | FERRY_F_HANDOFF | FERRY_F_NBD | FERRY_F_POSTCOPY | FERRY_F_POSTCOPY_SETUP | \
+	 FERRY_F_POSTCOPY_PREEMPT | FERRY_F_HANDOFF_MULTIFD)
 
 static bool notes_mention(const struct ferry_plan *p, const char *needle)
 {
@@ -80,9 +81,30 @@ int main(void)
 	      "no handoff on the source (an older source): relay, noted");
 
 	req.channels = 4;
+	CHECK(choose(&full, &full, &req, &p, &err) == 0 && p.channels == 4 && p.handoff &&
+		      (p.features & FERRY_F_MULTIFD) && (p.features & FERRY_F_HANDOFF_MULTIFD) && p.nnotes == 0,
+	      "4 multifd channels when both have multifd, handed over to a pinned listener");
+	ferry_plan_describe(&p, desc0, sizeof(desc0));
+	CHECK(strcmp(desc0, "tcp handoff, 4 multifd channels") == 0, "described as: %s", desc0);
+	req.no_handoff = true;
 	CHECK(choose(&full, &full, &req, &p, &err) == 0 && p.channels == 4 && !p.handoff &&
-		      (p.features & FERRY_F_MULTIFD),
-	      "4 multifd channels when both have multifd (never handed over)");
+		      !(p.features & FERRY_F_HANDOFF_MULTIFD) && p.nnotes == 0,
+	      "--no-handoff: multifd relayed through ferry's lanes, nothing noted");
+	req.no_handoff = false;
+	dst = full;
+	dst.features &= ~FERRY_F_HANDOFF_MULTIFD;
+	CHECK(choose(&full, &dst, &req, &p, &err) == 0 && p.channels == 4 && !p.handoff &&
+		      notes_mention(&p, "handoff-multifd: the destination does not support it; ferry relays the streams"),
+	      "a destination without handoff-multifd: multifd relayed, noted (%s)", p.notes[0]);
+	src = full;
+	src.features &= ~FERRY_F_HANDOFF;
+	CHECK(choose(&src, &full, &req, &p, &err) == 0 && !p.handoff &&
+		      notes_mention(&p, "handoff: the source does not support it; ferry relays the streams"),
+	      "a source without handoff at all: multifd relayed, noted (%s)", p.notes[0]);
+	req.channels = 0;
+	CHECK(choose(&full, &dst, &req, &p, &err) == 0 && p.handoff && p.nnotes == 0,
+	      "handoff-multifd missing does not matter to a single channel");
+	req.channels = 4;
 	dst = full;
 	dst.features &= ~FERRY_F_MULTIFD;
 	CHECK(choose(&full, &dst, &req, &p, &err) == 0 && p.channels == 0,
@@ -100,8 +122,11 @@ int main(void)
 	CHECK_MSG(err, "neither side supports it", "it says: %s", err.msg);
 	req.require = FERRY_F_HANDOFF;
 	req.channels = 2;
-	CHECK(choose(&full, &full, &req, &p, &err) == -ENOTSUP, "--require handoff with multifd cannot be met");
-	CHECK_MSG(err, "handoff' needs a single stream over tcp", "it says: %s", err.msg);
+	CHECK(choose(&full, &full, &req, &p, &err) == 0 && p.handoff, "--require handoff with multifd is met");
+	req.postcopy = true;
+	CHECK(choose(&full, &full, &req, &p, &err) == -ENOTSUP,
+	      "--require handoff with guarded postcopy cannot be met (ferry holds that channel)");
+	CHECK_MSG(err, "handoff' needs kernel tcp on both sides and no postcopy set-up", "it says: %s", err.msg);
 	memset(&req, 0, sizeof(req));
 
 	/* Transports: the best common one; an explicit one is a requirement. */

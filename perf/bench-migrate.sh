@@ -15,8 +15,11 @@
 # Usage: perf/bench-migrate.sh [options]
 #   --size SIZE        guest RAM (default 2G; K/M/G suffixes, binary)
 #   --runs N           runs per arm and multifd setting (default 3); median reported
-#   --arms LIST        comma list of direct,socat1m,socat8k,ferry,ferry-dpdk
-#                      (default: all but ferry-dpdk; ferry-dpdk = two ferryd
+#   --arms LIST        comma list of direct,socat1m,socat8k,ferry,ferry-relay,ferry-dpdk
+#                      (default: direct,socat1m,socat8k,ferry; ferry = the tcp
+#                      driver on defaults (handoff: ferry out of QEMU's byte
+#                      path), ferry-relay = the same with --no-handoff (every
+#                      byte through ferry's lanes), ferry-dpdk = two ferryd
 #                      --driver dpdk joined by net_memif, needs a DPDK build)
 #   --multifd LIST     comma list of channel counts, 0 = multifd off (default 0,2,4)
 #   --json FILE        write every run and the summary as JSON
@@ -96,7 +99,7 @@ case $VERIFY in first | all | none) ;; *) die "bad --verify $VERIFY" ;; esac
 IFS=, read -r -a ARM_LIST <<<"$ARMS"
 IFS=, read -r -a MF_LIST <<<"$MULTIFD"
 for a in "${ARM_LIST[@]}"; do
-	case $a in direct | socat1m | socat8k | ferry | ferry-dpdk) ;; *) die "unknown arm '$a'" ;; esac
+	case $a in direct | socat1m | socat8k | ferry | ferry-relay | ferry-dpdk) ;; *) die "unknown arm '$a'" ;; esac
 done
 for m in "${MF_LIST[@]}"; do
 	[[ $m =~ ^[0-9]+$ ]] && [ "$m" -le 64 ] || die "bad multifd channel count '$m'"
@@ -247,7 +250,15 @@ arm_ferry() {
 	[ "$FERRY_PRESET" = 1 ] || MIG_ARGS+=(--no-configure)
 	MIG_ARGS+=(-- "$FERRYCTL" --admin "$sock_src" migrate
 		--src-qmp "$WORK/src-ctl.sock" --dst-qmp "$WORK/dst-ctl.sock"
-		--to "127.0.0.1:$P_FERRY_DST" --channels "$mf" --keep-source --json)
+		--to "127.0.0.1:$P_FERRY_DST" --channels "$mf" --keep-source --json "${FERRYCTL_ARGS[@]+"${FERRYCTL_ARGS[@]}"}")
+}
+
+arm_ferry-relay() {
+	FERRYCTL_ARGS=(--no-handoff)
+	arm_ferry "$1"
+	local rc=$?
+	FERRYCTL_ARGS=()
+	return $rc
 }
 
 # The same two daemons over DPDK: net_memif between them (shared memory, one

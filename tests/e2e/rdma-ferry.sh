@@ -10,11 +10,16 @@
 #      minute: under TCG the guest moves ~10 MB/s through ferry plus the
 #      checker's random generation and hashing. RDMA_STREAM_MB=256 is the
 #      issue's size (about 2 minutes more);
-#   3. the same pair, a transfer under way, the destination ferryd killed
+#   3. an idle lane whose peer stops answering: a tunnel's lane up with no
+#      stream, the destination ferryd stopped (SIGSTOP: its kernel still
+#      acknowledges, its ferry sends nothing): the source's keepalive fails the
+#      lane with "peer stopped answering" within RDMA_IDLE_WAIT (30) s. The
+#      daemons run with keepalive_ms=500, dead_ms=5000 to keep this short;
+#   4. the same pair, a transfer under way, the destination ferryd killed
 #      (SIGKILL): the source's tunnel fails with the lane's reason within
 #      RDMA_KILL_WAIT (60) s, its client is released, the source daemon lives on.
 #
-# RDMA_FERRY_CHECKS="driver streams kill" (the default) names the steps to run
+# RDMA_FERRY_CHECKS="driver streams idle kill" (the default) names the steps to run
 # (the sanitizer build runs "driver" with small sizes, for CI's time: the
 # in-process test carries streams both ways too).
 #
@@ -57,13 +62,13 @@ ferry_init --timeout "${RDMA_GUEST_CHECKS_TIMEOUT:-260}"
 # TCG (and more so an ASan build under it) starts a daemon slowly
 export FERRY_START_TIMEOUT=${FERRY_START_TIMEOUT:-60}
 
-checks=${RDMA_FERRY_CHECKS:-driver streams kill}
+checks=${RDMA_FERRY_CHECKS:-driver streams idle kill}
 has() { [[ " $checks " == *" $1 "* ]]; }
 if has driver; then
 	echo "== 1. test-rdma-driver"
 	"$RDMA_DRIVER_TEST" "${RDMA_REGION_MB:-32}" || ferry_fail "test-rdma-driver failed"
 fi
-if ! has streams && ! has kill; then
+if ! has streams && ! has idle && ! has kill; then
 	echo "PASS rdma-ferry ($checks) in $(ferry_elapsed)s"
 	exit 0
 fi
@@ -74,8 +79,9 @@ allow=$QEMU_DIR/b-allowed
 mkdir -p "$allow"
 python3 "$check" serve "$allow/target.sock" "$QEMU_DIR/accepted.log" </dev/null >"$QEMU_DIR/serve.out" 2>&1 &
 FERRY_EXTRA_PIDS+=("$!")
-ferry_start_daemon a --driver rdma || ferry_fail "ferryd a --driver rdma did not start"
-ferry_start_daemon b --driver rdma --allow-dir "$allow" || ferry_fail "ferryd b --driver rdma did not start"
+ka=(--driver-opt keepalive_ms=500 --driver-opt dead_ms=5000)
+ferry_start_daemon a --driver rdma "${ka[@]}" || ferry_fail "ferryd a --driver rdma did not start"
+ferry_start_daemon b --driver rdma "${ka[@]}" --allow-dir "$allow" || ferry_fail "ferryd b --driver rdma did not start"
 grep -q "data rdma:$RDMA_GUEST_IP:[0-9]* (rdma driver" "${FERRY_LOG[a]}" ||
 	ferry_fail "ferryd a does not report an rdma endpoint on $RDMA_GUEST_IP"
 if has streams; then
@@ -91,11 +97,38 @@ if has streams; then
 	echo "ok: $streams x $mb MiB of random data over rdma, sha256 identical, in $ms ms ($((streams * mb * 1048576 / (ms + 1) / 1000)) MB/s under TCG)"
 fi
 
+if has idle; then
+	echo "== 3. an idle lane, the destination ferryd stopped (SIGSTOP)"
+	out=$(ferry_ctl a tunnel-open --to "${FERRY_LISTEN[b]}" --listen "$QEMU_DIR/t3.sock" --target "$allow/target.sock" \
+		--streams 1 --lanes 1) || ferry_fail "idle tunnel-open failed: $out"
+	tid=$(sed -n 's/.*"tunnel": *\([0-9]*\).*/\1/p' <<<"$out" | head -n 1)
+	st=$(ferry_ctl a tunnel-status "$tid" 2>&1)
+	grep -q '"state": *"active"' <<<"$st" || ferry_fail "the idle tunnel is not active: $st"
+	sleep 2 # idle for several keepalive periods first: probes alone must not fail a live peer
+	st=$(ferry_ctl a tunnel-status "$tid" 2>&1)
+	grep -q '"state": *"active"' <<<"$st" || ferry_fail "an idle lane to a live peer failed: $st"
+	bpid=$(ferry_pid b) && [ -n "$bpid" ] || ferry_fail "no pid for ferryd b"
+	kill -STOP "$bpid" || ferry_fail "cannot stop ferryd b"
+	t0=$(now_ms)
+	waited=0
+	while [ "$waited" -lt "${RDMA_IDLE_WAIT:-30}" ]; do
+		st=$(ferry_ctl a tunnel-status "$tid" 2>&1)
+		grep -q '"state": *"active"' <<<"$st" || break
+		sleep 1
+		waited=$((waited + 1))
+	done
+	ms=$(($(now_ms) - t0))
+	kill -CONT "$bpid"
+	grep -q "peer stopped answering" <<<"$st" ||
+		ferry_fail "the idle lane to a stopped peer did not fail with the keepalive's reason within ${RDMA_IDLE_WAIT:-30} s: $st"
+	echo "ok: the idle lane failed $ms ms after its peer stopped, with: $(grep -o 'rdma lane[^"]*' <<<"$st" | head -n 1)"
+	ferry_ping b || ferry_fail "ferryd b did not come back after SIGCONT"
+fi
 if ! has kill; then
 	echo "PASS rdma-ferry ($checks) in $(ferry_elapsed)s"
 	exit 0
 fi
-echo "== 3. the destination ferryd killed mid-transfer"
+echo "== 4. the destination ferryd killed mid-transfer"
 out=$(ferry_ctl a tunnel-open --to "${FERRY_LISTEN[b]}" --listen "$QEMU_DIR/t2.sock" --target "$allow/target.sock" \
 	--streams 2 --lanes 2) || ferry_fail "second tunnel-open failed: $out"
 tid=$(sed -n 's/.*"tunnel": *\([0-9]*\).*/\1/p' <<<"$out" | head -n 1)

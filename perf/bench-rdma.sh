@@ -10,7 +10,9 @@
 # CPU-bound, so the ratio of these is where the time goes.
 # FERRYD_ALT=path/to/other/ferryd adds a second pair of daemons from that
 # build, interleaved with the first in the same guest run ("alt" rows): an A/B
-# of a driver change under the same load.
+# of a driver change under the same load. FERRYD_ALT_ARGS: extra ferryd
+# arguments for that pair (e.g. "--poll busy"; FERRYD_ALT defaults to FERRYD
+# when only these are given).
 # usage: perf/bench-rdma.sh [--bytes 128M] [--runs 3]
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,7 +36,8 @@ if [ -z "${in_guest:-}" ]; then
 	trap rdma_guest_cleanup EXIT
 	[ -x "$FERRYD" ] && [ -x "$FERRY_PERF" ] || { echo "build first: ninja -C build" >&2; exit 1; }
 	rdma_guest_prepare || { echo "no guest: $RDMA_GUEST_WHY" >&2; exit 77; }
-	export FERRYD FERRY_PERF FERRYD_ALT
+	[ -n "${FERRYD_ALT_ARGS:-}" ] && FERRYD_ALT=${FERRYD_ALT:-$FERRYD}
+	export FERRYD FERRY_PERF FERRYD_ALT FERRYD_ALT_ARGS
 	rdma_guest_run "${RDMA_GUEST_TIMEOUT:-1200}" "bash '$here/perf/bench-rdma.sh' --in-guest --bytes $bytes --runs $runs"
 	rc=$RDMA_GUEST_RC
 	cat "$RDMA_GUEST_OUT"
@@ -54,8 +57,11 @@ mkdir -p "$work/a" "$work/b" "$work/sink"
 socks=("$work/a/admin.sock" "$work/b/admin.sock")
 if [ -n "${FERRYD_ALT:-}" ]; then
 	mkdir -p "$work/a2" "$work/b2" "$work/sink2"
-	"$FERRYD_ALT" --admin "$work/a2/admin.sock" --listen "$ip:17490" --driver rdma --tls-psk "$work/ferry.psk" 2>"$work/a2.log" & pids+=($!)
-	"$FERRYD_ALT" --admin "$work/b2/admin.sock" --listen "$ip:17500" --driver rdma --allow-dir "$work/sink2" --tls-psk "$work/ferry.psk" 2>"$work/b2.log" & pids+=($!)
+	read -ra alt_args <<<"${FERRYD_ALT_ARGS:-}"
+	"$FERRYD_ALT" --admin "$work/a2/admin.sock" --listen "$ip:17490" --driver rdma --tls-psk "$work/ferry.psk" \
+		"${alt_args[@]}" 2>"$work/a2.log" & pids+=($!)
+	"$FERRYD_ALT" --admin "$work/b2/admin.sock" --listen "$ip:17500" --driver rdma --allow-dir "$work/sink2" \
+		--tls-psk "$work/ferry.psk" "${alt_args[@]}" 2>"$work/b2.log" & pids+=($!)
 	socks+=("$work/a2/admin.sock" "$work/b2/admin.sock")
 fi
 for _ in $(seq 100); do

@@ -35,7 +35,6 @@
 #define SIGNAL_EVERY   16              /* at least one signalled send per this many */
 #define INLINE_WANT    256
 #define DONE_DEPTH     256
-#define STASH_DEPTH    32
 #define RECV_BIT       (1ull << 63)
 #define CREDIT_BATCH   (RQ_DATA / 4)
 #define HDR_STRIDE     64              /* zero-copy sends: a header buffer per send queue entry */
@@ -121,8 +120,6 @@ struct ferry_lane_drv {
 	uint32_t cur_off, cur_len;
 	uint64_t frame_left;           /* payload bytes of the current frame not consumed */
 	int held_slot;                 /* a control frame's payload, until the next rx_burst */
-	struct ibv_wc stash[STASH_DEPTH];
-	unsigned nstash;
 	/* failure: the first reason wins */
 	int fail_code;
 	char fail_msg[FERRY_ERR_MSG_MAX - 64];
@@ -877,10 +874,7 @@ static void poll_lane(struct ferry_lane_drv *l)
 		(void)r;
 		l->evfd_set = false;
 	}
-	for (unsigned i = 0; i < l->nstash; i++)
-		handle_wc(l, &l->stash[i]);
-	int total = (int)l->nstash;
-	l->nstash = 0;
+	int total = 0;
 	struct ibv_wc wc[32];
 	int n;
 	while ((n = ibv_poll_cq(l->cq, 32, wc)) > 0) {
@@ -1365,13 +1359,15 @@ static int rdma_wakeup_fd(struct ferry_lane_drv *l, short *events, bool want_tx)
 	l->armed = ibv_req_notify_cq(l->cq, 0) == 0;
 	check_events(l, true);
 	/* Completions that arrived before the CQ was armed raise no event:
-	 * look once more, and wake ourselves if there were any (or the lane
-	 * has just failed). */
-	int got = 0;
-	if (l->nstash < STASH_DEPTH)
-		got = ibv_poll_cq(l->cq, (int)(STASH_DEPTH - l->nstash), l->stash + l->nstash);
-	if (got > 0)
-		l->nstash += (unsigned)got;
+	 * reap them now, and wake ourselves if there were any (or the lane has
+	 * just failed). Reaped here rather than kept for later: whatever the
+	 * owner calls next (a lane stuck mid-frame, its target not reading,
+	 * may call little), the peer's probes count and their spare receives
+	 * are re-posted, so a slow reader never looks like a dead peer. */
+	struct ibv_wc wc[32];
+	int got = ibv_poll_cq(l->cq, 32, wc);
+	for (int i = 0; i < got; i++)
+		handle_wc(l, &wc[i]);
 	if (got > 0 || l->fail_code) {
 		uint64_t one = 1;
 		ssize_t w = write(l->evfd, &one, sizeof(one));

@@ -10,6 +10,11 @@
 #      minute: under TCG the guest moves ~10 MB/s through ferry plus the
 #      checker's random generation and hashing. RDMA_STREAM_MB=256 is the
 #      issue's size (about 2 minutes more);
+#   2b. (with streams) a target that stops reading for RDMA_STALL_S (8) s
+#      mid-transfer (its process stopped): the destination's lane is stuck
+#      mid-frame, yet must keep counting the source's probes, so neither side
+#      takes the slow reader for a dead peer (dead_ms is 5 s); the stream
+#      arrives whole once it reads again;
 #   3. an idle lane whose peer stops answering: a tunnel's lane up with no
 #      stream, the destination ferryd stopped (SIGSTOP: its kernel still
 #      acknowledges, its ferry sends nothing): the source's keepalive fails the
@@ -100,6 +105,23 @@ if has streams; then
 	ms=$(($(now_ms) - t0))
 	echo "$out"
 	echo "ok: $streams x $mb MiB of random data over rdma, sha256 identical, in $ms ms ($((streams * mb * 1048576 / (ms + 1) / 1000)) MB/s under TCG)"
+
+	echo "== 2b. a target that stops reading for ${RDMA_STALL_S:-8} s mid-transfer"
+	python3 "$check" serve "$allow/slow.sock" "$QEMU_DIR/slow.log" </dev/null >"$QEMU_DIR/slow-serve.out" 2>&1 &
+	slow=$!
+	FERRY_EXTRA_PIDS+=("$slow")
+	out=$(ferry_ctl a tunnel-open --to "${FERRY_LISTEN[b]}" --listen "$QEMU_DIR/t4.sock" --target "$allow/slow.sock" \
+		--streams 1 --lanes 1) || ferry_fail "slow-reader tunnel-open failed: $out"
+	python3 "$check" client "$QEMU_DIR/t4.sock" w1 $((48 << 20)) 200 >"$QEMU_DIR/slow-client.out" 2>&1 &
+	client=$!
+	FERRY_EXTRA_PIDS+=("$client")
+	sleep 2
+	kill -0 "$client" 2>/dev/null || ferry_fail "the transfer ended before the reader stalled: $(cat "$QEMU_DIR/slow-client.out")"
+	kill -STOP "$slow" || ferry_fail "cannot stop the target"
+	sleep "${RDMA_STALL_S:-8}"
+	kill -CONT "$slow"
+	wait "$client" || ferry_fail "a stream whose reader stalled for ${RDMA_STALL_S:-8} s did not arrive whole: $(cat "$QEMU_DIR/slow-client.out")"
+	echo "ok: the reader stalled ${RDMA_STALL_S:-8} s with lanes stuck mid-frame; the stream arrived whole: $(cat "$QEMU_DIR/slow-client.out")"
 fi
 
 # idle_tunnel FROM TO SOCK: open a one-lane tunnel with no stream from daemon

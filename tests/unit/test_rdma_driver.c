@@ -182,6 +182,13 @@ static void test_device_choice(void)
 	dp = open_rdma("gid=fe80::1", &err);
 	CHECK(!dp && strstr(err.msg, "not IPv4-mapped"), "a GID rdma_cm cannot bind is refused: %s", err.msg);
 	ferry_dp_close(dp);
+	dp = open_rdma("keepalive_ms=soon", &err);
+	CHECK(!dp && strstr(err.msg, "keepalive_ms=soon is not a number"), "a bad keepalive is named: %s", err.msg);
+	ferry_dp_close(dp);
+	dp = open_rdma("dead_ms=500", &err);
+	CHECK(!dp && strstr(err.msg, "dead_ms=500 must exceed keepalive_ms=1000"),
+	      "a peer deadline shorter than the probes' period is refused: %s", err.msg);
+	ferry_dp_close(dp);
 	dp = open_rdma("bind=127.0.0.1:0", &err);
 	char ep[FERRY_DP_ENDPOINT_MAX] = "";
 	if (dp)

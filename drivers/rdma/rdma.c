@@ -64,7 +64,8 @@ struct ferry_device {
 	int cq_entries;                /* CQ size per lane (test_cq_entries= makes it too small) */
 };
 
-enum sq_kind { SQ_SLOT = 1, SQ_INLINE, SQ_ZEROCOPY, SQ_CREDIT, SQ_WRITE };
+/* SQ_PROBE: a credit-only message sent as an idle lane's keepalive (named so in errors) */
+enum sq_kind { SQ_SLOT = 1, SQ_INLINE, SQ_ZEROCOPY, SQ_CREDIT, SQ_PROBE, SQ_WRITE };
 
 struct sq_rec {
 	uint8_t kind;
@@ -702,7 +703,10 @@ static const char *wc_op(const struct ibv_wc *wc, const struct ferry_lane_drv *l
 	if (wc->wr_id & RECV_BIT)
 		return "receive";
 	const struct sq_rec *r = &l->sq[wc->wr_id % SQ_DEPTH];
-	return r->kind == SQ_WRITE ? "one-sided write" : r->kind == SQ_CREDIT ? "credit message" : "send";
+	return r->kind == SQ_WRITE    ? "one-sided write"
+	       : r->kind == SQ_CREDIT ? "credit message"
+	       : r->kind == SQ_PROBE  ? "keepalive probe"
+				      : "send";
 }
 
 static void wc_failed(struct ferry_lane_drv *l, const struct ibv_wc *wc)
@@ -750,7 +754,7 @@ static void retire_sends(struct ferry_lane_drv *l, uint64_t seq)
 			l->tx_free[l->tx_nfree++] = r->slot;
 		else if (r->kind == SQ_ZEROCOPY)
 			complete_cookie(l, r->cookie); /* the caller's buffer is free again */
-		else if (r->kind == SQ_CREDIT)
+		else if (r->kind == SQ_CREDIT || r->kind == SQ_PROBE)
 			l->credit_inflight = false;
 		else if (r->kind == SQ_WRITE) {
 			l->writes--;
@@ -934,7 +938,8 @@ static int post_chain(struct ferry_lane_drv *l, struct ibv_send_wr *wr, const st
 		wr[i].next = i + 1 < n ? &wr[i + 1] : NULL;
 		/* A zero-copy frame's buffer stays the caller's until its send
 		 * completes: signal it, or the caller could wait for ever. */
-		bool sig = recs[i].kind == SQ_WRITE || recs[i].kind == SQ_CREDIT || (recs[i].kind == SQ_ZEROCOPY && recs[i].cookie);
+		bool sig = recs[i].kind == SQ_WRITE || recs[i].kind == SQ_CREDIT || recs[i].kind == SQ_PROBE ||
+			   (recs[i].kind == SQ_ZEROCOPY && recs[i].cookie);
 		if (!sig) {
 			l->unsignaled++;
 			/* Batch: signal every SIGNAL_EVERY, and whenever the ring or
@@ -962,10 +967,10 @@ static int post_chain(struct ferry_lane_drv *l, struct ibv_send_wr *wr, const st
 
 /* A credit-only message: a zero-length SEND_WITH_IMM into one of the peer's
  * spare receives, carrying our count of freed receives. */
-static void send_credit(struct ferry_lane_drv *l)
+static void send_credit(struct ferry_lane_drv *l, enum sq_kind kind)
 {
 	struct ibv_send_wr wr = { .opcode = IBV_WR_SEND_WITH_IMM, .imm_data = htonl(l->freed) };
-	struct sq_rec rec = { .kind = SQ_CREDIT, .slot = -1 };
+	struct sq_rec rec = { .kind = (uint8_t)kind, .slot = -1 };
 	if (post_chain(l, &wr, &rec, 1) == 0) {
 		l->reported = l->freed;
 		l->credit_inflight = true;
@@ -981,7 +986,7 @@ static void maybe_send_credit(struct ferry_lane_drv *l)
 	 * peer may be waiting for exactly these). */
 	if (owed < CREDIT_BATCH && (l->rxq_count > 0 || l->cur_slot >= 0))
 		return;
-	send_credit(l);
+	send_credit(l, SQ_CREDIT);
 }
 
 /* An RC queue pair with nothing to send never learns that its peer's host
@@ -1009,7 +1014,7 @@ static void keepalive(struct ferry_lane_drv *l, uint64_t t)
 		return;
 	}
 	if (t - l->posted_ns >= (uint64_t)dev->keepalive_ms * 1000000u && !l->credit_inflight && sq_room(l) >= 2) {
-		send_credit(l);
+		send_credit(l, SQ_PROBE);
 		l->posted_ns = t;
 		l->posted = false;
 	}

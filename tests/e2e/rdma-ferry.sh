@@ -27,7 +27,8 @@
 #      second host over the wire (rdma_guest_twohost), a tunnel from rxe0 to a
 #      ferryd on rxe1, then eth1 taken down (a cable pulled: no event reaches
 #      the source, only silence): the source's keepalive probe exhausts its ACK
-#      retries and the lane fails with "peer vanished" within RDMA_IDLE_WAIT.
+#      retries and the lane fails with "peer vanished: keepalive probe failed
+#      ..." within RDMA_IDLE_WAIT.
 #
 # RDMA_FERRY_CHECKS="driver streams idle kill vanish" (the default) names the steps to run
 # (the sanitizer build runs "driver" with small sizes, for CI's time: the
@@ -203,7 +204,7 @@ if has vanish; then
 	idle_tunnel c d t5.sock
 	ip link set eth1 down || ferry_fail "cannot take eth1 down"
 	wait_failed c
-	grep -q "peer vanished" <<<"$st" ||
+	grep -q "peer vanished: keepalive probe failed" <<<"$st" ||
 		ferry_fail "the idle lane to a vanished host did not fail with the probe's reason within ${RDMA_IDLE_WAIT:-30} s: $st"
 	echo "ok: the idle lane failed $ms ms after its peer's NIC went down, with: $(grep -o 'rdma lane[^"]*' <<<"$st" | head -n 1)"
 fi

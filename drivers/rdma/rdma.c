@@ -901,7 +901,6 @@ static void check_events(struct ferry_lane_drv *l, bool now)
 	if (!now && t - l->slow_check_ns < 1000000)
 		return;
 	l->slow_check_ns = t;
-	keepalive(l, t);
 	struct pollfd p[2] = { { .fd = l->ec->fd, .events = POLLIN }, { .fd = l->dev->verbs->async_fd, .events = POLLIN } };
 	if (poll(p, 2, 0) > 0) {
 		if (p[0].revents)
@@ -914,6 +913,8 @@ static void check_events(struct ferry_lane_drv *l, bool now)
 		lane_fail(l, ac, "%s", l->async_msg);
 	if (__atomic_load_n(&l->dev->fatal, __ATOMIC_ACQUIRE))
 		lane_fail(l, EIO, "the RDMA device reported a fatal error");
+	/* Last: a disconnect or async error already known is the reason, not a probe. */
+	keepalive(l, t);
 }
 
 /* ---- send side ------------------------------------------------------------- */

@@ -1,4 +1,5 @@
 #include "rdma.h"
+#include "../dgram.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -34,10 +35,21 @@
 #define SIGNAL_EVERY   16              /* at least one signalled send per this many */
 #define INLINE_WANT    256
 #define DONE_DEPTH     256
-#define STASH_DEPTH    32
 #define RECV_BIT       (1ull << 63)
 #define CREDIT_BATCH   (RQ_DATA / 4)
 #define HDR_STRIDE     64              /* zero-copy sends: a header buffer per send queue entry */
+/* Idle lanes: a probe (a credit-only message) once per keepalive_ms with
+ * nothing else sent; the lane fails when the peer has sent nothing, not even
+ * its own probes, for dead_ms. Defaults generous enough for a loaded TCG
+ * guest; a real fabric can go much lower. */
+#define KEEPALIVE_MS   1000u
+#define DEAD_MS        15000u
+/* Local ACK timeout, 4.096 us * 2^17 = 0.54 s, times RETRY_COUNT + 1: a
+ * message to a host that vanished errors in about 3.8 s rather than never.
+ * Not 7 retries: soft-RoCE (rxe) takes 7 to mean "retry for ever", as the
+ * spec has it only for RNR retries. */
+#define ACK_TIMEOUT    17
+#define RETRY_COUNT    6
 
 struct ferry_device {
 	struct rdma_event_channel *ec;
@@ -48,9 +60,12 @@ struct ferry_device {
 	char endpoint[FERRY_ENDPOINT_MAX];
 	pthread_mutex_t async_lock;
 	int fatal;                     /* the device itself failed (async event) */
+	unsigned keepalive_ms, dead_ms; /* keepalive_ms 0: no probes, no dead peer check */
+	int cq_entries;                /* CQ size per lane (test_cq_entries= makes it too small) */
 };
 
-enum sq_kind { SQ_SLOT = 1, SQ_INLINE, SQ_ZEROCOPY, SQ_CREDIT, SQ_WRITE };
+/* SQ_PROBE: a credit-only message sent as an idle lane's keepalive (named so in errors) */
+enum sq_kind { SQ_SLOT = 1, SQ_INLINE, SQ_ZEROCOPY, SQ_CREDIT, SQ_PROBE, SQ_WRITE };
 
 struct sq_rec {
 	uint8_t kind;
@@ -75,6 +90,8 @@ struct ferry_lane_drv {
 	int epfd, evfd;
 	bool evfd_set, armed, established, disconnected;
 	uint64_t slow_check_ns;        /* when connection and async events were last looked at */
+	bool heard, posted;            /* since the last keepalive look: a receive came / a send went */
+	uint64_t heard_ns, posted_ns;  /* when (as of those looks) */
 	unsigned cq_events;            /* to acknowledge before destroying the CQ */
 	uint32_t max_inline;
 	/* send side */
@@ -104,8 +121,6 @@ struct ferry_lane_drv {
 	uint32_t cur_off, cur_len;
 	uint64_t frame_left;           /* payload bytes of the current frame not consumed */
 	int held_slot;                 /* a control frame's payload, until the next rx_burst */
-	struct ibv_wc stash[STASH_DEPTH];
-	unsigned nstash;
 	/* failure: the first reason wins */
 	int fail_code;
 	char fail_msg[FERRY_ERR_MSG_MAX - 64];
@@ -130,6 +145,13 @@ static void lane_fail(struct ferry_lane_drv *l, int code, const char *fmt, ...)
 static int lane_err(struct ferry_lane_drv *l, struct ferry_err *err)
 {
 	return ferry_err_set(err, l->fail_code, "rdma lane: %s", l->fail_msg);
+}
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 static int set_nonblock(int fd)
@@ -252,6 +274,16 @@ static int rdma_open(const struct ferry_driver_config *cfg, struct ferry_device 
 	int rc = parse_addr(bind_opt ? bind_opt : "0.0.0.0:0", &ss, err);
 	if (rc)
 		return ferry_err_prefix(err, "rdma driver: bind");
+	/* test_cq_entries: for tests only, a CQ too small for the work a lane
+	 * posts, so that a real overrun can be provoked. */
+	unsigned long keepalive_ms, dead_ms, cq_entries;
+	if ((rc = ferry_dgram_opt_uint(cfg, "keepalive_ms", KEEPALIVE_MS, 0, 3600000, &keepalive_ms, err)) ||
+	    (rc = ferry_dgram_opt_uint(cfg, "dead_ms", DEAD_MS, 1, 36000000, &dead_ms, err)) ||
+	    (rc = ferry_dgram_opt_uint(cfg, "test_cq_entries", CQ_DEPTH, 1, CQ_DEPTH, &cq_entries, err)))
+		return ferry_err_prefix(err, "rdma driver");
+	if (keepalive_ms && dead_ms <= keepalive_ms)
+		return ferry_err_set(err, EINVAL, "rdma driver: dead_ms=%lu must exceed keepalive_ms=%lu (the peer's probes come that often)",
+				     dead_ms, keepalive_ms);
 	char devname[64] = "";
 	union ibv_gid want;
 	if (gid_opt) {
@@ -286,6 +318,9 @@ static int rdma_open(const struct ferry_driver_config *cfg, struct ferry_device 
 	if (!dev)
 		return ferry_err_set(err, ENOMEM, "rdma driver: out of memory");
 	pthread_mutex_init(&dev->async_lock, NULL);
+	dev->keepalive_ms = (unsigned)keepalive_ms;
+	dev->dead_ms = (unsigned)dead_ms;
+	dev->cq_entries = (int)cq_entries;
 	char host[INET6_ADDRSTRLEN] = "?";
 	getnameinfo((struct sockaddr *)&ss, sizeof(ss), host, sizeof(host), NULL, 0, NI_NUMERICHOST);
 	dev->ec = rdma_create_event_channel();
@@ -447,10 +482,10 @@ static int lane_setup_qp(struct ferry_lane_drv *l, struct ferry_err *err)
 	l->cc = ibv_create_comp_channel(dev->verbs);
 	if (!l->cc || set_nonblock(l->cc->fd) || set_nonblock(l->ec->fd))
 		return ferry_err_set(err, errno ? errno : ENOMEM, "rdma lane: completion channel: %s", strerror(errno));
-	l->cq = ibv_create_cq(dev->verbs, CQ_DEPTH, l, l->cc, 0);
+	l->cq = ibv_create_cq(dev->verbs, dev->cq_entries, l, l->cc, 0);
 	if (!l->cq)
 		return ferry_err_set(err, errno ? errno : ENOMEM, "rdma lane: cannot create a CQ of %d entries: %s",
-				     CQ_DEPTH, strerror(errno));
+				     dev->cq_entries, strerror(errno));
 	struct ibv_qp_init_attr qa = {
 		.qp_context = l, .send_cq = l->cq, .recv_cq = l->cq, .qp_type = IBV_QPT_RC,
 		.cap = { .max_send_wr = SQ_DEPTH, .max_recv_wr = RQ_TOTAL, .max_send_sge = 2, .max_recv_sge = 1,
@@ -486,6 +521,10 @@ static int lane_setup_qp(struct ferry_lane_drv *l, struct ferry_err *err)
 	if (l->evfd < 0 || l->epfd < 0 || epoll_add(l->epfd, l->cc->fd) || epoll_add(l->epfd, l->ec->fd) ||
 	    epoll_add(l->epfd, l->evfd) || epoll_add(l->epfd, dev->verbs->async_fd))
 		return ferry_err_set(err, errno, "rdma lane: wakeup fd: %s", strerror(errno));
+	uint8_t ack = ACK_TIMEOUT;
+	if (rdma_set_option(l->id, RDMA_OPTION_ID, RDMA_OPTION_ID_ACK_TIMEOUT, &ack, sizeof(ack)))
+		return ferry_err_set(err, errno, "rdma lane: cannot set the ACK timeout: %s", strerror(errno));
+	l->heard_ns = l->posted_ns = mono_ns();
 	return 0;
 }
 
@@ -493,7 +532,7 @@ static struct rdma_conn_param conn_param(void)
 {
 	/* SEND and WRITE only: no RDMA READ resources. RNR retries without end
 	 * cover the credit-only messages' spare receives. */
-	struct rdma_conn_param p = { .responder_resources = 0, .initiator_depth = 0, .retry_count = 7,
+	struct rdma_conn_param p = { .responder_resources = 0, .initiator_depth = 0, .retry_count = RETRY_COUNT,
 				     .rnr_retry_count = 7 };
 	return p;
 }
@@ -542,9 +581,7 @@ static int rdma_lane_accept(struct ferry_device *dev, struct ferry_lane_drv **ou
 
 static uint64_t now_ms(void)
 {
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+	return mono_ns() / 1000000u;
 }
 
 /* Connect-time wait for one rdma_cm event on the lane's channel. */
@@ -659,13 +696,17 @@ static void rdma_mem_deregister(struct ferry_device *dev, struct ferry_mr *mr)
 /* ---- completions and events ------------------------------------------------ */
 
 static void check_cm(struct ferry_lane_drv *l);
+static void check_events(struct ferry_lane_drv *l, bool now);
 
 static const char *wc_op(const struct ibv_wc *wc, const struct ferry_lane_drv *l)
 {
 	if (wc->wr_id & RECV_BIT)
 		return "receive";
 	const struct sq_rec *r = &l->sq[wc->wr_id % SQ_DEPTH];
-	return r->kind == SQ_WRITE ? "one-sided write" : r->kind == SQ_CREDIT ? "credit message" : "send";
+	return r->kind == SQ_WRITE    ? "one-sided write"
+	       : r->kind == SQ_CREDIT ? "credit message"
+	       : r->kind == SQ_PROBE  ? "keepalive probe"
+				      : "send";
 }
 
 static void wc_failed(struct ferry_lane_drv *l, const struct ibv_wc *wc)
@@ -673,7 +714,9 @@ static void wc_failed(struct ferry_lane_drv *l, const struct ibv_wc *wc)
 	const char *op = wc_op(wc, l);
 	switch (wc->status) {
 	case IBV_WC_WR_FLUSH_ERR:
-		check_cm(l); /* a disconnect flushes the queue pair: say that, if it is why */
+		/* A disconnect or an async error (CQ overrun) flushes the queue
+		 * pair: say that, if it is why. */
+		check_events(l, true);
 		if (l->disconnected)
 			lane_fail(l, ECONNRESET, "peer closed the lane");
 		else
@@ -711,7 +754,7 @@ static void retire_sends(struct ferry_lane_drv *l, uint64_t seq)
 			l->tx_free[l->tx_nfree++] = r->slot;
 		else if (r->kind == SQ_ZEROCOPY)
 			complete_cookie(l, r->cookie); /* the caller's buffer is free again */
-		else if (r->kind == SQ_CREDIT)
+		else if (r->kind == SQ_CREDIT || r->kind == SQ_PROBE)
 			l->credit_inflight = false;
 		else if (r->kind == SQ_WRITE) {
 			l->writes--;
@@ -739,6 +782,7 @@ static void handle_wc(struct ferry_lane_drv *l, const struct ibv_wc *wc)
 		return;
 	}
 	int slot = (int)(wc->wr_id & 0xffff);
+	l->heard = true;
 	if (wc->opcode == IBV_WC_RECV_RDMA_WITH_IMM) {
 		/* A one-sided write landed; its bytes are in the region already.
 		 * It used one of our receives (and one of the peer's credits). */
@@ -767,7 +811,7 @@ static const struct async_kind {
 	int code;
 	const char *what;
 } async_kinds[] = {
-	{ IBV_EVENT_CQ_ERR, true, EIO, "completion queue overrun" },
+	{ IBV_EVENT_CQ_ERR, true, EIO, "CQ overrun: the completion queue was too small for the work posted" },
 	{ IBV_EVENT_QP_FATAL, false, EIO, "queue pair in error state (fatal)" },
 	{ IBV_EVENT_QP_REQ_ERR, false, EIO, "queue pair in error state (invalid request)" },
 	{ IBV_EVENT_QP_ACCESS_ERR, false, EACCES, "remote access error" },
@@ -823,7 +867,7 @@ static void check_cm(struct ferry_lane_drv *l)
 	}
 }
 
-static void check_events(struct ferry_lane_drv *l, bool now);
+static void keepalive(struct ferry_lane_drv *l, uint64_t t);
 
 /* Reap completions; when there are none, look at the slower event sources. */
 static void poll_lane(struct ferry_lane_drv *l)
@@ -834,10 +878,7 @@ static void poll_lane(struct ferry_lane_drv *l)
 		(void)r;
 		l->evfd_set = false;
 	}
-	for (unsigned i = 0; i < l->nstash; i++)
-		handle_wc(l, &l->stash[i]);
-	int total = (int)l->nstash;
-	l->nstash = 0;
+	int total = 0;
 	struct ibv_wc wc[32];
 	int n;
 	while ((n = ibv_poll_cq(l->cq, 32, wc)) > 0) {
@@ -856,9 +897,7 @@ static void poll_lane(struct ferry_lane_drv *l)
  * anyway), and always before it sleeps. */
 static void check_events(struct ferry_lane_drv *l, bool now)
 {
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	uint64_t t = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+	uint64_t t = mono_ns();
 	if (!now && t - l->slow_check_ns < 1000000)
 		return;
 	l->slow_check_ns = t;
@@ -874,6 +913,8 @@ static void check_events(struct ferry_lane_drv *l, bool now)
 		lane_fail(l, ac, "%s", l->async_msg);
 	if (__atomic_load_n(&l->dev->fatal, __ATOMIC_ACQUIRE))
 		lane_fail(l, EIO, "the RDMA device reported a fatal error");
+	/* Last: a disconnect or async error already known is the reason, not a probe. */
+	keepalive(l, t);
 }
 
 /* ---- send side ------------------------------------------------------------- */
@@ -898,7 +939,8 @@ static int post_chain(struct ferry_lane_drv *l, struct ibv_send_wr *wr, const st
 		wr[i].next = i + 1 < n ? &wr[i + 1] : NULL;
 		/* A zero-copy frame's buffer stays the caller's until its send
 		 * completes: signal it, or the caller could wait for ever. */
-		bool sig = recs[i].kind == SQ_WRITE || recs[i].kind == SQ_CREDIT || (recs[i].kind == SQ_ZEROCOPY && recs[i].cookie);
+		bool sig = recs[i].kind == SQ_WRITE || recs[i].kind == SQ_CREDIT || recs[i].kind == SQ_PROBE ||
+			   (recs[i].kind == SQ_ZEROCOPY && recs[i].cookie);
 		if (!sig) {
 			l->unsignaled++;
 			/* Batch: signal every SIGNAL_EVERY, and whenever the ring or
@@ -920,7 +962,20 @@ static int post_chain(struct ferry_lane_drv *l, struct ibv_send_wr *wr, const st
 		return -rc;
 	}
 	l->sq_head += n;
+	l->posted = true;
 	return 0;
+}
+
+/* A credit-only message: a zero-length SEND_WITH_IMM into one of the peer's
+ * spare receives, carrying our count of freed receives. */
+static void send_credit(struct ferry_lane_drv *l, enum sq_kind kind)
+{
+	struct ibv_send_wr wr = { .opcode = IBV_WR_SEND_WITH_IMM, .imm_data = htonl(l->freed) };
+	struct sq_rec rec = { .kind = (uint8_t)kind, .slot = -1 };
+	if (post_chain(l, &wr, &rec, 1) == 0) {
+		l->reported = l->freed;
+		l->credit_inflight = true;
+	}
 }
 
 static void maybe_send_credit(struct ferry_lane_drv *l)
@@ -932,11 +987,37 @@ static void maybe_send_credit(struct ferry_lane_drv *l)
 	 * peer may be waiting for exactly these). */
 	if (owed < CREDIT_BATCH && (l->rxq_count > 0 || l->cur_slot >= 0))
 		return;
-	struct ibv_send_wr wr = { .opcode = IBV_WR_SEND_WITH_IMM, .imm_data = htonl(l->freed) };
-	struct sq_rec rec = { .kind = SQ_CREDIT, .slot = -1 };
-	if (post_chain(l, &wr, &rec, 1) == 0) {
-		l->reported = l->freed;
-		l->credit_inflight = true;
+	send_credit(l, SQ_CREDIT);
+}
+
+/* An RC queue pair with nothing to send never learns that its peer's host
+ * died. So, every keepalive_ms without a send, probe with a credit-only
+ * message: to a vanished host it errors once the ACK timeout's retries run
+ * out ("peer vanished"). A peer whose ferry stopped running (hung, stopped)
+ * still has its kernel or NIC acknowledge: it is caught by its own probes
+ * no longer arriving for dead_ms. */
+static void keepalive(struct ferry_lane_drv *l, uint64_t t)
+{
+	const struct ferry_device *dev = l->dev;
+	if (!dev->keepalive_ms || l->fail_code)
+		return;
+	if (l->heard) {
+		l->heard = false;
+		l->heard_ns = t;
+	}
+	if (l->posted) {
+		l->posted = false;
+		l->posted_ns = t;
+	}
+	if (t - l->heard_ns >= (uint64_t)dev->dead_ms * 1000000u) {
+		lane_fail(l, ETIMEDOUT, "peer stopped answering: nothing came from it for %u ms (keepalive every %u ms)",
+			  (unsigned)((t - l->heard_ns) / 1000000u), dev->keepalive_ms);
+		return;
+	}
+	if (t - l->posted_ns >= (uint64_t)dev->keepalive_ms * 1000000u && !l->credit_inflight && sq_room(l) >= 2) {
+		send_credit(l, SQ_PROBE);
+		l->posted_ns = t;
+		l->posted = false;
 	}
 }
 
@@ -1284,13 +1365,15 @@ static int rdma_wakeup_fd(struct ferry_lane_drv *l, short *events, bool want_tx)
 	l->armed = ibv_req_notify_cq(l->cq, 0) == 0;
 	check_events(l, true);
 	/* Completions that arrived before the CQ was armed raise no event:
-	 * look once more, and wake ourselves if there were any (or the lane
-	 * has just failed). */
-	int got = 0;
-	if (l->nstash < STASH_DEPTH)
-		got = ibv_poll_cq(l->cq, (int)(STASH_DEPTH - l->nstash), l->stash + l->nstash);
-	if (got > 0)
-		l->nstash += (unsigned)got;
+	 * reap them now, and wake ourselves if there were any (or the lane has
+	 * just failed). Reaped here rather than kept for later: whatever the
+	 * owner calls next (a lane stuck mid-frame, its target not reading,
+	 * may call little), the peer's probes count and their spare receives
+	 * are re-posted, so a slow reader never looks like a dead peer. */
+	struct ibv_wc wc[32];
+	int got = ibv_poll_cq(l->cq, 32, wc);
+	for (int i = 0; i < got; i++)
+		handle_wc(l, &wc[i]);
 	if (got > 0 || l->fail_code) {
 		uint64_t one = 1;
 		ssize_t w = write(l->evfd, &one, sizeof(one));

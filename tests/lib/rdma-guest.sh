@@ -20,8 +20,9 @@
 # Environment (optional): RDMA_GUEST_CACHE, RDMA_GUEST_MEM (default 2048 MiB),
 # RDMA_GUEST_CPUS (default 2), QEMU_BIN (default qemu-system-x86_64).
 # In the guest: eth0 has RDMA_GUEST_IP (198.18.0.1/24, a benchmark-range
-# address that never leaves the guest: the NIC is on an empty QEMU hub),
-# rxe0 rides it, GID index 1 is its RoCEv2 (IPv4-mapped) GID, memlock is
+# address that never leaves the guest: the NIC is on a QEMU hub with only
+# eth1, a second NIC left down for tests that want two hosts' worth of wire:
+# tests/lib/rdma-twohost.sh), rxe0 rides it, GID index 1 is its RoCEv2 (IPv4-mapped) GID, memlock is
 # unlimited, the working directory is the caller's.
 
 _rdma_guest_lib=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -183,6 +184,7 @@ EOF
 		-virtfs "local,path=/,mount_tag=hostroot,security_model=none,multidevs=remap,readonly=on" \
 		-virtfs "local,path=$io,mount_tag=ferryio,security_model=none" \
 		-netdev hubport,id=n0,hubid=0 -device virtio-net-pci,netdev=n0 \
+		-netdev hubport,id=n1,hubid=0 -device virtio-net-pci,netdev=n1 \
 		</dev/null >"$io/qemu.log" 2>&1
 	local qrc=$?
 	for v in ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS; do
@@ -206,4 +208,44 @@ EOF
 rdma_guest_cleanup() {
 	[ -n "$RDMA_GUEST_OUT" ] && [ -z "${RDMA_GUEST_KEEP:-}" ] && rm -rf "$(dirname "$RDMA_GUEST_OUT")"
 	return 0
+}
+
+# Inside the guest only: rdma_guest_twohost makes eth1 a second "host":
+# RDMA_GUEST_IP2 (198.18.1.2) on eth1 with soft-RoCE device rxe1, and traffic
+# between the two addresses going over the wire (out of one NIC, through the
+# QEMU hub, into the other) rather than through the kernel's loopback, which
+# soft-RoCE would short-cut. Then `ip link set eth1 down` is a cable pulled:
+# packets to the second host vanish without any event on the first. Each
+# address leaves the shared local routing table for a table consulted only
+# for packets arriving on its own NIC; static neighbours replace ARP (which
+# would consult the local table). Call it after every check that uses
+# RDMA_GUEST_IP on its own: from here on that address is reached over eth1.
+RDMA_GUEST_IP2=198.18.1.2
+rdma_guest_twohost() {
+	local ip1=$RDMA_GUEST_IP ip2=$RDMA_GUEST_IP2 mac0 mac1 i
+	mac0=$(cat /sys/class/net/eth0/address) && mac1=$(cat /sys/class/net/eth1/address) || return 1
+	# Our own addresses arrive from the wire (accept_local) and, no longer
+	# in the local table, can still be bound (ip_nonlocal_bind).
+	sysctl -qw net.ipv4.ip_nonlocal_bind=1 || return 1
+	for i in all default eth0 eth1; do
+		sysctl -qw "net.ipv4.conf.$i.accept_local=1" "net.ipv4.conf.$i.rp_filter=0" || return 1
+	done
+	ip link set eth1 up &&
+		ip addr add "$ip2/24" dev eth1 &&
+		rdma link add rxe1 type rxe netdev eth1 &&
+		ip route del local "$ip1" table local &&
+		ip route del local "$ip2" table local &&
+		ip route add local "$ip1" dev eth0 table 101 &&
+		ip rule add iif eth0 lookup 101 pref 10 &&
+		ip route add local "$ip2" dev eth1 table 102 &&
+		ip rule add iif eth1 lookup 102 pref 11 &&
+		ip route add "$ip2/32" dev eth0 &&
+		ip route add "$ip1/32" dev eth1 &&
+		ip neigh replace "$ip2" lladdr "$mac1" dev eth0 nud permanent &&
+		ip neigh replace "$ip1" lladdr "$mac0" dev eth1 nud permanent || return 1
+	for i in $(seq 50); do
+		rdma link show rxe1/1 2>/dev/null | grep -q 'state ACTIVE' && return 0
+		sleep 0.1
+	done
+	return 1
 }

@@ -2,7 +2,8 @@
  * one-sided write under a bogus key (remote access error on both ends); under
  * the data plane, region writes (one-sided) checked byte for byte, streams
  * both ways at once, a destination region too small, and a peer that closes
- * mid-transfer. Needs an active RDMA port (soft-RoCE
+ * mid-transfer; a CQ overrun provoked for real (the test-only option
+ * test_cq_entries= gives a lane a CQ too small for the work posted). Needs an active RDMA port (soft-RoCE
  * in the test guest: tests/e2e/rdma-ferry.sh runs it there); exits 77 where
  * there is none. */
 #include <errno.h>
@@ -181,6 +182,13 @@ static void test_device_choice(void)
 	dp = open_rdma("gid=fe80::1", &err);
 	CHECK(!dp && strstr(err.msg, "not IPv4-mapped"), "a GID rdma_cm cannot bind is refused: %s", err.msg);
 	ferry_dp_close(dp);
+	dp = open_rdma("keepalive_ms=soon", &err);
+	CHECK(!dp && strstr(err.msg, "keepalive_ms=soon is not a number"), "a bad keepalive is named: %s", err.msg);
+	ferry_dp_close(dp);
+	dp = open_rdma("dead_ms=500", &err);
+	CHECK(!dp && strstr(err.msg, "dead_ms=500 must exceed keepalive_ms=1000"),
+	      "a peer deadline shorter than the probes' period is refused: %s", err.msg);
+	ferry_dp_close(dp);
 	dp = open_rdma("bind=127.0.0.1:0", &err);
 	char ep[FERRY_DP_ENDPOINT_MAX] = "";
 	if (dp)
@@ -301,6 +309,77 @@ static int until_failed(const struct ferry_driver_ops *ops, struct ferry_lane_dr
 	return 0;
 }
 
+/* The device's verbs resource counts (pd, cq, qp, cm_id, mr, ...) from
+ * iproute2's `rdma resource show`: equal before and after a lane's life
+ * means its close freed everything. */
+static void rdma_resources(char *buf, size_t len)
+{
+	buf[0] = '\0';
+	FILE *p = popen("rdma resource show 2>&1", "r");
+	if (!p)
+		return;
+	size_t n = fread(buf, 1, len - 1, p);
+	buf[n] = '\0';
+	pclose(p);
+}
+
+/* A receiver whose CQ holds a handful of entries, and a sender that posts
+ * forty messages while the receiver does not poll: the device overruns the
+ * CQ and raises IBV_EVENT_CQ_ERR; the lane must fail with that reason. */
+static void test_cq_overrun(void)
+{
+	const struct ferry_driver_ops *ops = ferry_driver_find("rdma");
+	if (!ops)
+		return;
+	struct ferry_err err = { 0 };
+	const char *small[] = { "test_cq_entries=4", NULL };
+	struct ferry_driver_config cfg = { 0 }, cfg_small = { .options = small };
+	struct ferry_device *da = NULL, *db = NULL;
+	CHECK(ops->open(&cfg, &da, &err) == 0 && ops->open(&cfg_small, &db, &err) == 0, "CQ overrun: devices open (%s)",
+	      err.msg);
+	if (!da || !db)
+		goto out_dev;
+	char before[4096], during[4096], after[4096], ep[FERRY_ENDPOINT_MAX];
+	rdma_resources(before, sizeof(before));
+	ops->local_endpoint(db, ep, sizeof(ep), &err);
+	struct acceptor acc = { ops, db, NULL };
+	struct ferry_lane_drv *la = NULL;
+	pthread_t t;
+	pthread_create(&t, NULL, accept_main, &acc);
+	int rc = ops->lane_connect(da, ep, 0, 10000, &la, &err);
+	pthread_join(t, NULL);
+	CHECK(rc == 0 && acc.lane, "CQ overrun: a lane to a 4-entry CQ connects (%s)", err.msg);
+	if (rc || !acc.lane)
+		goto out;
+	rdma_resources(during, sizeof(during));
+	CHECK(strcmp(before, during) != 0, "the device counts the lanes' resources: %s", during);
+	static uint8_t payload[4096];
+	struct iovec iov = { .iov_base = payload, .iov_len = sizeof(payload) };
+	unsigned sent = 0;
+	for (int i = 0; i < 40; i++) {
+		struct ferry_tx_frame f = { .hdr = { .type = FERRY_FT_DATA, .session = 1, .stream = 1, .length = sizeof(payload) },
+					    .iov = &iov, .iovcnt = 1 };
+		if (ops->tx_burst(la, &f, 1, &err) == 1)
+			sent++;
+		ops->tx_flush(la, &err);
+	}
+	CHECK(sent >= 16, "CQ overrun: %u messages posted to a receiver that does not poll", sent);
+	usleep(500000); /* let the device deliver them into the small CQ */
+	double t0 = now_s();
+	ferry_err_clear(&err);
+	rc = until_failed(ops, acc.lane, 20000, &err);
+	CHECK(rc < 0 && strstr(err.msg, "CQ overrun"), "the receiver's lane fails with the overrun in %.1f s: %s",
+	      now_s() - t0, err.msg);
+out:
+	ops->lane_close(la);
+	ops->lane_close(acc.lane);
+	rdma_resources(after, sizeof(after));
+	CHECK(before[0] && strcmp(before, after) == 0, "both lanes' verbs resources are freed: %s / %s", before, after);
+out_dev:
+	ops->close(da);
+	ops->close(db);
+}
+
 static void test_driver_errors(void)
 {
 	const struct ferry_driver_ops *ops = ferry_driver_find("rdma");
@@ -370,6 +449,7 @@ int main(int argc, char **argv)
 	size_t mb = argc > 1 ? strtoul(argv[1], NULL, 10) : 32;
 	test_device_choice();
 	test_driver_errors();
+	test_cq_overrun();
 	test_regions(sdp, ddp, (mb << 20) + 4096, 2);
 	test_streams(sdp, ddp, mb << 20);
 	test_peer_region_too_small(sdp, ddp);

@@ -531,8 +531,8 @@ static void busy_reader(void)
 {
 	struct ferry_err err = { 0 };
 	struct ferry_device *a = NULL, *b = NULL;
-	CHECK(dev_open(&a, "rl_dead_ms=300", NULL, NULL, &err) == 0 && dev_open(&b, "rl_dead_ms=300", NULL, NULL, &err) == 0,
-	      "open two devices that give up after 300 ms: %s", err.msg);
+	CHECK(dev_open(&a, "rl_dead_ms=500", NULL, NULL, &err) == 0 && dev_open(&b, "rl_dead_ms=500", NULL, NULL, &err) == 0,
+	      "open two devices that give up after 500 ms: %s", err.msg);
 	struct ferry_lane_drv *la = NULL, *lb = NULL;
 	CHECK(lane_pair(a, b, 0, &la, &lb, &err) == 0, "a lane: %s", err.msg);
 	if (!la || !lb)
@@ -554,9 +554,9 @@ static void busy_reader(void)
 	}
 	CHECK(n == 1 && f.hdr.type == FERRY_FT_DATA && f.pending && ops.rx_payload(lb, got[0], 1000, &err) == 1000,
 	      "b has the first DATA frame's header and 1000 of its bytes: %s", err.msg);
-	/* 4 x rl_dead_ms of b running only its send side, as the data plane does */
+	/* 3 x rl_dead_ms of b running only its send side, as the data plane does */
 	int ra = 0, rb = 0;
-	end = ms_now() + 1200;
+	end = ms_now() + 1500;
 	while (ms_now() < end && (ra == 0 || ra == -EAGAIN) && (rb == 0 || rb == -EAGAIN)) {
 		queue_frame(la, data, &queued, &err);
 		void *c[8];
@@ -569,7 +569,7 @@ static void busy_reader(void)
 		usleep(1000);
 	}
 	CHECK((ra == 0 || ra == -EAGAIN) && (rb == 0 || rb == -EAGAIN),
-	      "neither end gave up while b's consumer stalled for 1.2 s (a %d, b %d): %s", ra, rb, err.msg);
+	      "neither end gave up while b's consumer stalled for 1.5 s (a %d, b %d): %s", ra, rb, err.msg);
 	/* the consumer is back: everything arrives whole */
 	size_t off = 1000, total = (size_t)FRAMES * FRAME;
 	end = ms_now() + 10000;

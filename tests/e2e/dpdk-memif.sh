@@ -8,7 +8,8 @@
 # duplication and 1 % corruption (DPDK_MEMIF_5PCT_MB per stream, default 32:
 # small so the stage stays near 10 s in CI), where the source's tunnel-status
 # must also show retransmissions and corrupt frames dropped: proof that the
-# repair happened, not just that the bytes came through.
+# repair happened, not just that the bytes came through. Last, a memif client
+# started before its server must wait for it.
 #
 # Exit: 0 pass, 1 fail, 77 skip (no DPDK driver in this build, or DPDK cannot
 # start here). Environment: tests/lib/ferry.sh.
@@ -81,5 +82,26 @@ lanes=$(json_field stats.lane <<<"$st" | python3 -c 'import json,sys; print(sum(
 [ "$lanes" = 4 ] || ferry_fail "5% loss: $lanes of 4 lanes report reliability counters: $st"
 ferry_stop_daemon a3
 ferry_stop_daemon b3
+# A memif client started before its server (both daemons started at once, as
+# perf/bench-nbd.sh does) waits for it: it connects again until its link is
+# up. (DPDK 22.11's client gave up at once without a socket, and one that
+# connected while its server's port was not yet started kept the link down
+# for good: every lane then failed "peer silent for 5000 ms".)
+sock=$QEMU_DIR/memif4.sock
+(ferry_start_daemon b4 --driver dpdk --driver-opt queues=1 --driver-opt dgram=8972 --allow-dir "$allow" \
+	--driver-opt "vdev=net_memif0,role=client,socket=$sock,bsize=9216" --driver-opt eal=-l1 --driver-opt ip=198.18.0.2 &&
+	echo "${FERRY_PID[b4]} ${FERRY_LISTEN[b4]}" >"$QEMU_DIR/b4.started") &
+client=$!
+sleep 1
+ferry_start_daemon a4 --driver dpdk --driver-opt queues=1 --driver-opt dgram=8972 \
+	--driver-opt "vdev=net_memif0,role=server,socket=$sock,bsize=9216" --driver-opt eal=-l0 --driver-opt ip=198.18.0.1 ||
+	ferry_fail "starting the memif server after its client failed"
+wait "$client" || ferry_fail "a memif client started 1 s before its server did not wait for it: $(grep -h "dpdk driver" "$QEMU_DIR/ferryd-b4.log")"
+read -r "FERRY_PID[b4]" "FERRY_LISTEN[b4]" <"$QEMU_DIR/b4.started"
+FERRY_ADMIN[b4]=$QEMU_DIR/b4/admin.sock
+FERRY_LOG[b4]=$QEMU_DIR/ferryd-b4.log
+mb=1 round "memif, client started 1 s before its server" 4
+ferry_stop_daemon a4
+ferry_stop_daemon b4
 echo "PASS dpdk-memif in $(ferry_elapsed)s"
 exit 0

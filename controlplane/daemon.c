@@ -300,21 +300,50 @@ static void hex(const uint8_t *in, size_t n, char *out)
 		sprintf(out + 2 * i, "%02x", in[i]);
 }
 
+/* A datagram lane's reliability counters (docs/wire-format.md, "Counters"). */
+static json_t *rel_json(const struct ferry_rel_stats *r)
+{
+	json_t *o = json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "tx_datagrams",
+			      (json_int_t)r->tx_datagrams, "tx_data", (json_int_t)r->tx_data, "retransmits",
+			      (json_int_t)r->retransmits, "retx_timeout", (json_int_t)r->retx_timeout, "retx_sack",
+			      (json_int_t)r->retx_sack, "tlp_probes", (json_int_t)r->tlp_probes, "timeouts",
+			      (json_int_t)r->timeouts, "loss_events", (json_int_t)r->loss_events, "rx_datagrams",
+			      (json_int_t)r->rx_datagrams, "dup_drops", (json_int_t)r->dup_drops, "corrupt_drops",
+			      (json_int_t)r->corrupt_drops, "reorder_buffered", (json_int_t)r->reorder_buffered,
+			      "window_drops", (json_int_t)r->window_drops, "malformed_drops", (json_int_t)r->malformed_drops);
+	json_t *more = json_pack("{s:I, s:f, s:f, s:I, s:I, s:I, s:I, s:I}", "cwnd", (json_int_t)r->cwnd, "srtt_us",
+				 (double)r->srtt_ns / 1e3, "rto_ms", (double)r->rto_ns / 1e6, "inflight_bytes",
+				 (json_int_t)r->inflight_bytes, "fault_dropped", (json_int_t)r->fault_dropped,
+				 "fault_duplicated", (json_int_t)r->fault_duplicated, "fault_reordered",
+				 (json_int_t)r->fault_reordered, "fault_corrupted", (json_int_t)r->fault_corrupted);
+	if (o && more)
+		json_object_update(o, more);
+	json_decref(more);
+	return o;
+}
+
 static json_t *session_stats_json(struct ferry_session *s)
 {
 	struct ferry_session_stats st;
 	ferry_session_stats(s, &st);
 	static const char *const names[] = { "connecting", "active", "failed", "closed" };
 	json_t *lanes = json_array();
-	for (unsigned i = 0; i < st.lanes; i++)
-		json_array_append_new(lanes, json_pack("{s:I, s:I, s:I, s:I, s:f}", "tx_bytes", (json_int_t)st.lane[i].tx_bytes,
-						       "rx_bytes", (json_int_t)st.lane[i].rx_bytes, "tx_frames",
-						       (json_int_t)st.lane[i].tx_frames, "rx_frames",
-						       (json_int_t)st.lane[i].rx_frames, "idle_pct", st.lane[i].idle_pct));
-	return json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:I, s:I, s:s, s:o}", "state", names[st.state], "lanes",
-			 (int)st.lanes, "lanes_up", (int)st.lanes_up, "streams_opened", (int)st.streams_opened,
-			 "streams_closed", (int)st.streams_closed, "streams_refused", (int)st.streams_refused, "tx_bytes",
-			 (json_int_t)st.tx_bytes, "rx_bytes", (json_int_t)st.rx_bytes, "error", st.error, "lane", lanes);
+	for (unsigned i = 0; i < st.lanes; i++) {
+		json_t *l = json_pack("{s:I, s:I, s:I, s:I, s:f}", "tx_bytes", (json_int_t)st.lane[i].tx_bytes, "rx_bytes",
+				      (json_int_t)st.lane[i].rx_bytes, "tx_frames", (json_int_t)st.lane[i].tx_frames,
+				      "rx_frames", (json_int_t)st.lane[i].rx_frames, "idle_pct", st.lane[i].idle_pct);
+		if (l && st.lane[i].reliable)
+			json_object_set_new(l, "reliable", rel_json(&st.lane[i].rel));
+		json_array_append_new(lanes, l);
+	}
+	json_t *r = json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:I, s:I, s:s, s:o}", "state", names[st.state], "lanes",
+			      (int)st.lanes, "lanes_up", (int)st.lanes_up, "streams_opened", (int)st.streams_opened,
+			      "streams_closed", (int)st.streams_closed, "streams_refused", (int)st.streams_refused,
+			      "tx_bytes", (json_int_t)st.tx_bytes, "rx_bytes", (json_int_t)st.rx_bytes, "error", st.error,
+			      "lane", lanes);
+	if (r && st.reliable)
+		json_object_set_new(r, "reliable", rel_json(&st.rel));
+	return r;
 }
 
 /* ---- destination side --------------------------------------------------- */
@@ -1712,6 +1741,8 @@ static json_t *admin_migrate_status(struct daemon *d, json_t *req, bool cancel, 
 		json_object_set_new(r, "storage", json_string(p.storage));
 		if (p.warning[0])
 			json_object_set_new(r, "warning", json_string(p.warning));
+		if (p.reliable)
+			json_object_set_new(r, "reliable", rel_json(&p.rel));
 	}
 	return r;
 }

@@ -210,9 +210,15 @@ static void progress_line(json_t *st, bool tty)
 	char rb[32];
 	human_bytes(rem, rb, sizeof(rb));
 	const char *storage = str(st, "storage");
-	fprintf(stderr, "%s%5.1f%%  %5.2f GB/s  remaining %s  dirty %.1f MB/s  %.1fs  [%s/%s]%s%s%s", tty ? "\r\033[K" : "",
+	/* datagram lanes: how much repair the transport is doing */
+	char rel[96] = "";
+	json_t *r = json_object_get(st, "reliable");
+	if (r)
+		snprintf(rel, sizeof(rel), "  retx %.0f corrupt %.0f dup %.0f", num(r, "retransmits"), num(r, "corrupt_drops"),
+			 num(r, "dup_drops"));
+	fprintf(stderr, "%s%5.1f%%  %5.2f GB/s  remaining %s  dirty %.1f MB/s  %.1fs  [%s/%s]%s%s%s%s", tty ? "\r\033[K" : "",
 		pct, num(st, "throughput_gbs"), rb, num(st, "dirty_rate_bps") / 1e6, num(st, "elapsed_s"),
-		str(st, "state"), str(st, "qemu_status"), storage[0] ? "  disks: " : "", storage, tty ? "" : "\n");
+		str(st, "state"), str(st, "qemu_status"), rel, storage[0] ? "  disks: " : "", storage, tty ? "" : "\n");
 	fflush(stderr);
 }
 

@@ -382,6 +382,17 @@ static int set_source_caps(struct ferry_qmp *q, unsigned channels, bool postcopy
 	return rc;
 }
 
+/* Datagram lanes: the session's reliability counters for migrate-status. */
+static void note_rel(struct ferry_migration *m, const struct ferry_session_stats *ss)
+{
+	if (!ss->reliable)
+		return;
+	pthread_mutex_lock(&m->lock);
+	m->prog.reliable = true;
+	m->prog.rel = ss->rel;
+	pthread_mutex_unlock(&m->lock);
+}
+
 static void update_progress(struct ferry_migration *m, json_t *info, uint64_t *last_bytes, double *last_t)
 {
 	json_t *ram = json_object_get(info, "ram");
@@ -1161,6 +1172,9 @@ static void *migration_main(void *arg)
 			ferry_err_clear(&err);
 			update_progress(m, info, &last_bytes, &last_t);
 			json_decref(info);
+			struct ferry_session_stats fin;
+			ferry_session_stats(sess, &fin);
+			note_rel(m, &fin);
 			src_completed = true;
 			record(m, FERRY_PHASE_SENT, NULL);
 			break;
@@ -1268,6 +1282,7 @@ static void *migration_main(void *arg)
 		}
 		struct ferry_session_stats ss;
 		ferry_session_stats(sess, &ss);
+		note_rel(m, &ss);
 		if (ss.state == FERRY_SESSION_FAILED) {
 			/* QEMU notices the broken stream itself; cancel makes it certain. */
 			struct ferry_err e2 = { 0 };

@@ -79,6 +79,8 @@ struct ferry_migration_progress {
 	char storage[160];          /* storage migration: the mirrors' state ("" = none) */
 	double postcopy_at_s;       /* when the switch to postcopy was made (0: never) */
 	unsigned postcopy_recoveries; /* postcopy resumed over new lanes after a cut */
+	bool reliable;              /* datagram lanes (dpdk, udp): rel is the session's sum */
+	struct ferry_rel_stats rel;
 	char error[FERRY_ERR_MSG_MAX];
 };
 

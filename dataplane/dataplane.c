@@ -1827,6 +1827,39 @@ void ferry_session_close(struct ferry_session *s)
 	free(s);
 }
 
+static void rel_stats(struct ferry_lane_drv *drv, struct ferry_rel_stats *o)
+{
+	struct ferry_rl_stats r;
+	struct ferry_fault_stats f;
+	ferry_rldrv_lane_stats(drv, &r, &f);
+	*o = (struct ferry_rel_stats){
+		.tx_datagrams = r.tx_datagrams, .tx_data = r.tx_data, .retransmits = r.retransmits,
+		.retx_timeout = r.rto_retransmits, .retx_sack = r.fast_retransmits, .tlp_probes = r.tlp_probes,
+		.timeouts = r.timeouts, .loss_events = r.loss_events, .rx_datagrams = r.rx_datagrams,
+		.dup_drops = r.dup_drops, .corrupt_drops = r.corrupt_drops, .reorder_buffered = r.reorder_buffered,
+		.window_drops = r.window_drops, .malformed_drops = r.malformed_drops, .cwnd = r.cwnd,
+		.srtt_ns = r.srtt_ns, .rto_ns = r.rto_ns, .inflight_bytes = r.inflight_bytes,
+		.fault_dropped = f.dropped, .fault_duplicated = f.duplicated, .fault_reordered = f.reordered,
+		.fault_corrupted = f.corrupted,
+	};
+}
+
+/* A session's sum: counters add up, state is the largest lane's. */
+static void rel_add(struct ferry_rel_stats *sum, const struct ferry_rel_stats *l)
+{
+	static const size_t state[] = { offsetof(struct ferry_rel_stats, cwnd), offsetof(struct ferry_rel_stats, srtt_ns),
+					offsetof(struct ferry_rel_stats, rto_ns),
+					offsetof(struct ferry_rel_stats, inflight_bytes) };
+	for (size_t off = 0; off < sizeof(*sum); off += sizeof(uint64_t)) {
+		uint64_t *d = (uint64_t *)((char *)sum + off);
+		uint64_t v = *(const uint64_t *)((const char *)l + off);
+		bool is_state = false;
+		for (size_t k = 0; k < sizeof(state) / sizeof(state[0]); k++)
+			is_state |= state[k] == off;
+		*d = is_state ? (v > *d ? v : *d) : *d + v;
+	}
+}
+
 void ferry_session_stats(struct ferry_session *s, struct ferry_session_stats *st)
 {
 	memset(st, 0, sizeof(*st));
@@ -1854,6 +1887,14 @@ void ferry_session_stats(struct ferry_session *s, struct ferry_session_stats *st
 		ls->idle_pct = start && now > start ? 100.0 * (double)idle / (double)(now - start) : 0.0;
 		st->tx_bytes += ls->tx_bytes;
 		st->rx_bytes += ls->rx_bytes;
+		/* A datagram lane's drv, once set, lives until the session is
+		 * closed (it cannot be handed off): no lock needed to use it. */
+		struct ferry_lane_drv *drv = s->dp->rl ? __atomic_load_n(&l->drv, __ATOMIC_ACQUIRE) : NULL;
+		if (drv) {
+			ls->reliable = st->reliable = true;
+			rel_stats(drv, &ls->rel);
+			rel_add(&st->rel, &ls->rel);
+		}
 	}
 }
 

@@ -103,9 +103,37 @@ enum ferry_session_state {
 	FERRY_SESSION_CLOSED,
 };
 
+/* Datagram lanes (dpdk, udp): the reliability engine's view of one lane
+ * (dataplane/reliable.h; the fields are described in docs/wire-format.md,
+ * "Counters"). In a session's sum the counters add up and the state fields
+ * (cwnd .. inflight_bytes) are the largest lane's. uint64_t fields only. */
+struct ferry_rel_stats {
+	uint64_t tx_datagrams;     /* everything sent: data, retransmissions, acks, probes */
+	uint64_t tx_data;          /* data segments, first transmissions */
+	uint64_t retransmits;      /* data segments sent again, for any reason, of which */
+	uint64_t retx_timeout;     /*   the retransmission timer expired */
+	uint64_t retx_sack;        /*   acks (SACK gaps, RACK) showed them lost */
+	uint64_t tlp_probes;       /* tail loss probes (each sends a segment again) */
+	uint64_t timeouts;         /* retransmission timer expiries */
+	uint64_t loss_events;      /* congestion window reductions */
+	uint64_t rx_datagrams;     /* received datagrams that passed the CRC32C */
+	uint64_t dup_drops;        /* data segments received again, dropped */
+	uint64_t corrupt_drops;    /* failed the CRC32C or truncated: dropped, never delivered */
+	uint64_t reorder_buffered; /* segments that arrived ahead of a gap and waited */
+	uint64_t window_drops;     /* beyond the advertised window */
+	uint64_t malformed_drops;  /* passed the CRC but impossible (bad ack, lengths) */
+	uint64_t cwnd;             /* congestion window now, bytes */
+	uint64_t srtt_ns, rto_ns;  /* smoothed round trip, retransmission timeout */
+	uint64_t inflight_bytes;   /* sent, not yet acknowledged */
+	/* the fault injector on this end's sends (driver option fault=; 0 without) */
+	uint64_t fault_dropped, fault_duplicated, fault_reordered, fault_corrupted;
+};
+
 struct ferry_lane_stats {
 	uint64_t tx_bytes, rx_bytes, tx_frames, rx_frames;
 	double idle_pct;   /* share of wall time the poller slept since the lane started */
+	bool reliable;     /* a datagram lane: rel is filled */
+	struct ferry_rel_stats rel;
 };
 
 struct ferry_session_stats {
@@ -115,6 +143,8 @@ struct ferry_session_stats {
 	unsigned streams_refused;          /* source: connections beyond the session's streams, closed */
 	uint64_t tx_bytes, rx_bytes;       /* stream payload bytes */
 	struct ferry_lane_stats lane[FERRY_MAX_LANES];
+	bool reliable;                     /* datagram lanes: rel sums theirs */
+	struct ferry_rel_stats rel;
 	char error[FERRY_ERR_MSG_MAX];     /* why it failed */
 };
 

@@ -664,7 +664,9 @@ static int send_retx(struct ferry_rl *rl, uint64_t seq, uint64_t now, ferry_rl_t
 	if (rc)
 		return rc;
 	rl->st.retransmits++;
-	if (!(s->state & SEG_RTO))
+	if (s->state & SEG_RTO)
+		rl->st.rto_retransmits++;
+	else
 		rl->st.fast_retransmits++;
 	s->state = (uint8_t)((s->state & ~(SEG_LOST | SEG_RTO)) | SEG_PIPE | SEG_RETX);
 	s->xmit_ns = now;

@@ -128,6 +128,7 @@ struct ferry_rl_stats {
 	uint64_t tx_acks;          /* pure acks, window updates, probes */
 	uint64_t retransmits;      /* data segments sent again, for any reason */
 	uint64_t fast_retransmits; /* ... because acks showed them lost (SACK/RACK) */
+	uint64_t rto_retransmits;  /* ... because the retransmission timer expired */
 	uint64_t timeouts;         /* retransmission timer expiries */
 	uint64_t tlp_probes;       /* tail loss probes */
 	uint64_t probes;           /* keepalive and zero-window probes */

@@ -27,6 +27,7 @@
 #define LINGER_NS (2ull * 1000000000ull)  /* closing: wait this long at most for acks ... */
 #define LINGER_QUIET_NS (200ull * 1000000ull) /* ... or this long without hearing the peer */
 #define PUMPS_PER_READ 8
+#define PUMP_GAP_NS (100ull * 1000ull)    /* tx_flush reads input not read for this long */
 #define DEFAULT_POLL_US 200
 #define INLINE_CTRL (FERRY_RL_INLINE_MAX - FERRY_WIRE_HDR_LEN)
 
@@ -95,6 +96,7 @@ struct ferry_lane_drv {
 	struct ferry_fault *fault;
 	uint8_t *scratch;          /* fault path: a datagram made contiguous */
 	uint64_t now;              /* time of the current poll (fault emit) */
+	uint64_t last_pump_ns;     /* when input was last taken (owner or sweep, under op_lock) */
 	/* inbox: datagrams other threads received for us */
 	pthread_mutex_t in_lock;
 	struct fifo inbox;
@@ -347,6 +349,7 @@ static unsigned recv_queue(struct ferry_device *dev, unsigned qi, struct ferry_l
 static unsigned pump(struct ferry_lane_drv *l, uint64_t now, int *fail, struct ferry_err *err)
 {
 	unsigned got = 0;
+	l->last_pump_ns = now;
 	take_inbox(l, now, &got);
 	got += recv_queue(l->dev, l->q, l, now, fail, err);
 	return got;
@@ -790,7 +793,20 @@ static int tx_burst_locked(struct ferry_lane_drv *l, const struct ferry_tx_frame
 
 static int tx_flush_locked(struct ferry_lane_drv *l, struct ferry_err *err)
 {
-	int rc = service(l, now_ns(), err);
+	uint64_t now = now_ns();
+	/* A caller mid-frame with nowhere to put the payload (its local socket
+	 * full) calls only tx_flush until that drains, and the acceptor's sweep
+	 * leaves a lane so busy alone. Input must still be taken meanwhile: the
+	 * peer wants acks for its data (and a shut window), we want its acks for
+	 * ours, or either end takes the other for dead. The rlane's window
+	 * bounds what it buffers. */
+	if (now - l->last_pump_ns >= PUMP_GAP_NS) {
+		int fail = 0;
+		(void)pump(l, now, &fail, err);
+		if (fail)
+			return fail;
+	}
+	int rc = service(l, now, err);
 	if (rc)
 		return rc;
 	if ((rc = lane_failed(l, err)))

@@ -4,7 +4,8 @@
  * Each lane is one rlane (reliable.h) on one backend queue: tx_burst queues
  * a frame as one message (its 32-byte header, then the payload, referenced
  * until the peer has it all); tx_flush runs the rlane (sends, retransmits,
- * acks) and pushes the backend's batch out; poll_completions hands back the
+ * acks; takes input nobody read for 100 us, so a caller that only sends
+ * still acks and learns acks) and pushes the backend's batch out; poll_completions hands back the
  * cookies of frames the peer acknowledged whole; rx_burst feeds received
  * datagrams to the rlane and returns frames in order, DATA and REGION_WRITE
  * payloads pending (rx_payload copies them out of the rlane). The caps are

@@ -24,6 +24,8 @@
 #define MAX_QUEUES 64
 #define HDRS (RTE_ETHER_HDR_LEN + 20 + 8)  /* Ethernet + IPv4 + UDP */
 #define MAX_EAL_ARGS 64
+#define LINK_WAIT_MS 1500     /* a memif client: one connection attempt's handshake */
+#define LINK_ATTEMPTS 6       /* ... and how many before giving up (9 s in all) */
 
 struct dpdk_queue {
 	struct rte_mbuf *tx[BATCH];
@@ -194,6 +196,65 @@ static void dpdk_close(struct ferry_dgram_dev *dev)
 	pthread_mutex_unlock(&eal_lock);
 }
 
+/* A memif client given in vdev= or among the EAL arguments. */
+static bool memif_client(const struct ferry_driver_config *cfg)
+{
+	const char *keys[] = { "vdev", "eal" };
+	for (unsigned i = 0; i < 2; i++) {
+		const char *v = ferry_driver_option(cfg, keys[i]);
+		const char *m = v ? strstr(v, "net_memif") : NULL;
+		if (m && strstr(m, "role=client"))
+			return true;
+	}
+	return false;
+}
+
+static bool link_up_within(uint16_t port, unsigned ms)
+{
+	for (unsigned waited = 0;; waited += 10) {
+		struct rte_eth_link lk;
+		if (rte_eth_link_get_nowait(port, &lk) == 0 && lk.link_status == RTE_ETH_LINK_UP)
+			return true;
+		if (waited >= ms)
+			return false;
+		usleep(10000);
+	}
+}
+
+/* Start the port. A memif client must also see its link come up: one that
+ * connects while its server (a ferryd starting at the same moment) has made
+ * its socket but not yet started its port is left with the link down on
+ * both ends for good, silently (DPDK 22.11 never connects again), and every
+ * lane over it then fails with "peer silent". So it connects again (stop,
+ * start) until the link is up, as it does while the server's socket is not
+ * there yet, within a bound. */
+static int start_port(struct ferry_dgram_dev *dev, bool memif_cl, struct ferry_err *err)
+{
+	int rc = 0;
+	for (unsigned attempt = 1;; attempt++) {
+		rc = rte_eth_dev_start(dev->port);
+		if (!memif_cl && !rc)
+			return 0;
+		if (!memif_cl)
+			break;
+		if (!rc && link_up_within(dev->port, LINK_WAIT_MS))
+			return 0;
+		if (attempt == LINK_ATTEMPTS)
+			break;
+		if (!rc)
+			(void)rte_eth_dev_stop(dev->port);
+		else
+			usleep(LINK_WAIT_MS * 1000);
+	}
+	if (rc)
+		return ferry_err_set(err, -rc, "dpdk driver: starting port %u%s: %s", dev->port,
+				     memif_cl ? " (memif client: is its server up? tried for 9 s)" : "", rte_strerror(-rc));
+	(void)rte_eth_dev_stop(dev->port);
+	return ferry_err_set(err, ETIMEDOUT, "dpdk driver: port %u (memif client): the link stayed down through %d "
+			     "connection attempts of %d ms: the memif server does not complete the handshake",
+			     dev->port, LINK_ATTEMPTS, LINK_WAIT_MS);
+}
+
 static int dpdk_open(const struct ferry_driver_config *cfg, struct ferry_dgram_dev **out, struct ferry_err *err)
 {
 	unsigned long nq, mtu, port0, ring, mbufs, portid;
@@ -351,8 +412,7 @@ static int dpdk_open(const struct ferry_driver_config *cfg, struct ferry_dgram_d
 			return rc;
 		}
 	}
-	if ((rc = rte_eth_dev_start(dev->port))) {
-		rc = ferry_err_set(err, -rc, "dpdk driver: starting port %u: %s", dev->port, rte_strerror(-rc));
+	if ((rc = start_port(dev, memif_client(cfg), err))) {
 		dpdk_close(dev);
 		return rc;
 	}

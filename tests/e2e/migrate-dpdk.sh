@@ -4,6 +4,7 @@
 # NIC), a stopped guest with 1 GiB of random RAM migrated with each CHANNELS
 # setting (default: 0 2), RAM compared byte for byte. The plan must say dpdk:
 # both daemons offer only that driver, and it cannot hand a socket to QEMU.
+# The migration's status must carry the lanes' reliability counters.
 #
 # Exit: 0 pass, 1 fail, 77 skip (no DPDK driver in this build, or DPDK cannot
 # start here). Environment: tests/lib/ferry.sh.
@@ -43,10 +44,14 @@ for ch in "${runs[@]}"; do
 	plan=$(json_field plan <"$FERRY_MIG_OUT")
 	case "$plan" in "dpdk relay, "*) ;; *) ferry_fail "channels=$ch: plan '$plan', expected dpdk relay" ;; esac
 	[ "$(mig_field "$(qemu_sock dst$ch)" status)" = completed ] || ferry_fail "channels=$ch: destination not completed"
+	# the status carries the datagram lanes' reliability counters (docs/wire-format.md, "Counters")
+	txd=$(json_field reliable.tx_data <"$FERRY_MIG_OUT")
+	[ "${txd:-0}" -gt 0 ] || ferry_fail "channels=$ch: the migration's status has no reliability counters (reliable.tx_data '$txd')"
 	qemu_stop dst$ch
 	"$RAMCHECK" compare "$srcram" "$dstram" >/dev/null || ferry_fail "channels=$ch: destination RAM differs"
 	echo "over dpdk memif, channels=$ch: $plan, $(json_field total_s <"$FERRY_MIG_OUT") s," \
-		"$(json_field throughput_gbs <"$FERRY_MIG_OUT") GB/s, RAM identical"
+		"$(json_field throughput_gbs <"$FERRY_MIG_OUT") GB/s, RAM identical;" \
+		"$txd datagrams of data, $(json_field reliable.retransmits <"$FERRY_MIG_OUT") retransmitted"
 	qemu_stop src$ch
 	rm -f "$srcram" "$dstram"
 done

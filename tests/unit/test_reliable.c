@@ -746,6 +746,12 @@ static void transfer(const char *name, const struct net_params *p, struct xfer_r
 			CHECK(sa.retransmits > 0 && sb.retransmits > 0 && fa.dropped > 0,
 			      "%s: losses happened and were repaired (%" PRIu64 " + %" PRIu64 " retransmissions)", name,
 			      sa.retransmits, sb.retransmits);
+		/* every retransmission has one cause: the timer, acks, or a
+		 * tail loss probe resending the newest segment */
+		CHECK(sa.rto_retransmits + sa.fast_retransmits <= sa.retransmits &&
+			      sa.retransmits - sa.rto_retransmits - sa.fast_retransmits <= sa.tlp_probes,
+		      "%s: retransmissions by cause add up (%" PRIu64 " = %" PRIu64 " timer + %" PRIu64 " acks + tlp, %" PRIu64
+		      " probes)", name, sa.retransmits, sa.rto_retransmits, sa.fast_retransmits, sa.tlp_probes);
 		/* (duplicated acks need no suppression, so no equality here;
 		 * exactly-once delivery above is the real check) */
 		if (fc.dup > 0)

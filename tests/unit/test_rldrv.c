@@ -505,6 +505,116 @@ out:
 	ops.close(a);
 }
 
+enum { BR_FRAMES = 3, BR_FRAME = 1 << 20 };
+
+/* Queue the next of busy_reader's DATA frames, if the lane takes it. */
+static void queue_frame(struct ferry_lane_drv *l, uint8_t (*data)[BR_FRAME], unsigned *queued, struct ferry_err *err)
+{
+	if (*queued == BR_FRAMES)
+		return;
+	struct iovec iov = { data[*queued], BR_FRAME };
+	struct ferry_tx_frame tf = { .hdr = { .type = FERRY_FT_DATA, .session = SESSION, .stream = 1,
+					      .seq = (uint64_t)*queued * BR_FRAME, .length = BR_FRAME },
+				     .iov = &iov, .iovcnt = 1, .cookie = (void *)1 };
+	if (ops.tx_burst(l, &tf, 1, err) == 1)
+		(*queued)++;
+}
+
+/* A receiver whose consumer is slow: mid-frame, with nowhere to put the
+ * payload, the data plane calls only tx_flush and poll_completions (never
+ * rx_payload) until its local socket drains. The sender must not take that
+ * for a dead peer: the receiver still acks what arrived and shuts its window.
+ * (Lanes used to read nothing in that state, and the busy-polled DPDK lanes
+ * looked too fresh for the acceptor's sweep, so the sender failed with "peer
+ * silent" under host load.) */
+static void busy_reader(void)
+{
+	struct ferry_err err = { 0 };
+	struct ferry_device *a = NULL, *b = NULL;
+	CHECK(dev_open(&a, "rl_dead_ms=500", NULL, NULL, &err) == 0 && dev_open(&b, "rl_dead_ms=500", NULL, NULL, &err) == 0,
+	      "open two devices that give up after 500 ms: %s", err.msg);
+	struct ferry_lane_drv *la = NULL, *lb = NULL;
+	CHECK(lane_pair(a, b, 0, &la, &lb, &err) == 0, "a lane: %s", err.msg);
+	if (!la || !lb)
+		goto out;
+	enum { FRAMES = BR_FRAMES, FRAME = BR_FRAME };
+	static uint8_t data[FRAMES][FRAME], got[FRAMES][FRAME];
+	for (unsigned i = 0; i < FRAMES; i++)
+		fill(data[i], FRAME, 40 + i);
+	unsigned queued = 0;
+	struct ferry_rx_frame f;
+	int n = 0;
+	/* b takes the first frame's header and 1000 bytes, then its consumer stalls */
+	uint64_t end = ms_now() + 5000;
+	while (n == 0 && ms_now() < end) {
+		queue_frame(la, data, &queued, &err);
+		ops.tx_flush(la, &err);
+		n = ops.rx_burst(lb, &f, 1, &err);
+		usleep(200);
+	}
+	CHECK(n == 1 && f.hdr.type == FERRY_FT_DATA && f.pending && ops.rx_payload(lb, got[0], 1000, &err) == 1000,
+	      "b has the first DATA frame's header and 1000 of its bytes: %s", err.msg);
+	/* 3 x rl_dead_ms of b running only its send side, as the data plane does */
+	int ra = 0, rb = 0;
+	end = ms_now() + 1500;
+	while (ms_now() < end && (ra == 0 || ra == -EAGAIN) && (rb == 0 || rb == -EAGAIN)) {
+		queue_frame(la, data, &queued, &err);
+		void *c[8];
+		ops.poll_completions(la, c, 8);
+		ra = ops.tx_flush(la, &err);
+		if (ra == 0 || ra == -EAGAIN)
+			ra = ops.rx_burst(la, &f, 1, &err);
+		ops.poll_completions(lb, c, 8);
+		rb = ops.tx_flush(lb, &err);
+		usleep(1000);
+	}
+	CHECK((ra == 0 || ra == -EAGAIN) && (rb == 0 || rb == -EAGAIN),
+	      "neither end gave up while b's consumer stalled for 1.5 s (a %d, b %d): %s", ra, rb, err.msg);
+	/* the consumer is back: everything arrives whole */
+	size_t off = 1000, total = (size_t)FRAMES * FRAME;
+	end = ms_now() + 10000;
+	ferry_err_clear(&err);
+	while (off < total && ms_now() < end) {
+		queue_frame(la, data, &queued, &err);
+		void *c[8];
+		ops.poll_completions(la, c, 8);
+		if (ops.tx_flush(la, &err) < -EAGAIN || ops.rx_burst(la, &f, 1, &err) < 0)
+			break;
+		if (off % FRAME == 0) { /* the next frame's header first */
+			int r = ops.rx_burst(lb, &f, 1, &err);
+			if (r < 0)
+				break;
+			if (r == 0) {
+				ops.tx_flush(lb, &err);
+				usleep(200);
+				continue;
+			}
+			if (f.hdr.type != FERRY_FT_DATA || f.hdr.length != FRAME || f.hdr.seq != off) {
+				ferry_err_set(&err, EPROTO, "type %u, %u bytes at %llu", f.hdr.type, f.hdr.length,
+					      (unsigned long long)f.hdr.seq);
+				break;
+			}
+		}
+		ssize_t r = ops.rx_payload(lb, got[off / FRAME] + off % FRAME, FRAME - off % FRAME, &err);
+		if (r < 0)
+			break;
+		off += (size_t)r;
+		if (r == 0) {
+			ops.tx_flush(lb, &err);
+			usleep(200);
+		}
+	}
+	bool same = off == total;
+	for (unsigned i = 0; same && i < FRAMES; i++)
+		same = memcmp(data[i], got[i], FRAME) == 0;
+	CHECK(same, "then all %u MiB arrive whole (%zu bytes): %s", (unsigned)FRAMES, off, err.msg);
+	ops.lane_close(la);
+	ops.lane_close(lb);
+out:
+	ops.close(a);
+	ops.close(b);
+}
+
 static void options(void)
 {
 	struct ferry_err err = { 0 };
@@ -540,6 +650,7 @@ int main(void)
 	options();
 	basics();
 	silent_peer();
+	busy_reader();
 	/* 3 lanes over 2 queues: one queue is shared, its poller hands datagrams over */
 	streams("clean", NULL, "queues=2", bytes);
 	streams("1% loss", "fault=drop=0.01,reorder=0.02,dup=0.01,corrupt=0.002,seed=1", "queues=2", bytes);

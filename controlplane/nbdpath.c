@@ -827,7 +827,6 @@ struct src_slot {
 	uint32_t length;
 	unsigned pending;             /* FLUSH: lanes still to answer */
 	uint32_t error;
-	bool early;                   /* a write the client already has its reply for */
 };
 
 struct nbd_client {
@@ -869,9 +868,6 @@ struct nbd_src {
 	pthread_mutex_t ctl_lock;     /* guards ctl */
 	struct ferry_jl ctl;
 	pthread_mutex_t lock;         /* guards what follows */
-	pthread_cond_t early_cond;    /* signalled as early-answered writes end */
-	unsigned early;               /* writes answered early, not yet answered by the destination */
-	uint32_t early_error;         /* the first such write that failed: every later request fails */
 	struct nbd_client *client[MAX_CLIENTS];
 	uint64_t clients, failed, requests, errors, bytes_written, bytes_read;
 	char last_error[FERRY_ERR_MSG_MAX];
@@ -1041,23 +1037,6 @@ static void slot_release(struct nbd_client *c, struct src_slot *s)
 	pthread_mutex_unlock(&c->lock);
 }
 
-/* A write answered early got the destination's reply. */
-static void early_end(struct nbd_client *c, const struct src_slot *s, uint32_t error)
-{
-	struct nbd_src *p = c->p;
-	pthread_mutex_lock(&p->lock);
-	bool first = error && !p->early_error;
-	if (first)
-		p->early_error = error;
-	p->early--;
-	pthread_cond_broadcast(&p->early_cond);
-	pthread_mutex_unlock(&p->lock);
-	if (first)
-		slog_(p, true, "client %u: a %s of %u bytes at %llu, already answered, failed at the destination "
-		      "(error %u): every later request fails", c->no, ferry_nbd_cmd_name(s->type), s->length,
-		      (unsigned long long)s->offset, error);
-}
-
 struct lane_arg {
 	struct nbd_client *c;
 	unsigned idx;
@@ -1103,12 +1082,7 @@ static void *src_lane_main(void *arg)
 				continue;
 			rep.error = s->error;
 		}
-		if (s->early) {
-			/* The client has its reply: a failure now fails every later request (and so the next FLUSH). */
-			if (rep.length)
-				rc = ferry_err_set(&err, EPROTO, "%s reply with a payload", ferry_nbd_cmd_name(s->type));
-			early_end(c, s, rep.error);
-		} else if (rep.error)
+		if (rep.error)
 			rc = client_reply_error(c, s->cookie, s->type, rep.error, "the target export failed the request");
 		else if (s->type == FERRY_NBD_CMD_READ)
 			rc = client_read_reply(c, lfd, s, rep.length, &err);
@@ -1152,29 +1126,13 @@ static int send_lane(struct nbd_client *c, unsigned lane, const struct ferry_blk
 	return writev_full(c->lane_fd[lane], iov, payload ? 2 : 1, err);
 }
 
-/* Whether a request touches the range of a write answered early and still
- * on its way: the client may send it only because it has that reply, so it
- * must not overtake the write (on another lane, or inside the target). */
-static bool overlaps_early(const struct nbd_client *c, const struct ferry_nbd_request *r)
-{
-	if (r->type == FERRY_NBD_CMD_FLUSH)
-		return false; /* a barrier anyway */
-	for (unsigned i = 0; i < SRC_SLOTS; i++) {
-		const struct src_slot *s = &c->slot[i];
-		if (s->used && s->early && r->offset < s->offset + s->length && s->offset < r->offset + r->length)
-			return true;
-	}
-	return false;
-}
-
-/* Take a slot for a request, waiting while the client has too much in flight
- * or the request must wait for an earlier write answered early. */
-static int slot_take(struct nbd_client *c, const struct ferry_nbd_request *r, bool barrier, bool early)
+/* Take a slot for a request, waiting while the client has too much in flight. */
+static int slot_take(struct nbd_client *c, const struct ferry_nbd_request *r, bool barrier)
 {
 	uint64_t bytes = r->type == FERRY_NBD_CMD_READ || r->type == FERRY_NBD_CMD_WRITE ? r->length : 0;
 	pthread_mutex_lock(&c->lock);
 	while (!c->dead && (c->inflight >= SRC_SLOTS || (barrier && c->inflight > 0) ||
-			    (c->inflight > 0 && c->inflight_bytes + bytes > SRC_BYTES_BUDGET) || overlaps_early(c, r)))
+			    (c->inflight > 0 && c->inflight_bytes + bytes > SRC_BYTES_BUDGET)))
 		pthread_cond_wait(&c->cond, &c->lock);
 	int i = -1;
 	if (!c->dead) {
@@ -1182,7 +1140,7 @@ static int slot_take(struct nbd_client *c, const struct ferry_nbd_request *r, bo
 			;
 		c->slot[i] = (struct src_slot){ .used = true, .cookie = r->cookie, .type = r->type, .flags = r->flags,
 						.offset = r->offset, .length = r->length,
-						.pending = barrier ? c->nlanes : 1, .early = early };
+						.pending = barrier ? c->nlanes : 1 };
 		c->inflight++;
 		c->inflight_bytes += bytes;
 	}
@@ -1256,30 +1214,9 @@ static void client_serve(struct nbd_client *c)
 			}
 		}
 		bool barrier = r.type == FERRY_NBD_CMD_FLUSH;
-		/* Writes without FUA are answered as soon as they are on a lane
-		 * (docs/nbd.md, "Early write replies"): the destination's reply
-		 * would only say the target took them, which FLUSH asks for. */
-		bool early = (r.type == FERRY_NBD_CMD_WRITE || r.type == FERRY_NBD_CMD_WRITE_ZEROES) &&
-			     !(r.flags & FERRY_NBD_CMD_FLAG_FUA);
-		int i = slot_take(c, &r, barrier, early);
+		int i = slot_take(c, &r, barrier);
 		if (i < 0)
 			break; /* a lane failed; the lane thread said why */
-		/* FLUSH covers every write answered before it, on any client of this
-		 * export (CAN_MULTI_CONN): wait for all of them. After one failed,
-		 * nothing succeeds any more: the client must not take later data as safe. */
-		pthread_mutex_lock(&p->lock);
-		while (barrier && p->early > 0 && !p->early_error)
-			pthread_cond_wait(&p->early_cond, &p->lock);
-		uint32_t failed = p->early_error;
-		if (!failed && early)
-			p->early++;
-		pthread_mutex_unlock(&p->lock);
-		if (failed) {
-			slot_release(c, &c->slot[i]);
-			if (client_reply_error(c, r.cookie, r.type, failed, "an earlier write failed at the destination"))
-				break;
-			continue;
-		}
 		pthread_mutex_lock(&p->lock);
 		p->requests++;
 		if (r.type == FERRY_NBD_CMD_WRITE)
@@ -1301,8 +1238,6 @@ static void client_serve(struct nbd_client *c)
 			slog_(p, true, "client %u: lane write failed: %s", c->no, err.msg);
 			break;
 		}
-		if (early && client_reply_error(c, r.cookie, r.type, 0, ""))
-			break;
 	}
 	free(wbuf);
 	pthread_mutex_lock(&c->lock);
@@ -1441,30 +1376,9 @@ done:
 	for (unsigned i = 0; i < c->nlanes; i++)
 		if (c->lane_started[i])
 			pthread_join(c->lane_thr[i], NULL);
-	/* Writes answered early whose lane ended first are lost: that fails the export's later requests. */
-	unsigned lost = 0;
-	for (unsigned i = 0; i < SRC_SLOTS; i++)
-		lost += c->slot[i].used && c->slot[i].early;
-	if (lost) {
-		pthread_mutex_lock(&p->lock);
-		p->early -= lost;
-		if (!p->early_error)
-			p->early_error = FERRY_NBD_EIO;
-		pthread_cond_broadcast(&p->early_cond);
-		pthread_mutex_unlock(&p->lock);
-		slog_(p, true, "client %u: %u writes already answered never reached the destination: every later "
-		      "request fails", c->no, lost);
-	}
 	client_close_session(c);
 	pthread_mutex_lock(&p->lock);
 	c->finished = true;
-	/* The failure of a write answered early concerns the clients that were
-	 * there; with the last of them gone, a new client starts afresh. */
-	bool others = false;
-	for (unsigned i = 0; i < MAX_CLIENTS; i++)
-		others |= p->client[i] && p->client[i] != c && !p->client[i]->finished;
-	if (!others)
-		p->early_error = 0;
 	pthread_mutex_unlock(&p->lock);
 	return NULL;
 }
@@ -1610,7 +1524,6 @@ static void src_free(struct nbd_src *p)
 	ferry_jl_close(&p->ctl);
 	pthread_mutex_destroy(&p->ctl_lock);
 	pthread_mutex_destroy(&p->lock);
-	pthread_cond_destroy(&p->early_cond);
 	free(p);
 }
 
@@ -1649,7 +1562,6 @@ json_t *ferry_nbd_open(struct ferry_nbd_registry *r, uint32_t id, const char *pe
 	p->listen_fd = p->stop_evfd = p->ctl.fd = -1;
 	pthread_mutex_init(&p->ctl_lock, NULL);
 	pthread_mutex_init(&p->lock, NULL);
-	pthread_cond_init(&p->early_cond, NULL);
 	json_t *rep = NULL;
 	if (strlen(peer) >= sizeof(p->peer) || strlen(listen) >= sizeof(p->listen) || strlen(target) >= sizeof(p->target) ||
 	    strlen(export) > MAX_EXPORT_NAME) {

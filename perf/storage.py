@@ -95,7 +95,14 @@ def wait(w, cond, deadline, what):
         if w.failed or w.job_error:
             raise QMPError(w.failed or "mirror failed: " + w.job_error)
         if time.monotonic() > deadline:
-            raise QMPError("timed out waiting for " + what)
+            try:
+                jobs = [(j["id"], j["status"]) for j in w.src.execute("query-jobs", timeout=5)]
+            except QMPError as e:
+                jobs = str(e)
+            raise QMPError("timed out waiting for %s (jobs created %s, ready %s, concluded %s; source %s, "
+                           "destination %s; query-jobs %s)" % (what, sorted(w.created), sorted(w.ready),
+                                                               sorted(w.concluded), w.mig["source"],
+                                                               w.mig["destination"], jobs))
         w.pump(0.2)
 
 

@@ -116,18 +116,31 @@ truncate -s "$SIZE" "$SRC_IMG"
 # and ADMIN_<PAIR>.
 (umask 077 && printf 'ferry-bench:%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 -v | tr -d ' \n')" >"$WORK/ferry.psk")
 A_OPTS=() B_OPTS=()
+DAEMON_PIDS=()
+# the daemons go first, each with its DPDK runtime dir (EAL's --file-prefix ferryPID)
+stop_daemons() {
+	local p
+	for p in "${DAEMON_PIDS[@]}"; do
+		stop_pid "$p" 3
+		rm -rf "/var/run/dpdk/ferry$p"
+	done
+}
+LIB_CLEANUP_HOOKS+=(stop_daemons)
+daemon() { # PAIR SIDE PORT OPTS...
+	local pair=$1 side=$2 port=$3
+	shift 3
+	mkdir -p "$WORK/$pair-$side"
+	bg_start "$WORK/ferryd-$pair-$side.log" "$FERRYD" --admin "$WORK/$pair-$side/admin.sock" \
+		--listen "127.0.0.1:$port" --run-dir "$WORK" --state-dir "$WORK/$pair-$side/state" \
+		--host-uuid "$(cat /proc/sys/kernel/random/uuid)" --tls-psk "$WORK/ferry.psk" "$@"
+	DAEMON_PIDS+=("$BG_PID")
+	# one at a time: a memif client must find its server's socket
+	wait_for 20 "ferryd $pair-$side" eval "'$FERRYCTL' --admin '$WORK/$pair-$side/admin.sock' ping >/dev/null 2>&1"
+}
 daemons() {
 	local pair=$1 ports
 	read -r -a ports < <("$PYTHON" "$HERE/qmp.py" freeports 2 | tr '\n' ' ')
-	mkdir -p "$WORK/$pair-a" "$WORK/$pair-b"
-	bg_start "$WORK/ferryd-$pair-a.log" "$FERRYD" --admin "$WORK/$pair-a/admin.sock" \
-		--listen "127.0.0.1:${ports[0]}" --run-dir "$WORK" --state-dir "$WORK/$pair-a/state" \
-		--host-uuid "$(cat /proc/sys/kernel/random/uuid)" --tls-psk "$WORK/ferry.psk" "${A_OPTS[@]}"
-	bg_start "$WORK/ferryd-$pair-b.log" "$FERRYD" --admin "$WORK/$pair-b/admin.sock" \
-		--listen "127.0.0.1:${ports[1]}" --run-dir "$WORK" --state-dir "$WORK/$pair-b/state" \
-		--host-uuid "$(cat /proc/sys/kernel/random/uuid)" --tls-psk "$WORK/ferry.psk" "${B_OPTS[@]}"
-	wait_for 20 "ferryd $pair" eval "'$FERRYCTL' --admin '$WORK/$pair-a/admin.sock' ping >/dev/null 2>&1 &&
-		'$FERRYCTL' --admin '$WORK/$pair-b/admin.sock' ping >/dev/null 2>&1" || return 1
+	daemon "$pair" a "${ports[0]}" "${A_OPTS[@]}" && daemon "$pair" b "${ports[1]}" "${B_OPTS[@]}" || return 1
 	printf -v "TO_$pair" '127.0.0.1:%s' "${ports[1]}"
 	printf -v "ADMIN_$pair" '%s' "$WORK/$pair-a/admin.sock"
 }

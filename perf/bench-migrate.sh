@@ -65,9 +65,6 @@ FERRYCTL=${FERRYCTL:-$ROOT/build/controlplane/ferryctl}
 FERRY_PRESET=${FERRY_PRESET:-1}
 MAX_BW=$((1 << 40)) # bytes/s; QEMU 7.2 defaults to 32 MiB/s
 
-usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0"; }
-
-need_arg() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
 	case $1 in
 	--size) need_arg "$@"; SIZE_ARG=$2; shift 2 ;;

@@ -14,6 +14,11 @@ log()  { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 warn() { printf '%s WARNING: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die()  { printf '%s ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2; exit 1; }
 
+# usage: print the script's leading comment block (its --help).
+usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0"; }
+# need_arg OPTION [VALUE...]: an option's value is there and not empty.
+need_arg() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
+
 # bg_start LOGFILE CMD ARGS... : start CMD in the background, stdin from
 # /dev/null, stdout+stderr to LOGFILE; sets BG_PID and tracks it.
 bg_start() {

@@ -4,7 +4,8 @@
 # request fails promptly (no hang), the reason is in nbd-status, and once the
 # destination daemon is back the same path serves a new client; (2) the
 # source daemon is killed: the destination ends that session's lanes and lets
-# go of its connections to the export.
+# go of its connections to the export; (3) the export fails a write ferry
+# already answered: the client's next flush fails.
 #
 # Exit: 0 pass, 1 fail, 77 skip. Environment: tests/lib/ferry.sh.
 set -uo pipefail
@@ -66,4 +67,25 @@ wait_file_line "${FERRY_LOG[b]}" "nbd session $sid .* ended" 20 ||
 	ferry_fail "the destination did not end the orphaned session $sid"
 ferry_wait_pid "$HOLD_PID" 30 "the writing client" || ferry_fail "the client saw no failure after the source died"
 ferry_ping b || ferry_fail "ferryd b does not answer ping afterwards"
+
+# 3: the export fails a write that ferry already answered (docs/nbd.md, "Early
+# write replies"): the next flush and what follows fail, the reason is kept,
+# and a client after that one is served again
+ferry_start_daemon a || ferry_fail "restarting ferryd a failed"
+truncate -s 16M "$allow/bad.img"
+nbdkit -f --unix "$allow/bad.sock" -t 16 --filter=error file "$allow/bad.img" error-pwrite=EIO \
+	error-pwrite-rate=100% error-pwrite-file="$QEMU_DIR/trigger" </dev/null >>"$QEMU_DIR/nbdkit.log" 2>&1 &
+FERRY_EXTRA_PIDS+=("$!")
+wait_sock "$allow/bad.sock"
+sock=$QEMU_DIR/a/bad.sock
+out=$(ferry_ctl a nbd-open --to "${FERRY_LISTEN[b]}" --listen "$sock" --target "$allow/bad.sock" --lanes 2) ||
+	ferry_fail "nbd-open of the failing export failed: $out"
+nid=$(echo "$out" | json_field nbd)
+out=$(timeout 60 "$PY" "$check" latefail "$sock" "$QEMU_DIR/trigger" 2>&1) || ferry_fail "$out"
+echo "$out"
+st=$(ferry_ctl a nbd-status "$nid") || ferry_fail "nbd-status failed"
+[ "$(echo "$st" | json_field stats.errors)" -ge 1 ] || ferry_fail "the failed write is not counted: $st"
+rm -f "$QEMU_DIR/trigger"
+timeout 60 nbdcopy "$QEMU_DIR/rand.img" "nbd+unix:///?socket=$sock" || ferry_fail "no copy after the failed client left"
+cmp -n $((8 << 20)) "$QEMU_DIR/rand.img" "$allow/bad.img" || ferry_fail "the copy after the failure differs"
 echo "nbd-peer-dies: ok"

@@ -16,6 +16,12 @@
       libnbd: write 64 KiB every 10 ms (with a flush every 50) until a
       request fails; prints "started" after the first one. Exit 0 when a
       request failed (the error printed), 1 when all of SECONDS passed.
+  nbdcheck.py latefail SOCKET TRIGGER
+      libnbd: a write and a flush succeed; then TRIGGER is created (the
+      target starts failing writes: nbdkit's error filter) and one more
+      write goes out: that write or, at the latest, the next flush must
+      fail, and so must a read after it (ferry answers writes early,
+      docs/nbd.md: a failure may not go unreported).
 Exit 0 when every check held, 1 with the reason otherwise.
 """
 import os
@@ -266,6 +272,33 @@ def hold(sock, seconds):
     fail("no request failed in %s s" % seconds)
 
 
+def latefail(sock, trigger):
+    import nbd
+    h = nbd.NBD()
+    h.connect_unix(sock)
+    h.pwrite(b"a" * 65536, 0)
+    h.flush()
+    open(trigger, "w").close()
+    try:
+        h.pwrite(b"b" * 65536, 65536)
+        how = "the write was answered early"
+        try:
+            h.flush()
+        except nbd.Error as e:
+            how += ", the flush failed (%s)" % e
+        else:
+            fail("a flush succeeded after a write the target failed")
+        try:
+            h.pread(4096, 0)
+        except nbd.Error:
+            pass
+        else:
+            fail("a read succeeded after a write answered early failed at the target")
+    except nbd.Error as e:
+        how = "the write failed (%s)" % e
+    print("latefail: ok: %s" % how)
+
+
 def main():
     if len(sys.argv) < 4:
         fail(__doc__)
@@ -273,6 +306,8 @@ def main():
         ops(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "hold":
         hold(sys.argv[2], float(sys.argv[3]))
+    elif sys.argv[1] == "latefail":
+        latefail(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "raw":
         raw(sys.argv[2], sys.argv[3])
     else:

@@ -362,6 +362,7 @@ static int run_migrate(const char *admin, int argc, char **argv, json_t *disks, 
 	int cancel_sent = 0;
 	bool plan_said = false;
 	time_t last_line = 0;
+	unsigned polls = 0;
 	for (;;) {
 		if (interrupted && cancel_sent < interrupted) {
 			cancel_sent = interrupted;
@@ -384,7 +385,8 @@ static int run_migrate(const char *admin, int argc, char **argv, json_t *disks, 
 		}
 		bool done = strcmp(state, "completed") == 0 || strcmp(state, "failed") == 0 ||
 			    strcmp(state, "cancelled") == 0;
-		if (!quiet && !json && (tty || time(NULL) != last_line || done)) {
+		/* a terminal is redrawn every 100 ms, a log gets a line a second */
+		if (!quiet && !json && ((tty && polls++ % 5 == 0) || (!tty && time(NULL) != last_line) || done)) {
 			progress_line(st, tty);
 			last_line = time(NULL);
 		}
@@ -412,8 +414,9 @@ static int run_migrate(const char *admin, int argc, char **argv, json_t *disks, 
 			return ok ? 0 : EXIT_FAILED;
 		}
 		json_decref(st);
-		/* Cheap local calls: poll often so the end is seen at once. */
-		usleep(50000);
+		/* Cheap local calls: poll often so the end is seen at once (a
+		 * sub-second migration should not wait for ferryctl to look). */
+		usleep(20000);
 	}
 }
 

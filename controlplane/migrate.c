@@ -374,6 +374,11 @@ static int set_source_caps(struct ferry_qmp *q, unsigned channels, bool postcopy
 	if (rc == 0 && postcopy)
 		rc = ferry_qmp_executef(q, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
 					"capability", "postcopy-ram", "state", 1);
+	/* MIGRATION events wake the progress loop the moment QEMU's status
+	 * changes, instead of at its next look. */
+	if (rc == 0)
+		rc = ferry_qmp_executef(q, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
+					"capability", "events", "state", 1);
 	/* QEMU 7.2 throttles migration to 32 MiB/s unless told otherwise; the
 	 * transport (or the user's cap), not a default, should set the pace. */
 	if (rc == 0)
@@ -1310,8 +1315,17 @@ static void *migration_main(void *arg)
 			rc = ferry_err_set(&err, ETIMEDOUT, "no data moved for %d s; migration cancelled", m->stall_timeout_s);
 			goto out;
 		}
-		struct timespec ts = { 0, POLL_INTERVAL_MS * 1000000L };
-		nanosleep(&ts, NULL);
+		/* Until the next look or QEMU's next event (a MIGRATION status
+		 * change ends the wait at once). A dead monitor fails the next
+		 * query-migrate, which says why. */
+		json_t *ev = NULL;
+		struct ferry_err e2 = { 0 };
+		if (ferry_qmp_next_event(q, POLL_INTERVAL_MS, &ev, &e2) == 0) {
+			json_decref(ev);
+		} else {
+			struct timespec ts = { 0, POLL_INTERVAL_MS * 1000000L };
+			nanosleep(&ts, NULL);
+		}
 	}
 
 	if (plan.features & FERRY_F_NBD) {

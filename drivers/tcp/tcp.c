@@ -604,10 +604,13 @@ static int tcp_lane_detach_fd(struct ferry_lane_drv *lane, struct ferry_err *err
 	if (lane->tx_count > 0 || lane->rx_hdr_got > 0 || lane->rx_pending > 0)
 		return ferry_err_set(err, EBUSY, "tcp lane still has frames in flight; cannot hand it over");
 	int fd = lane->fd;
-	/* QEMU expects a blocking socket it drives itself. */
+	/* QEMU expects a blocking socket it drives itself, with the options
+	 * of one it made: Nagle on (its migration stream is many small
+	 * headers between pages, which it leaves to the kernel to merge). */
 	int fl = fcntl(fd, F_GETFL);
 	if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0)
 		return ferry_err_set(err, errno, "tcp lane: cannot make the socket blocking: %s", strerror(errno));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &(int){ 0 }, sizeof(int));
 	free(lane);
 	return fd;
 }

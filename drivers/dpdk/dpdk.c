@@ -230,13 +230,8 @@ static bool link_up_within(uint16_t port, unsigned ms)
  * there yet, within a bound. */
 static int start_port(struct ferry_dgram_dev *dev, bool memif_cl, struct ferry_err *err)
 {
-	int rc = 0;
-	for (unsigned attempt = 1;; attempt++) {
-		rc = rte_eth_dev_start(dev->port);
-		if (!memif_cl && !rc)
-			return 0;
-		if (!memif_cl)
-			break;
+	int rc = rte_eth_dev_start(dev->port);
+	for (unsigned attempt = 1; memif_cl; attempt++) {
 		if (!rc && link_up_within(dev->port, LINK_WAIT_MS))
 			return 0;
 		if (attempt == LINK_ATTEMPTS)
@@ -245,10 +240,15 @@ static int start_port(struct ferry_dgram_dev *dev, bool memif_cl, struct ferry_e
 			(void)rte_eth_dev_stop(dev->port);
 		else
 			usleep(LINK_WAIT_MS * 1000);
+		rc = rte_eth_dev_start(dev->port);
 	}
+	if (rc && memif_cl)
+		return ferry_err_set(err, -rc, "dpdk driver: starting port %u (memif client: is its server up? tried for "
+				     "%d s): %s", dev->port, LINK_ATTEMPTS * LINK_WAIT_MS / 1000, rte_strerror(-rc));
 	if (rc)
-		return ferry_err_set(err, -rc, "dpdk driver: starting port %u%s: %s", dev->port,
-				     memif_cl ? " (memif client: is its server up? tried for 9 s)" : "", rte_strerror(-rc));
+		return ferry_err_set(err, -rc, "dpdk driver: starting port %u: %s", dev->port, rte_strerror(-rc));
+	if (!memif_cl)
+		return 0;
 	(void)rte_eth_dev_stop(dev->port);
 	return ferry_err_set(err, ETIMEDOUT, "dpdk driver: port %u (memif client): the link stayed down through %d "
 			     "connection attempts of %d ms: the memif server does not complete the handshake",

@@ -303,23 +303,19 @@ static void hex(const uint8_t *in, size_t n, char *out)
 /* A datagram lane's reliability counters (docs/wire-format.md, "Counters"). */
 static json_t *rel_json(const struct ferry_rel_stats *r)
 {
-	json_t *o = json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "tx_datagrams",
-			      (json_int_t)r->tx_datagrams, "tx_data", (json_int_t)r->tx_data, "retransmits",
-			      (json_int_t)r->retransmits, "retx_timeout", (json_int_t)r->retx_timeout, "retx_sack",
-			      (json_int_t)r->retx_sack, "tlp_probes", (json_int_t)r->tlp_probes, "timeouts",
-			      (json_int_t)r->timeouts, "loss_events", (json_int_t)r->loss_events, "rx_datagrams",
-			      (json_int_t)r->rx_datagrams, "dup_drops", (json_int_t)r->dup_drops, "corrupt_drops",
-			      (json_int_t)r->corrupt_drops, "reorder_buffered", (json_int_t)r->reorder_buffered,
-			      "window_drops", (json_int_t)r->window_drops, "malformed_drops", (json_int_t)r->malformed_drops);
-	json_t *more = json_pack("{s:I, s:f, s:f, s:I, s:I, s:I, s:I, s:I}", "cwnd", (json_int_t)r->cwnd, "srtt_us",
-				 (double)r->srtt_ns / 1e3, "rto_ms", (double)r->rto_ns / 1e6, "inflight_bytes",
-				 (json_int_t)r->inflight_bytes, "fault_dropped", (json_int_t)r->fault_dropped,
-				 "fault_duplicated", (json_int_t)r->fault_duplicated, "fault_reordered",
-				 (json_int_t)r->fault_reordered, "fault_corrupted", (json_int_t)r->fault_corrupted);
-	if (o && more)
-		json_object_update(o, more);
-	json_decref(more);
-	return o;
+	return json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I,"
+			 " s:I, s:f, s:f, s:I, s:I, s:I, s:I, s:I}",
+			 "tx_datagrams", (json_int_t)r->tx_datagrams, "tx_data", (json_int_t)r->tx_data, "retransmits",
+			 (json_int_t)r->retransmits, "retx_timeout", (json_int_t)r->retx_timeout, "retx_sack",
+			 (json_int_t)r->retx_sack, "tlp_probes", (json_int_t)r->tlp_probes, "timeouts",
+			 (json_int_t)r->timeouts, "loss_events", (json_int_t)r->loss_events, "rx_datagrams",
+			 (json_int_t)r->rx_datagrams, "dup_drops", (json_int_t)r->dup_drops, "corrupt_drops",
+			 (json_int_t)r->corrupt_drops, "reorder_buffered", (json_int_t)r->reorder_buffered,
+			 "window_drops", (json_int_t)r->window_drops, "malformed_drops", (json_int_t)r->malformed_drops,
+			 "cwnd", (json_int_t)r->cwnd, "srtt_us", (double)r->srtt_ns / 1e3, "rto_ms", (double)r->rto_ns / 1e6,
+			 "inflight_bytes", (json_int_t)r->inflight_bytes, "fault_dropped", (json_int_t)r->fault_dropped,
+			 "fault_duplicated", (json_int_t)r->fault_duplicated, "fault_reordered",
+			 (json_int_t)r->fault_reordered, "fault_corrupted", (json_int_t)r->fault_corrupted);
 }
 
 static json_t *session_stats_json(struct ferry_session *s)

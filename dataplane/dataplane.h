@@ -127,6 +127,7 @@ struct ferry_rel_stats {
 	uint64_t inflight_bytes;   /* sent, not yet acknowledged */
 	/* the fault injector on this end's sends (driver option fault=; 0 without) */
 	uint64_t fault_dropped, fault_duplicated, fault_reordered, fault_corrupted;
+	uint64_t tx_by_ref;        /* datagrams whose payload left without a copy into the driver (dpdk) */
 };
 
 struct ferry_lane_stats {

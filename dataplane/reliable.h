@@ -156,6 +156,8 @@ struct ferry_rl_stats {
 	unsigned max_inflight_pkts;
 	unsigned peer_window;      /* packets the peer accepts beyond its cumulative ack */
 	uint64_t pacing_rate;      /* bytes/s, 0 = not pacing (no RTT sample yet, or off) */
+	/* filled by the datagram shim (dataplane/rldrv.h), 0 here */
+	uint64_t tx_by_ref;        /* datagrams whose payload the backend sent without copying it */
 };
 
 /* A decoded datagram header, for tools and tests (the rlane decodes its own). */

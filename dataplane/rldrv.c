@@ -109,6 +109,7 @@ struct ferry_lane_drv {
 	struct txslot *slots;
 	unsigned slot_cap, slot_head, slot_count;
 	bool wire_full;
+	uint64_t tx_by_ref;        /* datagrams whose payload the backend sent without copying */
 	/* rx */
 	uint8_t hdr[FERRY_WIRE_HDR_LEN];
 	size_t hdr_got;
@@ -195,6 +196,7 @@ static struct item *item_new(unsigned q, const struct ferry_dgram_buf *b)
 }
 
 static int poll_completions_locked(struct ferry_lane_drv *l, void **cookies, unsigned n);
+static unsigned tx_refs(struct ferry_lane_drv *l);
 
 /* ---- queues and the listen epoll ---------------------------------------- */
 
@@ -357,25 +359,33 @@ static unsigned pump(struct ferry_lane_drv *l, uint64_t now, int *fail, struct f
 
 /* ---- transmit ------------------------------------------------------------ */
 
-static int backend_send(struct ferry_lane_drv *l, const struct iovec *iov, unsigned iovcnt, size_t len)
+/* by_ref: the last piece is a message's payload, unchanged until the
+ * message completes, so the backend may send it without copying (completions
+ * then wait for tx_refs, see poll_completions_locked). */
+static int backend_send(struct ferry_lane_drv *l, const struct iovec *iov, unsigned iovcnt, size_t len, bool by_ref)
 {
 	struct ferry_device *dev = l->dev;
 	struct ferry_err err = { 0 };
-	int rc = dev->b->send(dev->bd, l->q, &l->peer, iov, iovcnt, len, &err);
+	__typeof__(dev->b->send) send = by_ref && dev->b->send_ref ? dev->b->send_ref : dev->b->send;
+	int rc = send(dev->bd, l->q, &l->peer, iov, iovcnt, len, &err);
 	if (rc == -EAGAIN) {
 		rc = dev->b->flush(dev->bd, l->q, &err);
 		if (rc == 0)
-			rc = dev->b->send(dev->bd, l->q, &l->peer, iov, iovcnt, len, &err);
+			rc = send(dev->bd, l->q, &l->peer, iov, iovcnt, len, &err);
 	}
 	if (rc == -EAGAIN)
 		l->wire_full = true;
+	if (rc == 1) {
+		l->tx_by_ref++;
+		rc = 0;
+	}
 	return rc;
 }
 
 static int fault_emit(void *ctx, const void *data, size_t len)
 {
 	struct iovec v = { (void *)data, len };
-	int rc = backend_send(ctx, &v, 1, len);
+	int rc = backend_send(ctx, &v, 1, len, false);
 	/* A full wire under the injector is one more lost datagram. */
 	return rc == -EAGAIN ? 0 : rc;
 }
@@ -384,7 +394,7 @@ static int rl_tx(void *ctx, const struct iovec *iov, unsigned iovcnt, size_t len
 {
 	struct ferry_lane_drv *l = ctx;
 	if (!l->fault)
-		return backend_send(l, iov, iovcnt, len);
+		return backend_send(l, iov, iovcnt, len, true);
 	uint8_t *p = l->scratch;
 	for (unsigned i = 0; i < iovcnt; i++) {
 		memcpy(p, iov[i].iov_base, iov[i].iov_len);
@@ -714,6 +724,15 @@ static void rl_lane_close(struct ferry_lane_drv *l)
 		ferry_rl_abort(l->rl); /* the peer learns at once, as from a closed socket */
 		(void)service(l, now_ns(), &err);
 	}
+	/* The caller frees the payloads once we return: nothing may point at
+	 * them then. A wire full this long has no reader: drop what is held. */
+	for (t0 = now_ns(); tx_refs(l) && now_ns() - t0 < LINGER_QUIET_NS;)
+		usleep(1000);
+	if (tx_refs(l)) {
+		pthread_mutex_lock(&dev->q[l->q].tx_lock);
+		dev->b->tx_discard(dev->bd, l->q);
+		pthread_mutex_unlock(&dev->q[l->q].tx_lock);
+	}
 	lane_detach(dev, l, now_ns());
 	pthread_mutex_unlock(&l->op_lock);
 	lane_free(l);
@@ -814,10 +833,33 @@ static int tx_flush_locked(struct ferry_lane_drv *l, struct ferry_err *err)
 	return l->wire_full ? -EAGAIN : 0;
 }
 
+/* Datagrams of the lane's queue that still refer to payload memory (sent
+ * by reference, not yet read by the PMD), after one attempt to push them out. */
+static unsigned tx_refs(struct ferry_lane_drv *l)
+{
+	struct ferry_device *dev = l->dev;
+	if (!dev->b->tx_refs)
+		return 0;
+	struct rq *q = &dev->q[l->q];
+	struct ferry_err err = { 0 };
+	pthread_mutex_lock(&q->tx_lock);
+	unsigned n = dev->b->tx_refs(dev->bd, l->q);
+	if (n) {
+		(void)dev->b->flush(dev->bd, l->q, &err);
+		n = dev->b->tx_refs(dev->bd, l->q);
+	}
+	pthread_mutex_unlock(&q->tx_lock);
+	return n;
+}
+
 static int poll_completions_locked(struct ferry_lane_drv *l, void **cookies, unsigned n)
 {
 	void *c[64];
 	unsigned out = 0;
+	/* A completed message's payload goes back to the caller, who refills
+	 * it: not while a datagram (a retransmission, say) still points at it. */
+	if (tx_refs(l))
+		return 0;
 	while (out < n) {
 		int k = ferry_rl_completions(l->rl, c, n - out < 64 ? n - out : 64);
 		if (k <= 0)
@@ -1058,8 +1100,10 @@ uint64_t ferry_rldrv_next_deadline(struct ferry_lane_drv *l)
 void ferry_rldrv_lane_stats(struct ferry_lane_drv *l, struct ferry_rl_stats *rl, struct ferry_fault_stats *fault)
 {
 	pthread_mutex_lock(&l->op_lock);
-	if (rl)
+	if (rl) {
 		ferry_rl_stats(l->rl, rl);
+		rl->tx_by_ref = l->tx_by_ref;
+	}
 	if (fault) {
 		memset(fault, 0, sizeof(*fault));
 		if (l->fault)

@@ -76,6 +76,20 @@ struct ferry_dgram_ops {
 	 * another negative errno (the queue failed). */
 	int (*send)(struct ferry_dgram_dev *dev, unsigned q, const struct ferry_dgram_addr *to,
 		    const struct iovec *iov, unsigned iovcnt, size_t len, struct ferry_err *err);
+	/* Optional (NULL: send only). As send, but the backend may keep a
+	 * reference to the last piece instead of copying it, until the PMD has
+	 * read it: the caller keeps those bytes unchanged until tx_refs says
+	 * no datagram of the queue refers to memory any more. Returns 1 when it
+	 * referenced the piece, 0 when it copied, else as send. */
+	int (*send_ref)(struct ferry_dgram_dev *dev, unsigned q, const struct ferry_dgram_addr *to,
+			const struct iovec *iov, unsigned iovcnt, size_t len, struct ferry_err *err);
+	/* With send_ref: datagrams of queue q still referring to caller memory
+	 * (held for flush or not yet read by the PMD). Called under the queue's
+	 * send side. */
+	unsigned (*tx_refs)(struct ferry_dgram_dev *dev, unsigned q);
+	/* With send_ref: drop the datagrams held for flush (a lane closing on a
+	 * wire nobody reads, before its payloads are freed). */
+	void (*tx_discard)(struct ferry_dgram_dev *dev, unsigned q);
 	/* Push out held datagrams: 0 when none is left, -EAGAIN when the wire is full. */
 	int (*flush)(struct ferry_dgram_dev *dev, unsigned q, struct ferry_err *err);
 

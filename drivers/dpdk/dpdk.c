@@ -27,9 +27,14 @@
 #define LINK_WAIT_MS 1500     /* a memif client: one connection attempt's handshake */
 #define LINK_ATTEMPTS 6       /* ... and how many before giving up (9 s in all) */
 
+#define REF_MIN 512           /* smaller last pieces are copied: an extra mbuf costs more */
+
 struct dpdk_queue {
 	struct rte_mbuf *tx[BATCH];
 	unsigned tx_count;
+	/* By-reference sends: every mbuf attached to caller memory holds one
+	 * count beyond the queue's own, until the PMD frees it. */
+	struct rte_mbuf_ext_shared_info shinfo;
 };
 
 struct ferry_dgram_dev {
@@ -40,6 +45,8 @@ struct ferry_dgram_dev {
 	struct rte_ether_addr mac;
 	uint32_t ip;                /* network order */
 	struct rte_mempool *pool;
+	struct rte_mempool *ext_pool;  /* data-less mbufs for by-reference payloads */
+	bool by_ref;                   /* the transmit path: by reference, or copies */
 	bool started;
 	struct dpdk_queue q[];
 };
@@ -177,19 +184,81 @@ static void steer(struct ferry_dgram_dev *dev)
 	}
 }
 
+/* One of the port's device arguments (its --vdev string), or NULL. */
+static const char *devarg(const struct rte_eth_dev_info *info, const char *key, char *buf, size_t len)
+{
+	const struct rte_devargs *da = info->device ? rte_dev_devargs(info->device) : NULL;
+	struct rte_kvargs *kv = da && da->args ? rte_kvargs_parse(da->args, NULL) : NULL;
+	const char *v = kv ? rte_kvargs_get(kv, key) : NULL;
+	if (v)
+		snprintf(buf, len, "%s", v);
+	rte_kvargs_free(kv);
+	return v ? buf : NULL;
+}
+
+/* The transmit path (option tx=auto|copy|ref). By reference, a datagram's
+ * payload is not copied into an mbuf: a second, data-less mbuf is attached
+ * to the caller's bytes (rte_pktmbuf_attach_extbuf) and chained after the
+ * headers. That needs a PMD that sends chains (MULTI_SEGS) and reads them
+ * through their virtual address, copying them before tx_burst returns, as
+ * the memif (copy mode), af_packet and vhost PMDs do; a PMD that hands
+ * addresses to hardware or to another process (a NIC, virtio_user, memif
+ * zero-copy) could only take DPDK memory, which ferry's buffers are not, so
+ * it gets copies. Sets *why to the reason, for the log. */
+static int pick_tx_path(struct ferry_dgram_dev *dev, const struct ferry_driver_config *cfg,
+			const struct rte_eth_dev_info *info, const char **why, struct ferry_err *err)
+{
+	const char *mode = ferry_driver_option(cfg, "tx");
+	if (mode && strcmp(mode, "auto") && strcmp(mode, "copy") && strcmp(mode, "ref"))
+		return ferry_err_set(err, EINVAL, "dpdk driver: tx=%s is not auto, copy or ref", mode);
+	const char *drv = info->driver_name;
+	char zc[16];
+	bool vaddr = strcmp(drv, "net_af_packet") == 0 || strcmp(drv, "net_vhost") == 0 ||
+		     (strcmp(drv, "net_memif") == 0 && !(devarg(info, "zero-copy", zc, sizeof(zc)) &&
+							  strcmp(zc, "yes") == 0));
+	if (mode && strcmp(mode, "copy") == 0) {
+		*why = "tx=copy";
+	} else if (!(info->tx_offload_capa & RTE_ETH_TX_OFFLOAD_MULTI_SEGS)) {
+		*why = "the PMD sends no mbuf chains";
+	} else if (!vaddr) {
+		*why = strcmp(drv, "net_memif") == 0 ? "memif zero-copy sends from DPDK memory only"
+						      : "the PMD may hand buffer addresses on: DPDK memory only";
+	} else {
+		dev->by_ref = true;
+		*why = "the PMD copies mbuf chains by virtual address";
+	}
+	if (mode && strcmp(mode, "ref") == 0 && !dev->by_ref)
+		return ferry_err_set(err, ENOTSUP, "dpdk driver: tx=ref on port %u (%s): %s", dev->port, drv, *why);
+	return 0;
+}
+
+static void ext_free(void *addr, void *opaque)
+{
+	/* Never reached: each queue keeps one count of its own. */
+}
+
+static void dpdk_tx_discard(struct ferry_dgram_dev *dev, unsigned qi)
+{
+	struct dpdk_queue *q = &dev->q[qi];
+	for (unsigned k = 0; k < q->tx_count; k++)
+		rte_pktmbuf_free(q->tx[k]);
+	q->tx_count = 0;
+}
+
 static void dpdk_close(struct ferry_dgram_dev *dev)
 {
 	if (!dev)
 		return;
 	for (unsigned i = 0; i < dev->nq; i++)
-		for (unsigned k = 0; k < dev->q[i].tx_count; k++)
-			rte_pktmbuf_free(dev->q[i].tx[k]);
+		dpdk_tx_discard(dev, i);
 	if (dev->started) {
 		(void)rte_eth_dev_stop(dev->port);
 		(void)rte_eth_dev_close(dev->port);
 	}
 	if (dev->pool)
 		rte_mempool_free(dev->pool);
+	if (dev->ext_pool)
+		rte_mempool_free(dev->ext_pool);
 	free(dev);
 	pthread_mutex_lock(&eal_lock);
 	devs_open--;
@@ -339,12 +408,9 @@ static int dpdk_open(const struct ferry_driver_config *cfg, struct ferry_dgram_d
 	size_t room_min = RTE_MBUF_DEFAULT_BUF_SIZE, room_fixed = 0, frame_max = 9600 + HDRS;
 	if (strcmp(info.driver_name, "net_af_packet") == 0) {
 		unsigned long fsz = 2048;
-		const struct rte_devargs *da = info.device ? rte_dev_devargs(info.device) : NULL;
-		struct rte_kvargs *kv = da && da->args ? rte_kvargs_parse(da->args, NULL) : NULL;
-		const char *v = kv ? rte_kvargs_get(kv, "framesz") : NULL;
-		if (v)
+		char v[32];
+		if (devarg(&info, "framesz", v, sizeof(v)))
 			fsz = strtoul(v, NULL, 0);
-		rte_kvargs_free(kv);
 		if (fsz > 32 && fsz <= 65536) {
 			frame_max = fsz - 32;
 			if (RTE_PKTMBUF_HEADROOM + frame_max > room_min)
@@ -395,6 +461,28 @@ static int dpdk_open(const struct ferry_driver_config *cfg, struct ferry_dgram_d
 		dpdk_close(dev);
 		return rc;
 	}
+	const char *why = "";
+	if ((rc = pick_tx_path(dev, cfg, &info, &why, err))) {
+		dpdk_close(dev);
+		return rc;
+	}
+	if (dev->by_ref) {
+		snprintf(name, sizeof(name), "ferryx%u", dev->port);
+		dev->ext_pool = rte_pktmbuf_pool_create(name, (unsigned)(nq * (ring + 4 * BATCH) + 1024), 256, 0, 0,
+							(int)rte_eth_dev_socket_id(dev->port));
+		if (!dev->ext_pool) {
+			rc = ferry_err_set(err, rte_errno, "dpdk driver: no pool of attachable mbufs: %s",
+					   rte_strerror(rte_errno));
+			dpdk_close(dev);
+			return rc;
+		}
+		for (unsigned i = 0; i < nq; i++) {
+			dev->q[i].shinfo.free_cb = ext_free;
+			rte_mbuf_ext_refcnt_set(&dev->q[i].shinfo, 1);
+		}
+	}
+	RTE_LOG(NOTICE, USER1, "ferry dpdk: port %u (%s): transmit %s (%s)\n", dev->port, info.driver_name,
+		dev->by_ref ? "by reference" : "by copy", why);
 	struct rte_eth_conf conf = { 0 };
 	conf.rxmode.mtu = (uint32_t)mtu;
 	if ((rc = rte_eth_dev_configure(dev->port, (uint16_t)nq, (uint16_t)nq, &conf))) {
@@ -506,20 +594,31 @@ static int dpdk_flush(struct ferry_dgram_dev *dev, unsigned qi, struct ferry_err
 	return q->tx_count ? -EAGAIN : 0;
 }
 
-static int dpdk_send(struct ferry_dgram_dev *dev, unsigned qi, const struct ferry_dgram_addr *to,
-		     const struct iovec *iov, unsigned iovcnt, size_t len, struct ferry_err *err)
+/* Headers, then the pieces: all copied into one mbuf, or, by reference,
+ * all but a large last piece, which a second mbuf points at. 0 (copied), 1
+ * (referenced) or a negative errno. */
+static int frame_out(struct ferry_dgram_dev *dev, unsigned qi, const struct ferry_dgram_addr *to,
+		     const struct iovec *iov, unsigned iovcnt, size_t len, bool may_ref, struct ferry_err *err)
 {
 	struct dpdk_queue *q = &dev->q[qi];
 	if (len > dev->dgram)
 		return ferry_err_set(err, EMSGSIZE, "dpdk queue %u: datagram of %zu bytes, at most %zu", qi, len, dev->dgram);
 	if (q->tx_count == BATCH && dpdk_flush(dev, qi, err))
 		return -EAGAIN;
+	bool ref = may_ref && dev->by_ref && iovcnt > 1 && iov[iovcnt - 1].iov_len >= REF_MIN;
+	size_t copied = len - (ref ? iov[iovcnt - 1].iov_len : 0);
 	struct rte_mbuf *m = rte_pktmbuf_alloc(dev->pool);
 	if (!m)
 		return -EAGAIN; /* all mbufs in flight: the wire is full */
-	uint8_t *p = (uint8_t *)rte_pktmbuf_append(m, (uint16_t)(HDRS + len));
+	struct rte_mbuf *x = NULL;
+	if (ref && !(x = rte_pktmbuf_alloc(dev->ext_pool))) {
+		rte_pktmbuf_free(m);
+		return -EAGAIN;
+	}
+	uint8_t *p = (uint8_t *)rte_pktmbuf_append(m, (uint16_t)(HDRS + copied));
 	if (!p) {
 		rte_pktmbuf_free(m);
+		rte_pktmbuf_free(x);
 		return ferry_err_set(err, EMSGSIZE, "dpdk queue %u: a %zu-byte frame does not fit an mbuf", qi, HDRS + len);
 	}
 	struct rte_ether_hdr *eh = (struct rte_ether_hdr *)p;
@@ -542,12 +641,43 @@ static int dpdk_send(struct ferry_dgram_dev *dev, unsigned qi, const struct ferr
 	uh->dgram_len = htons((uint16_t)(8 + len));
 	uh->dgram_cksum = 0; /* none: ferry's CRC32C covers every datagram byte */
 	uint8_t *d = (uint8_t *)(uh + 1);
-	for (unsigned i = 0; i < iovcnt; i++) {
+	for (unsigned i = 0; i < iovcnt - (ref ? 1 : 0); i++) {
 		memcpy(d, iov[i].iov_base, iov[i].iov_len);
 		d += iov[i].iov_len;
 	}
+	if (ref) {
+		const struct iovec *v = &iov[iovcnt - 1];
+		/* Only VA-reading PMDs get here (pick_tx_path): the IOVA is never
+		 * used, the virtual address stands in for it. */
+		rte_pktmbuf_attach_extbuf(x, v->iov_base, (rte_iova_t)(uintptr_t)v->iov_base, (uint16_t)v->iov_len,
+					  &q->shinfo);
+		rte_mbuf_ext_refcnt_update(&q->shinfo, 1);
+		x->data_len = (uint16_t)v->iov_len;
+		x->pkt_len = v->iov_len;
+		m->next = x;
+		m->nb_segs = 2;
+		m->pkt_len += v->iov_len;
+	}
 	q->tx[q->tx_count++] = m;
-	return 0;
+	return ref ? 1 : 0;
+}
+
+static int dpdk_send(struct ferry_dgram_dev *dev, unsigned qi, const struct ferry_dgram_addr *to,
+		     const struct iovec *iov, unsigned iovcnt, size_t len, struct ferry_err *err)
+{
+	int rc = frame_out(dev, qi, to, iov, iovcnt, len, false, err);
+	return rc < 0 ? rc : 0;
+}
+
+static int dpdk_send_ref(struct ferry_dgram_dev *dev, unsigned qi, const struct ferry_dgram_addr *to,
+			 const struct iovec *iov, unsigned iovcnt, size_t len, struct ferry_err *err)
+{
+	return frame_out(dev, qi, to, iov, iovcnt, len, true, err);
+}
+
+static unsigned dpdk_tx_refs(struct ferry_dgram_dev *dev, unsigned qi)
+{
+	return dev->by_ref ? (unsigned)(rte_mbuf_ext_refcnt_read(&dev->q[qi].shinfo) - 1) : 0;
 }
 
 static int dpdk_recv(struct ferry_dgram_dev *dev, unsigned qi, struct ferry_dgram_buf *bufs, unsigned n,
@@ -606,6 +736,9 @@ const struct ferry_dgram_ops ferry_dpdk_dgram = {
 	.resolve = dpdk_resolve,
 	.addr_str = dpdk_addr_str,
 	.send = dpdk_send,
+	.send_ref = dpdk_send_ref,
+	.tx_refs = dpdk_tx_refs,
+	.tx_discard = dpdk_tx_discard,
 	.flush = dpdk_flush,
 	.recv = dpdk_recv,
 	.release = dpdk_release,

@@ -61,13 +61,8 @@ round() { # label daemon-suffix
 }
 round "memif" 1
 # memif in copy mode reads mbuf chains by address: the payload goes by
-# reference (docs/performance.md, "Transmit path"), and the log says so
-st=$(ferry_ctl a1 tunnel-status "$tunnel") || ferry_fail "tunnel-status $tunnel failed: $st"
-v=$(json_field stats.reliable.tx_by_ref <<<"$st")
-[ "${v:-0}" -gt 0 ] || ferry_fail "memif: no datagram went by reference (tx_by_ref ${v:-missing}): $st"
-grep -q "ferry dpdk: port 0 (net_memif): transmit by reference" "${FERRY_LOG[a1]}" ||
-	ferry_fail "memif: ferryd a1 does not log its transmit path as by reference"
-echo "memif: $v datagrams sent by reference"
+# reference (docs/performance.md, "Transmit path")
+ferry_dpdk_tx_path a1 "$tunnel" ref net_memif memif
 ferry_stop_daemon a1
 ferry_stop_daemon b1
 
@@ -112,10 +107,7 @@ read -r "FERRY_PID[b4]" "FERRY_LISTEN[b4]" <"$QEMU_DIR/b4.started"
 FERRY_ADMIN[b4]=$QEMU_DIR/b4/admin.sock
 FERRY_LOG[b4]=$QEMU_DIR/ferryd-b4.log
 mb=16 round "memif, client started 1 s before its server, the source copying (tx=copy)" 4
-st=$(ferry_ctl a4 tunnel-status "$tunnel") || ferry_fail "tunnel-status $tunnel failed: $st"
-v=$(json_field stats.reliable.tx_by_ref <<<"$st")
-[ "${v:-1}" = 0 ] || ferry_fail "memif with tx=copy: tx_by_ref is ${v:-missing}, expected 0: $st"
-grep -q "transmit by copy (tx=copy)" "${FERRY_LOG[a4]}" || ferry_fail "memif, tx=copy: ferryd a4 does not log its copy path"
+ferry_dpdk_tx_path a4 "$tunnel" copy net_memif "memif, tx=copy"
 ferry_stop_daemon a4
 ferry_stop_daemon b4
 echo "PASS dpdk-memif in $(ferry_elapsed)s"

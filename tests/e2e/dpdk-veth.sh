@@ -158,6 +158,7 @@ round() {
 		ferry_fail "$label: ferryd b does not report its veth end's MAC ($macb) in its endpoint"
 	out=$(ferry_ctl "a$sfx" tunnel-open --to "${FERRY_LISTEN[b$sfx]}" --listen "$QEMU_DIR/t$sfx.sock" \
 		--target "$allow/target.sock" --streams 4) || ferry_fail "$label: tunnel-open failed: $out"
+	tunnel=$(json_field tunnel <<<"$out")
 	if [ "$label" = af_packet ]; then
 		ip netns exec "$nsb" python3 "$QEMU_DIR/retx.py" "$db" "$QEMU_DIR/retx$sfx" </dev/null >"$QEMU_DIR/retx$sfx.log" 2>&1 &
 		spid=$!
@@ -227,6 +228,10 @@ for pmd in $pmds; do
 		ferry_fail "$pmd: starting the pair failed: $why"
 	fi
 	round "$pmd" "$n" "$dg"
+	# af_packet copies mbuf chains by address; af_xdp sends no chains
+	path=copy
+	[ "$pmd" = af_packet ] && path=ref
+	ferry_dpdk_tx_path "a$n" "$tunnel" $path "net_$pmd" "$pmd"
 	ferry_stop_daemon "a$n"
 	ferry_stop_daemon "b$n"
 	done_any=1

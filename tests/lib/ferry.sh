@@ -792,3 +792,22 @@ ferry_retry_migration() {
 	qemu_rm_ram "$src"
 	qemu_rm_ram "$dst2"
 }
+
+# ferry_dpdk_tx_path DAEMON TUNNEL ref|copy PMD LABEL: a dpdk ferryd's transmit
+# path is the expected one (docs/performance.md, "Transmit path"): its log
+# names it for PMD, and TUNNEL's tunnel-status counts datagrams sent by
+# reference (more than 0 for ref, 0 for copy).
+ferry_dpdk_tx_path() {
+	local d=$1 tid=$2 want=$3 pmd=$4 label=$5 st n how=copy
+	[ "$want" = ref ] && how=reference
+	grep -q "ferry dpdk: port [0-9]* ($pmd): transmit by $how" "${FERRY_LOG[$d]}" ||
+		ferry_fail "$label: ferryd $d does not log its transmit path as by $how: $(grep -m1 "ferry dpdk:" "${FERRY_LOG[$d]}")"
+	st=$(ferry_ctl "$d" tunnel-status "$tid") || ferry_fail "$label: tunnel-status $tid failed: $st"
+	n=$(json_field stats.reliable.tx_by_ref <<<"$st")
+	if [ "$want" = ref ]; then
+		[ "${n:-0}" -gt 0 ] || ferry_fail "$label: no datagram went by reference (tx_by_ref ${n:-missing})"
+	else
+		[ "${n:-1}" = 0 ] || ferry_fail "$label: tx_by_ref is ${n:-missing}, expected 0 (copies)"
+	fi
+	echo "$label: transmit by $how, $n datagrams by reference"
+}

@@ -304,7 +304,7 @@ static void hex(const uint8_t *in, size_t n, char *out)
 static json_t *rel_json(const struct ferry_rel_stats *r)
 {
 	return json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I,"
-			 " s:I, s:f, s:f, s:I, s:I, s:I, s:I, s:I, s:I}",
+			 " s:I, s:f, s:f, s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
 			 "tx_datagrams", (json_int_t)r->tx_datagrams, "tx_data", (json_int_t)r->tx_data, "retransmits",
 			 (json_int_t)r->retransmits, "retx_timeout", (json_int_t)r->retx_timeout, "retx_sack",
 			 (json_int_t)r->retx_sack, "tlp_probes", (json_int_t)r->tlp_probes, "timeouts",
@@ -316,7 +316,7 @@ static json_t *rel_json(const struct ferry_rel_stats *r)
 			 "inflight_bytes", (json_int_t)r->inflight_bytes, "fault_dropped", (json_int_t)r->fault_dropped,
 			 "fault_duplicated", (json_int_t)r->fault_duplicated, "fault_reordered",
 			 (json_int_t)r->fault_reordered, "fault_corrupted", (json_int_t)r->fault_corrupted, "tx_by_ref",
-			 (json_int_t)r->tx_by_ref);
+			 (json_int_t)r->tx_by_ref, "spurious_timeouts", (json_int_t)r->spurious_timeouts);
 }
 
 static json_t *session_stats_json(struct ferry_session *s)

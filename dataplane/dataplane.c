@@ -1841,6 +1841,7 @@ static void rel_stats(struct ferry_lane_drv *drv, struct ferry_rel_stats *o)
 		.srtt_ns = r.srtt_ns, .rto_ns = r.rto_ns, .inflight_bytes = r.inflight_bytes,
 		.fault_dropped = f.dropped, .fault_duplicated = f.duplicated, .fault_reordered = f.reordered,
 		.fault_corrupted = f.corrupted, .tx_by_ref = r.tx_by_ref,
+		.spurious_timeouts = r.spurious_timeouts,
 	};
 }
 

@@ -128,6 +128,7 @@ struct ferry_rel_stats {
 	/* the fault injector on this end's sends (driver option fault=; 0 without) */
 	uint64_t fault_dropped, fault_duplicated, fault_reordered, fault_corrupted;
 	uint64_t tx_by_ref;        /* datagrams whose payload left without a copy into the driver (dpdk) */
+	uint64_t spurious_timeouts; /* timeouts undone: what they declared lost arrived after all */
 };
 
 struct ferry_lane_stats {

@@ -74,6 +74,8 @@ struct ferry_rl {
 	uint64_t cwnd, ssthresh, ca_acc;
 	bool in_recovery;
 	uint64_t recovery_point;      /* losses below this belong to the current episode */
+	bool undo_ok;                 /* a timeout's reduction may still prove spurious ... */
+	uint64_t undo_cwnd, undo_ssthresh; /* ... and these come back then */
 	bool cwnd_limited;            /* last time data waited, cwnd or pacing held it */
 	uint64_t pace_next;
 
@@ -711,6 +713,7 @@ static uint64_t cwnd_floor(const struct ferry_rl *rl)
  * before the last reduction are the same congestion. */
 static void congestion_event(struct ferry_rl *rl)
 {
+	rl->undo_ok = false; /* real loss: whatever the timer did stands */
 	if (rl->snd_una < rl->recovery_point)
 		return;
 	rl->st.loss_events++;
@@ -762,6 +765,11 @@ static void on_rto(struct ferry_rl *rl, uint64_t now)
 	for (uint64_t seq = rl->snd_una; seq < rl->snd_nxt; seq++)
 		if (!(seg_at(rl, seq)->state & (SEG_SACKED | SEG_LOST)))
 			mark_lost(rl, seq, true);
+	if (rl->backoff == 0) {
+		rl->undo_ok = true;
+		rl->undo_cwnd = rl->cwnd;
+		rl->undo_ssthresh = rl->ssthresh;
+	}
 	if (rl->backoff == 0 && rl->snd_una >= rl->recovery_point) {
 		rl->st.loss_events++;
 		rl->ssthresh = max64((uint64_t)((double)rl->cwnd * rl->cfg.md_factor), cwnd_floor(rl));
@@ -824,7 +832,31 @@ struct ack_info {
 	uint64_t sample_xmit;  /* newest never-retransmitted segment delivered: RTT sample */
 	bool have_sample;
 	bool rack_moved;
+	bool spurious;         /* a segment the timer declared lost arrived without being sent again */
 };
+
+/* A timeout was spurious (RFC 4015's idea, without timestamps): a segment
+ * it declared lost was delivered though never sent again, so the path lost
+ * nothing; the receiver or this end was not scheduled for longer than the
+ * RTO (lane threads outnumber a small host's cores). Put cwnd back and keep
+ * the other segments it declared lost from going again. */
+static void undo_rto(struct ferry_rl *rl)
+{
+	rl->undo_ok = false;
+	rl->st.spurious_timeouts++;
+	rl->cwnd = max64(rl->cwnd, rl->undo_cwnd);
+	rl->ssthresh = max64(rl->ssthresh, rl->undo_ssthresh);
+	rl->in_recovery = false;
+	rl->backoff = 0;
+	for (uint64_t seq = rl->snd_una; seq < rl->snd_nxt; seq++) {
+		struct rl_seg *s = seg_at(rl, seq);
+		if ((s->state & (SEG_LOST | SEG_RTO)) == (SEG_LOST | SEG_RTO)) {
+			s->state = (uint8_t)((s->state & ~(SEG_LOST | SEG_RTO)) | SEG_PIPE);
+			rl->lost_pkts--;
+			rl->pipe += s->len;
+		}
+	}
+}
 
 static void seg_delivered(struct ferry_rl *rl, uint64_t seq, struct rl_seg *s, uint64_t now, struct ack_info *ai)
 {
@@ -832,6 +864,8 @@ static void seg_delivered(struct ferry_rl *rl, uint64_t seq, struct rl_seg *s, u
 		rl->pipe -= s->len;
 	if (s->state & SEG_LOST)
 		rl->lost_pkts--;
+	if ((s->state & (SEG_LOST | SEG_RTO)) == (SEG_LOST | SEG_RTO))
+		ai->spurious = true;
 	ai->bytes += s->len;
 	/* a retransmission acked sooner than the path allows was the original */
 	bool ambiguous = (s->state & SEG_RETX) && now - s->xmit_ns < rl->min_rtt;
@@ -897,6 +931,10 @@ static void process_ack(struct ferry_rl *rl, const struct ferry_rl_hdr *h, uint6
 			}
 		}
 	}
+	if (ai.spurious && rl->undo_ok)
+		undo_rto(rl);
+	else if (rl->snd_una >= rl->recovery_point)
+		rl->undo_ok = false; /* everything the timeout covered is acknowledged */
 	uint64_t edge = ack + h->wnd;
 	if (edge > rl->peer_edge) {
 		rl->peer_edge = edge;

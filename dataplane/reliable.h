@@ -158,6 +158,8 @@ struct ferry_rl_stats {
 	uint64_t pacing_rate;      /* bytes/s, 0 = not pacing (no RTT sample yet, or off) */
 	/* filled by the datagram shim (dataplane/rldrv.h), 0 here */
 	uint64_t tx_by_ref;        /* datagrams whose payload the backend sent without copying it */
+	/* transmit, added later */
+	uint64_t spurious_timeouts; /* timer expiries undone: what they declared lost arrived, never sent again */
 };
 
 /* A decoded datagram header, for tools and tests (the rlane decodes its own). */

@@ -253,6 +253,7 @@ struct side {
 	bool read_mode;       /* receive with ferry_rl_read (else zero-copy recv/release) */
 	bool dead;            /* neither polled nor fed */
 	bool paused;          /* the application stops consuming */
+	bool stalled;         /* not scheduled: takes nothing off its link, sends nothing, then resumes */
 	int fail_rc;
 	uint64_t fail_at;
 	struct ferry_err err;
@@ -416,7 +417,7 @@ static void side_trace(struct side *s)
 static void deliver(struct link *l, struct side *to)
 {
 	struct net *n = l->net;
-	while (l->head && l->head->at <= n->now) {
+	while (!to->stalled && l->head && l->head->at <= n->now) {
 		struct pkt *p = l->head;
 		l->head = p->next;
 		if (!l->head)
@@ -492,7 +493,7 @@ static void app_rx(struct side *s)
 
 static void side_poll(struct side *s)
 {
-	if (s->dead || s->fail_rc)
+	if (s->dead || s->fail_rc || s->stalled)
 		return;
 	int rc = ferry_rl_poll(s->rl, s->net->now, side_tx, s, &s->err);
 	if (rc < 0)
@@ -502,7 +503,7 @@ static void side_poll(struct side *s)
 
 static uint64_t side_deadline(const struct side *s)
 {
-	return s->dead || s->fail_rc ? NEVER : ferry_rl_next_deadline(s->rl);
+	return s->dead || s->fail_rc || s->stalled ? NEVER : ferry_rl_next_deadline(s->rl);
 }
 
 static uint64_t min64(uint64_t a, uint64_t b) { return a < b ? a : b; }
@@ -516,7 +517,7 @@ static bool net_run(struct net *n, bool (*done)(struct net *), uint64_t until)
 		deliver(&n->ba, &n->a);
 		struct side *sides[2] = { &n->a, &n->b };
 		for (int i = 0; i < 2; i++) {
-			if (sides[i]->dead || sides[i]->fail_rc)
+			if (sides[i]->dead || sides[i]->fail_rc || sides[i]->stalled)
 				continue;
 			app_rx(sides[i]);
 			app_tx(sides[i]);
@@ -530,9 +531,9 @@ static bool net_run(struct net *n, bool (*done)(struct net *), uint64_t until)
 		if (done && done(n))
 			return true;
 		uint64_t next = min64(side_deadline(&n->a), side_deadline(&n->b));
-		if (n->ab.head)
+		if (n->ab.head && !n->b.stalled)
 			next = min64(next, n->ab.head->at);
-		if (n->ba.head)
+		if (n->ba.head && !n->a.stalled)
 			next = min64(next, n->ba.head->at);
 		if (n->ab.fault)
 			next = min64(next, ferry_fault_next_release(n->ab.fault));
@@ -819,6 +820,18 @@ static bool ab_done(struct net *n)
 	return n->a.fail_rc || n->b.fail_rc || n->b.rx.bad || dir_done(&n->a, &n->b);
 }
 
+/* a's counters before and after an episode: *flag set for len, then settle. */
+static void episode(struct net *n, bool *flag, uint64_t len, uint64_t settle, struct ferry_rl_stats *before,
+		    struct ferry_rl_stats *after)
+{
+	ferry_rl_stats(n->a.rl, before);
+	*flag = true;
+	net_run(n, NULL, n->now + len);
+	*flag = false;
+	net_run(n, NULL, n->now + settle);
+	ferry_rl_stats(n->a.rl, after);
+}
+
 static void test_aimd(void)
 {
 	/* A 1 Gb/s bottleneck with a 128 KiB drop-tail queue and a window far
@@ -870,12 +883,7 @@ static void test_aimd(void)
 	}
 	net_run(&n, NULL, 3 * MS);
 	struct ferry_rl_stats before, cut, after;
-	ferry_rl_stats(n.a.rl, &before);
-	n.ab.blackhole = true;
-	net_run(&n, NULL, n.now + 60 * US);
-	n.ab.blackhole = false;
-	net_run(&n, NULL, n.now + 2 * MS);
-	ferry_rl_stats(n.a.rl, &cut);
+	episode(&n, &n.ab.blackhole, 60 * US, 2 * MS, &before, &cut);
 	net_run(&n, NULL, n.now + 20 * MS);
 	ferry_rl_stats(n.a.rl, &after);
 	CHECK(cut.loss_events > before.loss_events && cut.ssthresh <= before.cwnd * 6 / 10,
@@ -886,6 +894,38 @@ static void test_aimd(void)
 	      cut.ssthresh, after.cwnd, before.cwnd);
 	bool ok2 = net_run(&n, ab_done, n.now + 60000 * MS);
 	CHECK(ok2 && !n.b.rx.bad, "aimd burst: the transfer still completes intact");
+	net_free(&n);
+}
+
+/* A receiver that is not scheduled for longer than the RTO (a lane thread on
+ * a busy 2-core host) loses nothing: the timeout it causes is spurious, and
+ * must neither leave cwnd at one segment nor send the whole window again. */
+static void test_spurious_rto(void)
+{
+	struct net n;
+	struct net_params p = { .dgram = JUMBO_DGRAM, .window = 256, .ns_per_byte = 0.1, .latency = 20 * US,
+				.bytes_ab = 256 * MIB / scale };
+	printf("# a receiver descheduled past the RTO\n");
+	if (net_setup(&n, &p)) {
+		CHECK(0, "spurious rto: set up");
+		return;
+	}
+	net_run(&n, NULL, 3 * MS);
+	struct ferry_rl_stats before, after, end;
+	episode(&n, &n.b.stalled, 8 * MS, 1 * MS, &before, &after);
+	uint64_t retx = after.retransmits - before.retransmits;
+	CHECK(after.timeouts > before.timeouts, "spurious rto: the stall fired the timer (%" PRIu64 " timeouts)",
+	      after.timeouts - before.timeouts);
+	CHECK(after.spurious_timeouts > before.spurious_timeouts, "spurious rto: the timeout was found spurious and undone");
+	CHECK(after.cwnd >= before.cwnd, "spurious rto: cwnd is back (%" PRIu64 " before the stall, %" PRIu64 " after)",
+	      before.cwnd, after.cwnd);
+	CHECK(retx < 8, "spurious rto: %" PRIu64 " segments sent again, not the window (%u in flight before)", retx,
+	      before.inflight_pkts);
+	bool ok = net_run(&n, ab_done, n.now + 60000 * MS);
+	ferry_rl_stats(n.a.rl, &end);
+	CHECK(ok && !n.b.rx.bad && n.b.rx.msgs == n.a.tx_msgs, "spurious rto: the transfer completes intact");
+	printf("# spurious rto: %" PRIu64 " timeouts (%" PRIu64 " undone), %" PRIu64 " retransmissions in all\n",
+	       end.timeouts, end.spurious_timeouts, end.retransmits);
 	net_free(&n);
 }
 
@@ -1503,6 +1543,7 @@ int main(int argc, char **argv)
 	test_hostile();
 	test_transfers();
 	test_aimd();
+	test_spurious_rto();
 	test_pacing();
 	test_window();
 	test_dead_peer();

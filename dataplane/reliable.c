@@ -89,6 +89,7 @@ struct ferry_rl {
 	bool rack_valid;
 	uint64_t rack_xmit, rack_seq, rack_rtt;  /* most recently sent segment known delivered */
 	uint64_t reo_deadline;
+	unsigned reo_mult;            /* RACK's reordering allowance in min_rtt/4 units (RFC 8985 6.2) */
 
 	/* liveness */
 	uint64_t last_rx, last_progress, wait_start;
@@ -418,6 +419,7 @@ int ferry_rl_create(const struct ferry_rl_config *cfg, uint64_t now_ns, struct f
 	rl->rto = c.rto_initial_ns;
 	rl->tlp_deadline = NEVER;
 	rl->reo_deadline = NEVER;
+	rl->reo_mult = 1;
 	rl->last_rx = rl->last_progress = now_ns;
 	rl->rcv_head = rl->rcv_nxt = rl->rcv_max = c.initial_seq;
 	rl->ack_deadline = NEVER;
@@ -733,7 +735,10 @@ static void rack_detect(struct ferry_rl *rl, uint64_t now)
 	rl->reo_deadline = NEVER;
 	if (!rl->rack_valid)
 		return;
-	uint64_t reo = rl->min_rtt / 4;
+	/* The allowance grows with reordering seen, up to srtt: datagrams
+	 * handed between two lanes' threads sharing a queue are late by a
+	 * thread's scheduling delay, far beyond the path's min_rtt / 4. */
+	uint64_t reo = min64((rl->min_rtt / 4) * rl->reo_mult, max64(rl->srtt, rl->min_rtt / 4));
 	bool lost = false;
 	for (uint64_t seq = rl->snd_una; seq < rl->snd_nxt; seq++) {
 		struct rl_seg *s = seg_at(rl, seq);
@@ -833,6 +838,7 @@ struct ack_info {
 	bool have_sample;
 	bool rack_moved;
 	bool spurious;         /* a segment the timer declared lost arrived without being sent again */
+	bool reordered;        /* a first transmission arrived after a later one */
 };
 
 /* A timeout was spurious (RFC 4015's idea, without timestamps): a segment
@@ -866,6 +872,10 @@ static void seg_delivered(struct ferry_rl *rl, uint64_t seq, struct rl_seg *s, u
 		rl->lost_pkts--;
 	if ((s->state & (SEG_LOST | SEG_RTO)) == (SEG_LOST | SEG_RTO))
 		ai->spurious = true;
+	/* First transmissions leave in order: one delivered after a later one
+	 * was (or after acks declared it lost) arrived out of order. */
+	if (!(s->state & SEG_RETX) && rl->rack_valid && (s->xmit_ns < rl->rack_xmit || (s->state & SEG_LOST)))
+		ai->reordered = true;
 	ai->bytes += s->len;
 	/* a retransmission acked sooner than the path allows was the original */
 	bool ambiguous = (s->state & SEG_RETX) && now - s->xmit_ns < rl->min_rtt;
@@ -930,6 +940,11 @@ static void process_ack(struct ferry_rl *rl, const struct ferry_rl_hdr *h, uint6
 				progress = true;
 			}
 		}
+	}
+	if (ai.reordered) {
+		rl->st.reorder_seen++;
+		if (rl->reo_mult < 256)
+			rl->reo_mult *= 2;
 	}
 	if (ai.spurious && rl->undo_ok)
 		undo_rto(rl);

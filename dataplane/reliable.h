@@ -160,6 +160,7 @@ struct ferry_rl_stats {
 	uint64_t tx_by_ref;        /* datagrams whose payload the backend sent without copying it */
 	/* transmit, added later */
 	uint64_t spurious_timeouts; /* timer expiries undone: what they declared lost arrived, never sent again */
+	uint64_t reorder_seen;     /* acks showing a first transmission delivered after a later one */
 };
 
 /* A decoded datagram header, for tools and tests (the rlane decodes its own). */

@@ -929,6 +929,37 @@ static void test_spurious_rto(void)
 	net_free(&n);
 }
 
+/* Reordering without loss (datagrams handed between two lane threads that
+ * share a queue arrive a thread's scheduling delay late): RACK's allowance
+ * must grow with the reordering it sees, so that few segments are sent
+ * again and cwnd is cut only a few times, not once per late datagram. */
+static void test_reorder_adapts(void)
+{
+	struct net n;
+	struct net_params p = { .dgram = JUMBO_DGRAM, .window = 256, .ns_per_byte = 0.1, .latency = 20 * US,
+				.fault_ab = "reorder=0.03,depth=64,hold_us=25,seed=11", .bytes_ab = 128 * MIB / scale };
+	printf("# reordering, no loss\n");
+	if (net_setup(&n, &p)) {
+		CHECK(0, "reorder: set up");
+		return;
+	}
+	bool ok = net_run(&n, ab_done, 60000 * MS);
+	struct ferry_rl_stats st;
+	ferry_rl_stats(n.a.rl, &st);
+	struct ferry_fault_stats fs;
+	ferry_fault_stats(n.ab.fault, &fs);
+	CHECK(ok && !n.b.rx.bad && n.b.rx.msgs == n.a.tx_msgs, "reorder: the transfer completes intact");
+	printf("# reorder: retx %" PRIu64 " (fast %" PRIu64 ", rto %" PRIu64 ", tlp %" PRIu64 "), srtt %" PRIu64
+	       " us, min_rtt %" PRIu64 " us\n", st.retransmits, st.fast_retransmits, st.rto_retransmits, st.tlp_probes,
+	       st.srtt_ns / 1000, st.min_rtt_ns / 1000);
+	CHECK(st.reorder_seen > 0, "reorder: the sender saw reordering (%" PRIu64 " times)", st.reorder_seen);
+	CHECK(st.retransmits * 10 < fs.reordered, "reorder: %" PRIu64 " segments sent again for %" PRIu64
+	      " reordered (under a tenth)", st.retransmits, fs.reordered);
+	CHECK(st.loss_events * 20 < fs.reordered, "reorder: cwnd cut %" PRIu64 " times for %" PRIu64
+	      " reordered (under a twentieth)", st.loss_events, fs.reordered);
+	net_free(&n);
+}
+
 /* ---- pacing ------------------------------------------------------------- */
 
 static void test_pacing(void)
@@ -1544,6 +1575,7 @@ int main(int argc, char **argv)
 	test_transfers();
 	test_aimd();
 	test_spurious_rto();
+	test_reorder_adapts();
 	test_pacing();
 	test_window();
 	test_dead_peer();

@@ -728,7 +728,7 @@ static void rl_lane_close(struct ferry_lane_drv *l)
 	 * them then. A wire full this long has no reader: drop what is held. */
 	for (t0 = now_ns(); tx_refs(l) && now_ns() - t0 < LINGER_QUIET_NS;)
 		usleep(1000);
-	if (tx_refs(l)) {
+	if (tx_refs(l) && dev->b->tx_discard) {
 		pthread_mutex_lock(&dev->q[l->q].tx_lock);
 		dev->b->tx_discard(dev->bd, l->q);
 		pthread_mutex_unlock(&dev->q[l->q].tx_lock);

@@ -110,5 +110,12 @@ mb=16 round "memif, client started 1 s before its server, the source copying (tx
 ferry_dpdk_tx_path a4 "$tunnel" copy net_memif "memif, tx=copy"
 ferry_stop_daemon a4
 ferry_stop_daemon b4
+# a transmit path that does not exist is refused, naming the option
+if ferry_start_daemon a5 --driver dpdk --driver-opt tx=sometimes --driver-opt eal=-l0 \
+	--driver-opt "vdev=net_memif0,role=server,socket=$QEMU_DIR/memif5.sock,bsize=9216" 2>/dev/null; then
+	ferry_fail "ferryd started with tx=sometimes"
+fi
+grep -q "tx=sometimes is not auto, copy or ref" "$QEMU_DIR/ferryd-a5.log" ||
+	ferry_fail "tx=sometimes: no clear error: $(tail -n 2 "$QEMU_DIR/ferryd-a5.log")"
 echo "PASS dpdk-memif in $(ferry_elapsed)s"
 exit 0

@@ -115,6 +115,7 @@ static int eal_init(const struct ferry_driver_config *cfg, struct ferry_err *err
 			argv[argc++] = "1024";
 		}
 	}
+	bool own_dir = false;
 	if (!has_arg(argv, argc, "--file-prefix") && !has_arg(argv, argc, "--in-memory")) {
 		snprintf(pfx, sizeof(pfx), "--file-prefix=ferry%d", (int)getpid());
 		argv[argc++] = pfx;
@@ -122,6 +123,11 @@ static int eal_init(const struct ferry_driver_config *cfg, struct ferry_err *err
 		 * leaves ~12 MB of runtime files in /var/run/dpdk behind. */
 		if (!has_arg(argv, argc, "--no-shconf"))
 			argv[argc++] = "--no-shconf";
+		/* ... and without this, its telemetry socket keeps the runtime
+		 * directory, which stays behind empty (removed below). */
+		if (!has_arg(argv, argc, "--no-telemetry") && !has_arg(argv, argc, "--telemetry"))
+			argv[argc++] = "--no-telemetry";
+		own_dir = true;
 	}
 	if (!has_arg(argv, argc, "--no-pci") && !has_arg(argv, argc, "-a") && !has_arg(argv, argc, "--allow"))
 		argv[argc++] = "--no-pci";
@@ -147,6 +153,10 @@ static int eal_init(const struct ferry_driver_config *cfg, struct ferry_err *err
 		return ferry_err_set(err, rte_errno ? rte_errno : EINVAL, "dpdk driver: rte_eal_init(%s) failed: %s",
 				     all, rte_strerror(rte_errno));
 	}
+	/* Nothing is kept in our own, per-process runtime directory: remove it
+	 * now rather than leave one per daemon run (best effort). */
+	if (own_dir)
+		(void)rmdir(rte_eal_get_runtime_dir());
 	eal_up = true;
 	return 0;
 }

@@ -2141,7 +2141,7 @@ static void spawn_conn(struct daemon *d, int lfd, bool admin)
 		return;
 	}
 	if (!admin)
-		ferry_jl_tcp_keepalive(fd);
+		ferry_jl_tcp_setup(fd);
 	pthread_mutex_lock(&d->lock);
 	/* Bounded threads, counted apart: idle peers cannot lock the admin out. */
 	bool full = admin ? d->active_admin >= MAX_ADMIN_CONNS : d->active_conns >= MAX_CONNS;

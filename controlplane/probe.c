@@ -99,6 +99,7 @@ int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled
 {
 	out->features = 0;
 	out->drivers = 0;
+	out->qemu = 0;
 	json_t *caps = NULL;
 	int rc = ferry_qmp_execute(q, "query-migrate-capabilities", NULL, &caps, err);
 	if (rc)
@@ -137,6 +138,7 @@ int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled
 	 * so it must see the network this daemon sees. */
 	if (ferry_dp_can_handoff(dp))
 		out->features |= FERRY_F_HANDOFF | (shares_our_network(q) ? FERRY_F_HANDOFF_MULTIFD : 0);
+	out->qemu = out->features;
 	out->features &= ~disabled;
 	enum ferry_cookie_driver_kind k = ferry_probe_driver_kind(dp);
 	if (k)

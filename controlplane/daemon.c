@@ -944,7 +944,19 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 		ferry_err_set(err, ENOMEM, "out of memory");
 		goto fail;
 	}
-	if (ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:o}", "capabilities", caps))
+	/* With multifd, its parameter goes in the same write (one round trip). */
+	const char *const cmds[2] = { "migrate-set-capabilities", "migrate-set-parameters" };
+	json_t *cargs[2] = { json_pack("{s:o}", "capabilities", caps),
+			     channels > 0 ? json_pack("{s:i}", "multifd-channels", (int)channels) : NULL };
+	json_t *cres[2] = { NULL, NULL };
+	int crc = cargs[0] && (channels == 0 || cargs[1])
+			  ? ferry_qmp_execute_batch(e->qmp, channels > 0 ? 2 : 1, cmds, cargs, cres, err)
+			  : ferry_err_set(err, ENOMEM, "out of memory");
+	for (int i = 0; i < 2; i++) {
+		json_decref(cargs[i]);
+		json_decref(cres[i]);
+	}
+	if (crc)
 		goto fail;
 	/* Guarded postcopy: `stop` while incoming turns QEMU's autostart off,
 	 * so after the postcopy switch the VM stays paused until postcopy-go. */
@@ -957,9 +969,6 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 	e->direct = handoff && channels > 0;
 	if (e->direct)
 		e->pc_streams = 1;
-	if (channels > 0 && ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-parameters", "{s:i}", "multifd-channels",
-					       (int)channels))
-		goto fail;
 	if (handoff && !ferry_dp_can_handoff(d->dp)) {
 		ferry_err_set(err, EINVAL, "handoff needs a driver that can hand over (kernel tcp)");
 		goto fail;

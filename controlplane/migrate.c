@@ -386,8 +386,9 @@ static json_t *cap(const char *name, bool on)
 	return json_pack("{s:s, s:b}", "capability", name, "state", on);
 }
 
-/* The plan's capabilities and parameters on the source QEMU, in one command
- * each (every round trip to QEMU is set-up time the user waits for).
+/* The plan's capabilities and parameters on the source QEMU, one command
+ * each, sent together (every round trip to QEMU is set-up time the user
+ * waits for; QEMU applies them in order).
  * has_multifd: whether this QEMU has the capability at all (Begin's probe);
  * it is then set either way, so an earlier setting cannot linger. */
 static int set_source_caps(struct ferry_qmp *q, bool has_multifd, unsigned channels, bool postcopy, bool preempt,
@@ -405,16 +406,22 @@ static int set_source_caps(struct ferry_qmp *q, bool has_multifd, unsigned chann
 		json_decref(caps);
 		return ferry_err_set(err, ENOMEM, "out of memory");
 	}
-	int rc = ferry_qmp_executef(q, NULL, err, "migrate-set-capabilities", "{s:o}", "capabilities", caps);
-	if (rc)
-		return rc;
 	/* QEMU 7.2 throttles migration to 32 MiB/s unless told otherwise; the
 	 * transport (or the user's cap), not a default, should set the pace. */
 	json_int_t bw = (json_int_t)(max_bandwidth ? max_bandwidth : FERRY_MIGRATE_MAX_BANDWIDTH);
-	if (channels > 0)
-		return ferry_qmp_executef(q, NULL, err, "migrate-set-parameters", "{s:I, s:i}", "max-bandwidth", bw,
-					  "multifd-channels", (int)channels);
-	return ferry_qmp_executef(q, NULL, err, "migrate-set-parameters", "{s:I}", "max-bandwidth", bw);
+	json_t *params = channels > 0 ? json_pack("{s:I, s:i}", "max-bandwidth", bw, "multifd-channels", (int)channels)
+				      : json_pack("{s:I}", "max-bandwidth", bw);
+	json_t *args[2] = { json_pack("{s:o}", "capabilities", caps), params }, *res[2];
+	const char *const cmds[2] = { "migrate-set-capabilities", "migrate-set-parameters" };
+	int rc = args[0] && args[1] ? ferry_qmp_execute_batch(q, 2, cmds, args, res, err)
+				    : ferry_err_set(err, ENOMEM, "out of memory");
+	if (rc == 0) {
+		json_decref(res[0]);
+		json_decref(res[1]);
+	}
+	json_decref(args[0]);
+	json_decref(args[1]);
+	return rc;
 }
 
 /* Datagram lanes: the session's reliability counters for migrate-status. */

@@ -238,11 +238,17 @@ arm_ferry() {
 	# the daemons' control connection is TLS with a pre-shared key (psktool's format)
 	[ -f "$psk" ] || (umask 077 && printf 'ferry-bench:%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 -v | tr -d ' \n')" >"$psk") ||
 		return 1
+	# Durable records on tmpfs, where ferryd keeps them by default (its run
+	# dir, /run/ferry): the work dir is on disk, and an fsync per phase
+	# record there (1-150 ms on this host under load) is not ferry's default.
+	mkdir -p "$SHM/state" || return 1
 	bg_start "$RUN_LOG_PREFIX-ferryd-src.log" "$FERRYD" --admin "$sock_src" --listen "127.0.0.1:$P_FERRY_SRC" --tls-psk "$psk" \
+		--state-dir "$SHM/state" \
 		--host-uuid "$(cat /proc/sys/kernel/random/uuid)" "${FERRYD_SRC_ARGS[@]+"${FERRYD_SRC_ARGS[@]}"}"
 	ARM_PIDS+=("$BG_PID")
 	local pid_src=$BG_PID
 	bg_start "$RUN_LOG_PREFIX-ferryd-dst.log" "$FERRYD" --admin "$sock_dst" --listen "127.0.0.1:$P_FERRY_DST" --tls-psk "$psk" \
+		--state-dir "$SHM/state" \
 		--host-uuid "$(cat /proc/sys/kernel/random/uuid)" "${FERRYD_DST_ARGS[@]+"${FERRYD_DST_ARGS[@]}"}"
 	ARM_PIDS+=("$BG_PID")
 	local pid_dst=$BG_PID

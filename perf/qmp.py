@@ -538,6 +538,12 @@ def cmd_summarize(a):
             "wall_min_s": min([r["wall_s"] for r in ok if r.get("wall_s")], default=None),
             "wall_max_s": max([r["wall_s"] for r in ok if r.get("wall_s")], default=None),
             "phases": phase_medians(ok),
+            # The wall time beyond QEMU's own total-time: set-up before the
+            # migrate command and the tail after QEMU's completion. Per run,
+            # so it shows the transport's fixed cost even when the host's
+            # load swings QEMU's own time from run to run.
+            "extra_ms": median([1000 * r["wall_s"] - r["total_time_ms"] for r in ok
+                                if r.get("wall_s") and r.get("total_time_ms")]),
             "total_time_ms": median([r.get("total_time_ms") for r in ok]),
             "retries": sum(r.get("attempt", 1) - 1 for r in rs),
         }
@@ -553,8 +559,9 @@ def cmd_summarize(a):
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    hdr = "%-8s %-8s %8s %12s %9s %9s %13s %10s %10s" % (
-        "arm", "multifd", "ok/tries", "MiB/s(med)", "Gbit/s", "wall s", "wall min-max", "thr/direct", "wall/direct")
+    hdr = "%-8s %-8s %8s %12s %9s %9s %13s %9s %10s %10s" % (
+        "arm", "multifd", "ok/tries", "MiB/s(med)", "Gbit/s", "wall s", "wall min-max", "extra ms", "thr/direct",
+        "wall/direct")
     lines = [hdr, "-" * len(hdr)]
     for s in summary:
         if s["skipped"]:
@@ -563,14 +570,15 @@ def cmd_summarize(a):
                 groups[(s["arm"], s["multifd"])][0].get("error", "")))
             continue
         thr = s["throughput_MiBps"]
-        lines.append("%-8s %-8s %8s %12s %9s %9s %13s %10s %10s" % (
+        lines.append("%-8s %-8s %8s %12s %9s %9s %13s %9s %10s %10s" % (
             s["arm"], "off" if s["multifd"] == 0 else s["multifd"],
             "%d/%d" % (s["ok"], s["runs"]), fmt(thr, ".1f"),
             fmt(thr * 2**20 * 8 / 1e9 if thr else None, ".2f"),
             fmt(s["wall_s"], ".3f"),
             "-" if s["wall_min_s"] is None else "%.3f-%.3f" % (s["wall_min_s"], s["wall_max_s"]),
-            fmt(s["ratio_throughput"], ".3f"), fmt(s["ratio_wall"], ".3f")))
+            fmt(s["extra_ms"], ".0f"), fmt(s["ratio_throughput"], ".3f"), fmt(s["ratio_wall"], ".3f")))
     print("\n".join(lines))
+    print("extra ms: median over the runs of (wall - QEMU's total-time): what the path adds around QEMU's migration")
     ph_lines = []
     for s in summary:
         if s["phases"]:

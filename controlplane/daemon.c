@@ -174,6 +174,14 @@ static void logf_(struct daemon *d, const char *fmt, ...)
 	(void)d;
 }
 
+/* CLOCK_MONOTONIC in ms, for the timings a reply reports. */
+static double mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
 static double cpu_seconds(void)
 {
 	struct rusage ru;
@@ -667,16 +675,18 @@ static int dst_nbd_setup(struct daemon *d, struct dst_entry *e, const struct fer
  * Fills the reply's cookie and plan. */
 static int prepare_plan(struct daemon *d, struct dst_entry *e, json_t *req, const char *cookie_xml,
 			struct ferry_plan *plan, json_t **cookie_out, char *vm, size_t vmlen, char *src_host,
-			size_t hostlen, struct ferry_err *err)
+			size_t hostlen, double *probe_ms, struct ferry_err *err)
 {
 	struct ferry_cookie theirs, mine;
 	struct ferry_side_caps mycaps, scaps;
 	int rc = ferry_cookie_parse(cookie_xml, strlen(cookie_xml), &theirs, err);
 	if (rc)
 		return ferry_err_prefix(err, "the source's cookie");
+	double t_probe = mono_ms();
 	if ((rc = ferry_probe_cookie(e->qmp, d->dp, d->endpoint, d->cfg->disabled_features, d->hostname, d->hostuuid,
 				     &mine, &mycaps, err)))
 		return ferry_err_prefix(err, "describing the destination");
+	*probe_ms = mono_ms() - t_probe;
 	if ((rc = ferry_cookie_check_peer(&mine, &theirs, err)) || (rc = ferry_cookie_check_shape(&theirs, &mine, err)))
 		return rc;
 	snprintf(vm, vmlen, "%s", mine.name);
@@ -867,6 +877,7 @@ static int listen_pinned(struct daemon *d, struct dst_entry *e, json_t *req, uns
 
 static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_err *err)
 {
+	double t_start = mono_ms(), qmp_ms = -1, probe_ms = -1;
 	struct ferry_plan plan = { 0 };
 	json_t *my_cookie = NULL;
 	unsigned channels, lanes;
@@ -896,6 +907,7 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 	json_t *st = NULL;
 	if (ferry_qmp_execute(e->qmp, "query-status", NULL, &st, err))
 		goto fail;
+	qmp_ms = mono_ms() - t_start;
 	const char *status = json_string_value(json_object_get(st, "status"));
 	if (!status || strcmp(status, "inmigrate") != 0) {
 		ferry_err_set(err, EINVAL, "the destination QEMU is '%s', not waiting for a migration (start it with -incoming defer)",
@@ -910,7 +922,8 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 	bool handoff = json_is_true(json_object_get(req, "handoff"));
 	char vm[FERRY_COOKIE_NAME_MAX * 4 + 1] = "", src_host[FERRY_COOKIE_HOSTNAME_MAX + 1] = "";
 	if (cookie_xml) {
-		if (prepare_plan(d, e, req, cookie_xml, &plan, &my_cookie, vm, sizeof(vm), src_host, sizeof(src_host), err))
+		if (prepare_plan(d, e, req, cookie_xml, &plan, &my_cookie, vm, sizeof(vm), src_host, sizeof(src_host),
+				 &probe_ms, err))
 			goto fail;
 		channels = plan.channels;
 		handoff = plan.handoff;
@@ -919,9 +932,32 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 		for (unsigned i = 0; i < plan.nnotes; i++)
 			logf_(d, "migration from %s: fallback: %s", d->hostname, plan.notes[i]);
 	}
-	if ((plan.features & FERRY_F_POSTCOPY) &&
-	    ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
-			       "capability", "postcopy-ram", "state", 1))
+	/* The plan's capabilities in one command (each round trip to QEMU is
+	 * set-up time); events, so Finish sees the load complete at once. */
+	json_t *caps = json_pack("[{s:s, s:b}]", "capability", "events", "state", 1);
+	if (caps && channels > 0)
+		json_array_append_new(caps, json_pack("{s:s, s:b}", "capability", "multifd", "state", 1));
+	if (caps && (plan.features & FERRY_F_POSTCOPY))
+		json_array_append_new(caps, json_pack("{s:s, s:b}", "capability", "postcopy-ram", "state", 1));
+	if (caps && (plan.features & FERRY_F_POSTCOPY_PREEMPT))
+		json_array_append_new(caps, json_pack("{s:s, s:b}", "capability", "postcopy-preempt", "state", 1));
+	if (!caps) {
+		ferry_err_set(err, ENOMEM, "out of memory");
+		goto fail;
+	}
+	/* With multifd, its parameter goes in the same write (one round trip). */
+	const char *const cmds[2] = { "migrate-set-capabilities", "migrate-set-parameters" };
+	json_t *cargs[2] = { json_pack("{s:o}", "capabilities", caps),
+			     channels > 0 ? json_pack("{s:i}", "multifd-channels", (int)channels) : NULL };
+	json_t *cres[2] = { NULL, NULL };
+	int crc = cargs[0] && (channels == 0 || cargs[1])
+			  ? ferry_qmp_execute_batch(e->qmp, channels > 0 ? 2 : 1, cmds, cargs, cres, err)
+			  : ferry_err_set(err, ENOMEM, "out of memory");
+	for (int i = 0; i < 2; i++) {
+		json_decref(cargs[i]);
+		json_decref(cres[i]);
+	}
+	if (crc)
 		goto fail;
 	/* Guarded postcopy: `stop` while incoming turns QEMU's autostart off,
 	 * so after the postcopy switch the VM stays paused until postcopy-go. */
@@ -930,21 +966,10 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 			goto fail;
 		e->pc_guarded = true;
 	}
-	if ((plan.features & FERRY_F_POSTCOPY_PREEMPT) &&
-	    ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
-			       "capability", "postcopy-preempt", "state", 1))
-		goto fail;
 	e->pc_streams = channels + 1 + ((plan.features & FERRY_F_POSTCOPY_PREEMPT) ? 1 : 0);
 	e->direct = handoff && channels > 0;
 	if (e->direct)
 		e->pc_streams = 1;
-	if (channels > 0) {
-		if (ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
-				       "capability", "multifd", "state", 1) ||
-		    ferry_qmp_executef(e->qmp, NULL, err, "migrate-set-parameters", "{s:i}", "multifd-channels",
-				       (int)channels))
-			goto fail;
-	}
 	if (handoff && !ferry_dp_can_handoff(d->dp)) {
 		ferry_err_set(err, EINVAL, "handoff needs a driver that can hand over (kernel tcp)");
 		goto fail;
@@ -990,6 +1015,9 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 		if (e->direct)
 			json_object_set_new(json_object_get(r, "plan"), "direct", json_string(direct_addr));
 	}
+	/* Where Prepare's time went, for the source's migrate-status. */
+	json_object_set_new(r, "timing", json_pack("{s:f, s:f, s:f}", "qmp_ms", qmp_ms, "probe_ms", probe_ms, "total_ms",
+						   mono_ms() - t_start));
 	return r;
 fail:
 	json_decref(my_cookie);
@@ -1030,6 +1058,7 @@ static json_t *put_back(struct daemon *d, struct dst_entry *e, json_t *r, struct
 
 static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_err *err)
 {
+	double t_start = mono_ms(), wait_ms = -1;
 	struct dst_entry *e = take_migration(d, req, err);
 	if (!e)
 		return NULL;
@@ -1050,10 +1079,18 @@ static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_e
 			ferry_err_set(err, EIO, "transport failed: %s", ss.error);
 			break;
 		}
-		usleep(20000);
+		/* Until QEMU's next event (its MIGRATION status change ends the
+		 * wait at once) or 20 ms; a dead monitor fails the next query. */
+		json_t *ev = NULL;
+		struct ferry_err e2 = { 0 };
+		if (ferry_qmp_next_event(e->qmp, 20, &ev, &e2) == 0)
+			json_decref(ev);
+		else
+			usleep(20000);
 	}
 	json_t *r = NULL;
 	if (status && !err->code) {
+		wait_ms = mono_ms() - t_start;
 		json_t *vs = NULL;
 		struct ferry_err e2 = { 0 };
 		const char *vm = "?";
@@ -1087,6 +1124,9 @@ static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_e
 			      " ms, downtime %" PRIu64 " ms", e->id, sc.stats.ram_transferred, sc.stats.ram_total,
 			      sc.stats.total_time_ms, sc.stats.downtime_ms);
 		r = json_pack("{s:b, s:s, s:s}", "ok", 1, "status", status, "vm_status", vm ? vm : "?");
+		if (r)
+			json_object_set_new(r, "timing", json_pack("{s:f, s:f}", "wait_ms", wait_ms, "total_ms",
+								   mono_ms() - t_start));
 		logf_(d, "session %u: destination migration %s, VM %s", e->id, status, vm ? vm : "?");
 		char note[96];
 		snprintf(note, sizeof(note), "finished: migration %s, VM %.32s", status, vm ? vm : "?");
@@ -1721,6 +1761,13 @@ static json_t *admin_migrate_status(struct daemon *d, json_t *req, bool cancel, 
 		ferry_migration_cancel(m);
 		logf_(d, "migration %" PRIu64 ": cancel requested", id);
 	}
+	/* "wait_ms": answer once the migration ended, or after that long (a
+	 * watcher sees the end at once, without polling). */
+	unsigned wait_ms = 0;
+	if (!cancel && req_uint(req, "wait_ms", 0, 1000, &wait_ms, err))
+		return NULL;
+	if (wait_ms)
+		ferry_migration_wait(m, (int)wait_ms);
 	struct ferry_migration_progress p;
 	ferry_migration_progress(m, &p);
 	json_t *r = json_pack("{s:b, s:s, s:s, s:s, s:I, s:I, s:I, s:f, s:f, s:f, s:f, s:f, s:f, s:s, s:s, s:s}", "ok", 1,
@@ -1740,6 +1787,18 @@ static json_t *admin_migrate_status(struct daemon *d, json_t *req, bool cancel, 
 			json_object_set_new(r, "warning", json_string(p.warning));
 		if (p.reliable)
 			json_object_set_new(r, "reliable", rel_json(&p.rel));
+		json_t *ph = json_object();
+		for (int k = 0; ph && k < FERRY_MARK_COUNT; k++)
+			if (p.marks[k] > 0)
+				json_object_set_new(ph, ferry_migration_mark_name(k), json_real(p.marks[k]));
+		json_object_set_new(r, "phases", ph);
+		if (wait_ms)
+			json_object_set_new(r, "waited", json_true());
+		json_object_set_new(r, "t0_mono", json_real(p.t0_mono));
+		json_object_set_new(r, "dst_timing", json_pack("{s:f, s:f, s:f, s:f, s:f}", "qmp_ms", p.dst_qmp_ms,
+							       "probe_ms", p.dst_probe_ms, "prepare_ms", p.dst_prepare_ms,
+							       "finish_wait_ms", p.dst_finish_wait_ms, "finish_ms",
+							       p.dst_finish_ms));
 	}
 	return r;
 }
@@ -2142,7 +2201,7 @@ static void spawn_conn(struct daemon *d, int lfd, bool admin)
 		return;
 	}
 	if (!admin)
-		ferry_jl_tcp_keepalive(fd);
+		ferry_jl_tcp_setup(fd);
 	pthread_mutex_lock(&d->lock);
 	/* Bounded threads, counted apart: idle peers cannot lock the admin out. */
 	bool full = admin ? d->active_admin >= MAX_ADMIN_CONNS : d->active_conns >= MAX_CONNS;

@@ -41,8 +41,9 @@ int ferry_jl_connect_unix(const char *path, int timeout_ms, struct ferry_jl *jl,
  * the TLS handshake is part of the connect, within timeout_ms. */
 int ferry_jl_connect_tcp(const char *hostport, int timeout_ms, struct ferry_jl *jl, struct ferry_err *err);
 /* Keepalive probes and a user timeout on a control connection's TCP socket,
- * so a peer host that vanished without a FIN is noticed in about 30 s. */
-void ferry_jl_tcp_keepalive(int fd);
+ * so a peer host that vanished without a FIN is noticed in about 30 s; and
+ * TCP_NODELAY, so a request never waits for the peer's delayed ACK. */
+void ferry_jl_tcp_setup(int fd);
 /* The same with an explicit context (NULL: plain TCP). */
 int ferry_jl_connect_tcp_tls(const char *hostport, int timeout_ms, struct ferry_tls *tls, struct ferry_jl *jl,
 			     struct ferry_err *err);

@@ -75,6 +75,7 @@ struct ferry_migration {
 
 	pthread_t thread;
 	pthread_mutex_t lock;
+	pthread_cond_t ended; /* signalled when done is set (CLOCK_MONOTONIC) */
 	bool cancel;
 	bool done;
 	struct ferry_migration_progress prog;
@@ -98,6 +99,38 @@ static double since(const struct timespec *t0)
 	struct timespec t;
 	clock_gettime(CLOCK_MONOTONIC, &t);
 	return (double)(t.tv_sec - t0->tv_sec) + (double)(t.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+const char *ferry_migration_mark_name(enum ferry_migration_mark k)
+{
+	static const char *const names[FERRY_MARK_COUNT] = {
+		[FERRY_MARK_QMP] = "qmp",         [FERRY_MARK_BEGIN] = "begin",     [FERRY_MARK_CONNECTED] = "connected",
+		[FERRY_MARK_PREPARED] = "prepared", [FERRY_MARK_CAPS] = "caps",     [FERRY_MARK_LANE] = "lane",
+		[FERRY_MARK_HANDOFF] = "handoff", [FERRY_MARK_MIGRATE] = "migrate", [FERRY_MARK_SENT] = "sent",
+		[FERRY_MARK_TIMINGS] = "timings", [FERRY_MARK_FINISHED] = "finished", [FERRY_MARK_END] = "end",
+	};
+	return (unsigned)k < FERRY_MARK_COUNT ? names[k] : "?";
+}
+
+/* Step k ended now (the first time only: a repeated step keeps its first end). */
+static void mark(struct ferry_migration *m, enum ferry_migration_mark k)
+{
+	double t = since(&m->t0);
+	pthread_mutex_lock(&m->lock);
+	if (m->prog.marks[k] == 0)
+		m->prog.marks[k] = t;
+	pthread_mutex_unlock(&m->lock);
+}
+
+/* The destination daemon's timing object ({"name_ms": ms, ...}) read into *out. */
+static void dst_ms(struct ferry_migration *m, json_t *timing, const char *key, double *out)
+{
+	json_t *v = json_object_get(timing, key);
+	if (!json_is_number(v))
+		return;
+	pthread_mutex_lock(&m->lock);
+	*out = json_number_value(v);
+	pthread_mutex_unlock(&m->lock);
 }
 
 static bool cancelled(struct ferry_migration *m)
@@ -189,6 +222,10 @@ static int peer_prepare(struct ferry_migration *m, struct ferry_jl *jl, const st
 	json_decref(req);
 	if (rc)
 		return ferry_err_prefix(err, "destination daemon refused to prepare");
+	json_t *timing = json_object_get(reply, "timing");
+	dst_ms(m, timing, "qmp_ms", &m->prog.dst_qmp_ms);
+	dst_ms(m, timing, "probe_ms", &m->prog.dst_probe_ms);
+	dst_ms(m, timing, "total_ms", &m->prog.dst_prepare_ms);
 
 	const char *theirs_xml = json_string_value(json_object_get(reply, "cookie"));
 	json_t *jplan = json_object_get(reply, "plan");
@@ -344,46 +381,46 @@ static bool peer_gone(struct ferry_jl *jl)
 	return ferry_jl_peer_gone(jl);
 }
 
-static int set_source_caps(struct ferry_qmp *q, unsigned channels, bool postcopy, uint64_t max_bandwidth,
-			   struct ferry_err *err)
+static json_t *cap(const char *name, bool on)
 {
-	json_t *caps = NULL;
-	int rc = ferry_qmp_execute(q, "query-migrate-capabilities", NULL, &caps, err);
-	if (rc)
-		return rc;
-	bool has_multifd = false;
-	size_t i;
-	json_t *c;
-	json_array_foreach(caps, i, c) {
-		const char *name = json_string_value(json_object_get(c, "capability"));
-		if (name && strcmp(name, "multifd") == 0)
-			has_multifd = true;
-	}
-	json_decref(caps);
+	return json_pack("{s:s, s:b}", "capability", name, "state", on);
+}
+
+/* The plan's capabilities and parameters on the source QEMU, one command
+ * each, sent together (every round trip to QEMU is set-up time the user
+ * waits for; QEMU applies them in order).
+ * has_multifd: whether this QEMU has the capability at all (Begin's probe);
+ * it is then set either way, so an earlier setting cannot linger. */
+static int set_source_caps(struct ferry_qmp *q, bool has_multifd, unsigned channels, bool postcopy, bool preempt,
+			   uint64_t max_bandwidth, struct ferry_err *err)
+{
 	if (channels > 0 && !has_multifd)
 		return ferry_err_set(err, ENOTSUP, "the source QEMU has no multifd capability");
-	if (has_multifd) {
-		rc = ferry_qmp_executef(q, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
-					"capability", "multifd", "state", channels > 0);
-		if (rc)
-			return rc;
-	}
-	if (channels > 0)
-		rc = ferry_qmp_executef(q, NULL, err, "migrate-set-parameters", "{s:i}", "multifd-channels",
-					(int)channels);
-	if (rc == 0 && postcopy)
-		rc = ferry_qmp_executef(q, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
-					"capability", "postcopy-ram", "state", 1);
 	/* MIGRATION events wake the progress loop the moment QEMU's status
 	 * changes, instead of at its next look. */
-	if (rc == 0)
-		rc = ferry_qmp_executef(q, NULL, err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
-					"capability", "events", "state", 1);
+	json_t *caps = json_array();
+	if (!caps || json_array_append_new(caps, cap("events", true)) ||
+	    (has_multifd && json_array_append_new(caps, cap("multifd", channels > 0))) ||
+	    (postcopy && json_array_append_new(caps, cap("postcopy-ram", true))) ||
+	    (preempt && json_array_append_new(caps, cap("postcopy-preempt", true)))) {
+		json_decref(caps);
+		return ferry_err_set(err, ENOMEM, "out of memory");
+	}
 	/* QEMU 7.2 throttles migration to 32 MiB/s unless told otherwise; the
 	 * transport (or the user's cap), not a default, should set the pace. */
-	if (rc == 0)
-		rc = ferry_qmp_executef(q, NULL, err, "migrate-set-parameters", "{s:I}", "max-bandwidth",
-					(json_int_t)(max_bandwidth ? max_bandwidth : FERRY_MIGRATE_MAX_BANDWIDTH));
+	json_int_t bw = (json_int_t)(max_bandwidth ? max_bandwidth : FERRY_MIGRATE_MAX_BANDWIDTH);
+	json_t *params = channels > 0 ? json_pack("{s:I, s:i}", "max-bandwidth", bw, "multifd-channels", (int)channels)
+				      : json_pack("{s:I}", "max-bandwidth", bw);
+	json_t *args[2] = { json_pack("{s:o}", "capabilities", caps), params }, *res[2];
+	const char *const cmds[2] = { "migrate-set-capabilities", "migrate-set-parameters" };
+	int rc = args[0] && args[1] ? ferry_qmp_execute_batch(q, 2, cmds, args, res, err)
+				    : ferry_err_set(err, ENOMEM, "out of memory");
+	if (rc == 0) {
+		json_decref(res[0]);
+		json_decref(res[1]);
+	}
+	json_decref(args[0]);
+	json_decref(args[1]);
 	return rc;
 }
 
@@ -996,6 +1033,7 @@ static void *migration_main(void *arg)
 	json_t *st = NULL;
 	if ((rc = ferry_qmp_execute(q, "query-status", NULL, &st, &err)))
 		goto out;
+	mark(m, FERRY_MARK_QMP);
 	const char *vmstat = json_string_value(json_object_get(st, "status"));
 	was_running = vmstat && strcmp(vmstat, "running") == 0;
 	bool startable = vmstat && (strcmp(vmstat, "running") == 0 || strcmp(vmstat, "paused") == 0 ||
@@ -1033,6 +1071,7 @@ static void *migration_main(void *arg)
 	snprintf(m->rec.vm, sizeof(m->rec.vm), "%s", mine.name);
 	m->rec.was_running = was_running;
 	record(m, FERRY_PHASE_BEGIN, NULL);
+	mark(m, FERRY_MARK_BEGIN);
 	if (cancelled(m))
 		goto cancel;
 
@@ -1041,10 +1080,12 @@ static void *migration_main(void *arg)
 		ferry_err_prefix(&err, "destination daemon");
 		goto out;
 	}
+	mark(m, FERRY_MARK_CONNECTED);
 	struct ferry_plan plan;
 	if ((rc = peer_prepare(m, &jl, &mine, &mycaps, &plan, &sp, endpoint, sizeof(endpoint), &err)))
 		goto out;
 	prepared = true;
+	mark(m, FERRY_MARK_PREPARED);
 	m->rec.session = sp.id;
 	record(m, FERRY_PHASE_PREPARED, NULL);
 	streams = sp.max_streams;
@@ -1064,12 +1105,11 @@ static void *migration_main(void *arg)
 				   plan.nnotes ? plan.notes[plan.nnotes - 1] : "one side lacks postcopy-setup");
 		goto out;
 	}
-	if ((rc = set_source_caps(q, plan.channels, (plan.features & FERRY_F_POSTCOPY) != 0, m->max_bandwidth, &err)))
+	if ((rc = set_source_caps(q, (mycaps.qemu & FERRY_F_MULTIFD) != 0, plan.channels,
+				  (plan.features & FERRY_F_POSTCOPY) != 0, (plan.features & FERRY_F_POSTCOPY_PREEMPT) != 0,
+				  m->max_bandwidth, &err)))
 		goto out;
-	if ((plan.features & FERRY_F_POSTCOPY_PREEMPT) &&
-	    (rc = ferry_qmp_executef(q, NULL, &err, "migrate-set-capabilities", "{s:[{s:s, s:b}]}", "capabilities",
-				     "capability", "postcopy-preempt", "state", 1)))
-		goto out;
+	mark(m, FERRY_MARK_CAPS);
 	if (cancelled(m))
 		goto cancel;
 	if (plan.features & FERRY_F_NBD) {
@@ -1093,8 +1133,10 @@ static void *migration_main(void *arg)
 			rc = fd;
 			goto out;
 		}
+		mark(m, FERRY_MARK_LANE);
 		/* The destination QEMU takes its end first, then ours starts writing. */
 		rc = peer_simple(&jl, "migrate-handoff", sp.id, PEER_TIMEOUT_MS, NULL, &err);
+		mark(m, FERRY_MARK_HANDOFF);
 		if (rc == 0 && !plan.channels)
 			rc = ferry_qmp_getfd(q, fd, "ferry-migration", &err);
 		close(fd);
@@ -1146,8 +1188,10 @@ static void *migration_main(void *arg)
 		}
 		snprintf(uri, sizeof(uri), "unix:%s", path);
 	}
+	mark(m, FERRY_MARK_LANE);
 	if ((rc = ferry_qmp_executef(q, NULL, &err, "migrate", "{s:s}", "uri", uri)))
 		goto out;
+	mark(m, FERRY_MARK_MIGRATE);
 	set_state(m, FERRY_MIG_ACTIVE);
 	record(m, FERRY_PHASE_PERFORMING, NULL);
 
@@ -1163,11 +1207,14 @@ static void *migration_main(void *arg)
 		update_progress(m, info, &last_bytes, &last_t);
 		const char *status = json_string_value(json_object_get(info, "status"));
 		if (status && strcmp(status, "completed") == 0) {
+			mark(m, FERRY_MARK_SENT);
 			/* QEMU 7.2 says completed a moment before it fills in its
-			 * timings: read them again until they are there. */
-			for (int i = 0; i < 25 && ju(info, "total-time") == 0; i++) {
+			 * timings (its migration thread needs the main loop's
+			 * lock for that): read them again until they are there,
+			 * soon at first (1, 2, 4 ... 64 ms; about 0.5 s in all). */
+			for (int i = 0; i < 12 && ju(info, "total-time") == 0; i++) {
 				json_t *again = NULL;
-				struct timespec ts = { 0, 20 * 1000000L };
+				struct timespec ts = { 0, (1L << (i < 6 ? i : 6)) * 1000000L };
 				nanosleep(&ts, NULL);
 				if (ferry_qmp_execute(q, "query-migrate", NULL, &again, &err))
 					break;
@@ -1176,6 +1223,7 @@ static void *migration_main(void *arg)
 			}
 			ferry_err_clear(&err);
 			update_progress(m, info, &last_bytes, &last_t);
+			mark(m, FERRY_MARK_TIMINGS);
 			json_decref(info);
 			struct ferry_session_stats fin;
 			ferry_session_stats(sess, &fin);
@@ -1275,8 +1323,16 @@ static void *migration_main(void *arg)
 						   SWITCHOVER_TIMEOUT_S);
 				goto out;
 			}
-			struct timespec ts = { 0, 10 * 1000000L };
-			nanosleep(&ts, NULL);
+			/* Until the next look in 10 ms, or at once on QEMU's
+			 * "completed" event. */
+			json_t *ev = NULL;
+			struct ferry_err e2 = { 0 };
+			if (ferry_qmp_next_event(q, 10, &ev, &e2) == 0) {
+				json_decref(ev);
+			} else {
+				struct timespec ts = { 0, 10 * 1000000L };
+				nanosleep(&ts, NULL);
+			}
 			continue;
 		}
 		if (cancelled(m)) {
@@ -1364,6 +1420,9 @@ static void *migration_main(void *arg)
 		ferry_err_prefix(&err, "destination did not complete");
 		goto out;
 	}
+	mark(m, FERRY_MARK_FINISHED);
+	dst_ms(m, json_object_get(fin, "timing"), "wait_ms", &m->prog.dst_finish_wait_ms);
+	dst_ms(m, json_object_get(fin, "timing"), "total_ms", &m->prog.dst_finish_ms);
 	const char *dst_status = json_string_value(json_object_get(fin, "status"));
 	pthread_mutex_lock(&m->lock);
 	snprintf(m->prog.dst_status, sizeof(m->prog.dst_status), "%s", dst_status ? dst_status : "?");
@@ -1428,12 +1487,14 @@ out:
 	ferry_pcguard_stop(guard);
 	ferry_jl_close(&jl);
 	ferry_qmp_close(q);
+	mark(m, FERRY_MARK_END);
 	pthread_mutex_lock(&m->lock);
 	m->prog.state = final;
 	m->prog.elapsed_s = since(&m->t0);
 	if (final != FERRY_MIG_COMPLETED)
 		snprintf(m->prog.error, sizeof(m->prog.error), "%s", err.msg[0] ? err.msg : "migration failed");
 	m->done = true;
+	pthread_cond_broadcast(&m->ended);
 	pthread_mutex_unlock(&m->lock);
 	return NULL;
 }
@@ -1521,7 +1582,18 @@ int ferry_migration_start(struct ferry_dp *dp, const struct ferry_migration_para
 	}
 	m->stall_timeout_s = p->stall_timeout_s > 0 ? p->stall_timeout_s : 120;
 	pthread_mutex_init(&m->lock, NULL);
+	pthread_condattr_t ca;
+	if (pthread_condattr_init(&ca) == 0) {
+		(void)pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+		(void)pthread_cond_init(&m->ended, &ca);
+		pthread_condattr_destroy(&ca);
+	} else {
+		(void)pthread_cond_init(&m->ended, NULL);
+	}
 	clock_gettime(CLOCK_MONOTONIC, &m->t0);
+	m->prog.t0_mono = (double)m->t0.tv_sec + (double)m->t0.tv_nsec / 1e9;
+	m->prog.dst_qmp_ms = m->prog.dst_probe_ms = m->prog.dst_prepare_ms = -1;
+	m->prog.dst_finish_wait_ms = m->prog.dst_finish_ms = -1;
 	if (!m->src_qmp || !m->dst_qmp || !m->peer || !m->run_dir) {
 		ferry_migration_free(m);
 		return ferry_err_set(err, ENOMEM, "out of memory");
@@ -1560,12 +1632,31 @@ bool ferry_migration_done(struct ferry_migration *m)
 	return d;
 }
 
+bool ferry_migration_wait(struct ferry_migration *m, int timeout_ms)
+{
+	struct timespec until;
+	clock_gettime(CLOCK_MONOTONIC, &until);
+	until.tv_sec += timeout_ms / 1000;
+	until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+	if (until.tv_nsec >= 1000000000L) {
+		until.tv_sec++;
+		until.tv_nsec -= 1000000000L;
+	}
+	pthread_mutex_lock(&m->lock);
+	while (!m->done && pthread_cond_timedwait(&m->ended, &m->lock, &until) == 0)
+		;
+	bool d = m->done;
+	pthread_mutex_unlock(&m->lock);
+	return d;
+}
+
 void ferry_migration_free(struct ferry_migration *m)
 {
 	if (!m)
 		return;
 	if (m->thread)
 		pthread_join(m->thread, NULL);
+	pthread_cond_destroy(&m->ended);
 	pthread_mutex_destroy(&m->lock);
 	free(m->src_qmp);
 	free(m->dst_qmp);

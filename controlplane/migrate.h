@@ -62,8 +62,34 @@ enum ferry_migration_state {
 	FERRY_MIG_CANCELLED,
 };
 
+/* Where a migration's time goes (migrate-status "phases"): the moment each
+ * step ended, in seconds since the migration started. */
+enum ferry_migration_mark {
+	FERRY_MARK_QMP = 0,   /* source monitor connected, VM state read */
+	FERRY_MARK_BEGIN,     /* Begin: source probed, cookie made */
+	FERRY_MARK_CONNECTED, /* control connection to the destination daemon up (TLS) */
+	FERRY_MARK_PREPARED,  /* Prepare answered: plan agreed, destination QEMU listening */
+	FERRY_MARK_CAPS,      /* source QEMU's capabilities and parameters set */
+	FERRY_MARK_LANE,      /* token lane up (data connection authenticated) */
+	FERRY_MARK_HANDOFF,   /* destination took its end of the connection */
+	FERRY_MARK_MIGRATE,   /* `migrate` accepted by the source QEMU */
+	FERRY_MARK_SENT,      /* source QEMU reported completed */
+	FERRY_MARK_TIMINGS,   /* source QEMU's total-time read */
+	FERRY_MARK_FINISHED,  /* Finish answered: destination QEMU completed */
+	FERRY_MARK_END,       /* migration over, state published */
+	FERRY_MARK_COUNT
+};
+
+const char *ferry_migration_mark_name(enum ferry_migration_mark k);
+
 struct ferry_migration_progress {
 	enum ferry_migration_state state;
+	double t0_mono;             /* CLOCK_MONOTONIC seconds at the start (one clock for every process of a host) */
+	double marks[FERRY_MARK_COUNT]; /* seconds since t0_mono; 0 = not reached */
+	/* The destination daemon's own accounting (ms): Prepare's monitor
+	 * connection, its probes, the whole Prepare; how long Finish waited for
+	 * its QEMU to complete, and the whole Finish. -1 = not told. */
+	double dst_qmp_ms, dst_probe_ms, dst_prepare_ms, dst_finish_wait_ms, dst_finish_ms;
 	char qemu_status[32];       /* the source QEMU's migration status */
 	char transport[48];         /* e.g. "tcp handoff", "tcp relay, 5 lanes" */
 	uint64_t ram_total, ram_transferred, ram_remaining;
@@ -91,6 +117,9 @@ int ferry_migration_start(struct ferry_dp *dp, const struct ferry_migration_para
 void ferry_migration_progress(struct ferry_migration *m, struct ferry_migration_progress *out);
 void ferry_migration_cancel(struct ferry_migration *m);
 bool ferry_migration_done(struct ferry_migration *m);
+/* Wait up to timeout_ms for the migration to end; true once it has. Lets a
+ * watcher see the end the moment it happens instead of at its next look. */
+bool ferry_migration_wait(struct ferry_migration *m, int timeout_ms);
 /* Joins the worker (cancel first to hurry it). */
 void ferry_migration_free(struct ferry_migration *m);
 

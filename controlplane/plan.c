@@ -87,6 +87,7 @@ void ferry_caps_from_cookie(const struct ferry_cookie *c, struct ferry_side_caps
 {
 	out->features = 0;
 	out->drivers = 0;
+	out->qemu = 0; /* a peer's cookie says only what it offers */
 	if (c->flags & FERRY_COOKIE_CAPS)
 		for (size_t i = 0; i < c->ncaps; i++)
 			out->features |= ferry_feature_parse(c->caps[i]);

@@ -41,6 +41,7 @@ enum {
 struct ferry_side_caps {
 	uint32_t features;
 	uint32_t drivers;
+	uint32_t qemu; /* FERRY_F_* the QEMU itself offers, before the daemon's mask (local probes only) */
 };
 
 struct ferry_plan_request {

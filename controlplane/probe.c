@@ -48,29 +48,56 @@ int ferry_host_identity(const char *configured_uuid, char hostname[FERRY_COOKIE_
 	return 0;
 }
 
-int ferry_probe_identity(struct ferry_qmp *q, const char *hostname, const char *hostuuid, struct ferry_cookie *c,
+/* Begin's probe asks QEMU these in one batch (ferry_qmp_execute_batch): one
+ * round trip instead of eight. The order is the index into the results. */
+enum { P_NAME, P_UUID, P_CAPS, P_CMDS, P_MEM, P_CPUS, P_TYPE, P_BLOCK, P_COUNT };
+static const char *const probe_cmds[P_COUNT] = {
+	[P_NAME] = "query-name", [P_UUID] = "query-uuid", [P_CAPS] = "query-migrate-capabilities",
+	[P_CMDS] = "query-commands", [P_MEM] = "query-memory-size-summary", [P_CPUS] = "query-cpus-fast",
+	[P_TYPE] = "qom-get", [P_BLOCK] = "query-block",
+};
+
+/* Run the probe commands first..first+n-1 in one batch into res[first..]. */
+static int probe_run(struct ferry_qmp *q, unsigned first, unsigned n, json_t *res[P_COUNT], struct ferry_err *err)
+{
+	json_t *args[P_COUNT] = { NULL };
+	if (first <= P_TYPE && P_TYPE < first + n &&
+	    !(args[P_TYPE] = json_pack("{s:s, s:s}", "path", "/machine", "property", "type")))
+		return ferry_err_set(err, ENOMEM, "out of memory");
+	int rc = ferry_qmp_execute_batch(q, n, probe_cmds + first, args + first, res + first, err);
+	json_decref(args[P_TYPE]);
+	return rc;
+}
+
+static void probe_free(json_t *res[P_COUNT])
+{
+	for (int i = 0; i < P_COUNT; i++)
+		json_decref(res[i]);
+}
+
+static int identity_from(json_t *name, json_t *uuid, const char *hostname, const char *hostuuid, struct ferry_cookie *c,
 			 struct ferry_err *err)
 {
-	json_t *name = NULL, *uuid = NULL;
-	int rc = ferry_qmp_execute(q, "query-name", NULL, &name, err);
-	if (!rc)
-		rc = ferry_qmp_execute(q, "query-uuid", NULL, &uuid, err);
-	if (rc)
-		goto out;
 	const char *n = json_string_value(json_object_get(name, "name"));
 	const char *u = json_string_value(json_object_get(uuid, "UUID"));
 	snprintf(c->name, sizeof(c->name), "%s", n && *n ? n : "unnamed");
-	if (!u || strlen(u) != FERRY_COOKIE_UUID_LEN) {
-		rc = ferry_err_set(err, EPROTO, "QEMU answered query-uuid without a valid UUID");
-		goto out;
-	}
+	if (!u || strlen(u) != FERRY_COOKIE_UUID_LEN)
+		return ferry_err_set(err, EPROTO, "QEMU answered query-uuid without a valid UUID");
 	for (int i = 0; i <= FERRY_COOKIE_UUID_LEN; i++)
 		c->uuid[i] = (char)tolower((unsigned char)u[i]);
 	snprintf(c->hostname, sizeof(c->hostname), "%s", hostname);
 	snprintf(c->hostuuid, sizeof(c->hostuuid), "%s", hostuuid);
-out:
-	json_decref(name);
-	json_decref(uuid);
+	return 0;
+}
+
+int ferry_probe_identity(struct ferry_qmp *q, const char *hostname, const char *hostuuid, struct ferry_cookie *c,
+			 struct ferry_err *err)
+{
+	json_t *res[P_COUNT] = { NULL };
+	int rc = probe_run(q, P_NAME, 2, res, err);
+	if (!rc)
+		rc = identity_from(res[P_NAME], res[P_UUID], hostname, hostuuid, c, err);
+	probe_free(res);
 	return rc;
 }
 
@@ -94,15 +121,12 @@ static bool shares_our_network(struct ferry_qmp *q)
 	       mine.st_dev == its.st_dev;
 }
 
-int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled, struct ferry_side_caps *out,
-		     struct ferry_err *err)
+static void caps_from(json_t *caps, json_t *cmds, struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled,
+		      struct ferry_side_caps *out)
 {
 	out->features = 0;
 	out->drivers = 0;
-	json_t *caps = NULL;
-	int rc = ferry_qmp_execute(q, "query-migrate-capabilities", NULL, &caps, err);
-	if (rc)
-		return rc;
+	out->qemu = 0;
 	size_t i;
 	json_t *c;
 	json_array_foreach(caps, i, c) {
@@ -116,12 +140,8 @@ int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled
 		if (name && strcmp(name, "postcopy-preempt") == 0)
 			out->features |= FERRY_F_POSTCOPY_PREEMPT;
 	}
-	json_decref(caps);
 	/* Storage migration: ferry's NBD path is built in; the QEMU must export
 	 * (destination) and mirror into an NBD node (source). */
-	json_t *cmds = NULL;
-	if ((rc = ferry_qmp_execute(q, "query-commands", NULL, &cmds, err)))
-		return rc;
 	unsigned have = 0;
 	json_array_foreach(cmds, i, c) {
 		const char *name = json_string_value(json_object_get(c, "name"));
@@ -129,7 +149,6 @@ int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled
 		have |= name && strcmp(name, "block-export-add") == 0 ? 2 : 0;
 		have |= name && strcmp(name, "blockdev-mirror") == 0 ? 4 : 0;
 	}
-	json_decref(cmds);
 	if (have == 7)
 		out->features |= FERRY_F_NBD;
 	/* Multifd handoff hands QEMU a listening socket (tcp:fd:NAME), which
@@ -137,34 +156,34 @@ int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled
 	 * so it must see the network this daemon sees. */
 	if (ferry_dp_can_handoff(dp))
 		out->features |= FERRY_F_HANDOFF | (shares_our_network(q) ? FERRY_F_HANDOFF_MULTIFD : 0);
+	out->qemu = out->features;
 	out->features &= ~disabled;
 	enum ferry_cookie_driver_kind k = ferry_probe_driver_kind(dp);
 	if (k)
 		out->drivers |= 1u << k;
-	return 0;
+}
+
+int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled, struct ferry_side_caps *out,
+		     struct ferry_err *err)
+{
+	json_t *res[P_COUNT] = { NULL };
+	int rc = probe_run(q, P_CAPS, 2, res, err);
+	if (!rc)
+		caps_from(res[P_CAPS], res[P_CMDS], q, dp, disabled, out);
+	probe_free(res);
+	return rc;
 }
 
 /* The VM's shape for <vm>: base memory, vCPUs, machine type, block devices. */
-static int probe_shape(struct ferry_qmp *q, struct ferry_cookie_vm *vm, struct ferry_err *err)
+static int shape_from(json_t *mem, json_t *cpus, json_t *type, json_t *blk, struct ferry_cookie_vm *vm,
+		      struct ferry_err *err)
 {
-	json_t *mem = NULL, *cpus = NULL, *type = NULL, *blk = NULL;
-	int rc = ferry_qmp_execute(q, "query-memory-size-summary", NULL, &mem, err);
-	if (!rc)
-		rc = ferry_qmp_execute(q, "query-cpus-fast", NULL, &cpus, err);
-	if (!rc)
-		rc = ferry_qmp_executef(q, &type, err, "qom-get", "{s:s, s:s}", "path", "/machine", "property", "type");
-	if (!rc)
-		rc = ferry_qmp_execute(q, "query-block", NULL, &blk, err);
-	if (rc)
-		goto out;
 	json_t *base = json_object_get(mem, "base-memory");
 	vm->memory = json_is_integer(base) ? (uint64_t)json_integer_value(base) : 0;
 	vm->vcpus = json_is_array(cpus) ? json_array_size(cpus) : 0;
 	snprintf(vm->machine, sizeof(vm->machine), "%s", json_is_string(type) ? json_string_value(type) : "");
-	if (!vm->memory || !vm->vcpus || !vm->machine[0]) {
-		rc = ferry_err_set(err, EPROTO, "QEMU did not say its memory size, vCPUs and machine type");
-		goto out;
-	}
+	if (!vm->memory || !vm->vcpus || !vm->machine[0])
+		return ferry_err_set(err, EPROTO, "QEMU did not say its memory size, vCPUs and machine type");
 	size_t i;
 	json_t *b;
 	vm->nblockdevs = 0;
@@ -181,12 +200,7 @@ static int probe_shape(struct ferry_qmp *q, struct ferry_cookie_vm *vm, struct f
 		memcpy(d->name, dev, n + 1);
 		d->capacity = (uint64_t)json_integer_value(size);
 	}
-out:
-	json_decref(mem);
-	json_decref(cpus);
-	json_decref(type);
-	json_decref(blk);
-	return rc;
+	return 0;
 }
 
 /* The source QEMU's argv for <qemu-cmdline>, from /proc of the process
@@ -219,15 +233,19 @@ int ferry_probe_cookie(struct ferry_qmp *q, struct ferry_dp *dp, const char *end
 		       struct ferry_err *err)
 {
 	ferry_cookie_clear(c);
-	int rc = ferry_probe_identity(q, hostname, hostuuid, c, err);
+	json_t *res[P_COUNT] = { NULL };
+	int rc = probe_run(q, 0, P_COUNT, res, err);
 	if (!rc)
-		rc = ferry_probe_caps(q, dp, disabled, caps, err);
-	if (!rc)
+		rc = identity_from(res[P_NAME], res[P_UUID], hostname, hostuuid, c, err);
+	if (!rc) {
+		caps_from(res[P_CAPS], res[P_CMDS], q, dp, disabled, caps);
 		rc = ferry_caps_to_cookie(caps, c, err);
-	if (!rc && (rc = probe_shape(q, &c->vm, err)) == 0) {
+	}
+	if (!rc && (rc = shape_from(res[P_MEM], res[P_CPUS], res[P_TYPE], res[P_BLOCK], &c->vm, err)) == 0) {
 		c->flags |= FERRY_COOKIE_VM;
 		probe_cmdline(q, &c->vm);
 	}
+	probe_free(res);
 	if (rc)
 		return rc;
 	enum ferry_cookie_driver_kind k = ferry_probe_driver_kind(dp);

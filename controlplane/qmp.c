@@ -635,6 +635,90 @@ int ferry_qmp_execute(struct ferry_qmp *qmp, const char *command, json_t *args,
 	return do_execute(qmp, command, args, -1, result, err);
 }
 
+int ferry_qmp_execute_batch(struct ferry_qmp *q, size_t n, const char *const commands[], json_t *const args[],
+			    json_t *results[], struct ferry_err *err)
+{
+	struct ferry_err e = { 0 };
+	char *all = NULL;
+	size_t len = 0, replied = 0, failed = n; /* failed: index of the first error reply */
+	int rc = 0;
+
+	if (!q || n == 0 || n > FERRY_QMP_BATCH_MAX || !commands || !results)
+		return ferry_err_set(err, EINVAL, "qmp batch: no monitor, or not 1 to %d commands", FERRY_QMP_BATCH_MAX);
+	for (size_t i = 0; i < n; i++) {
+		results[i] = NULL;
+		if (!commands[i] || !*commands[i])
+			return ferry_err_set(err, EINVAL, "qmp batch: empty command name");
+		if (args && args[i] && !json_is_object(args[i]))
+			return ferry_err_set(err, EINVAL, "qmp %s: arguments must be a JSON object, not %s", commands[i],
+					     json_type_name(args[i]));
+	}
+	if (q->broken) {
+		broken_error(q, &e);
+		return ferry_err_set(err, q->broken, "qmp %s: %s", commands[0], e.msg);
+	}
+	int64_t first = q->next_id;
+	q->next_id += (int64_t)n;
+	for (size_t i = 0; i < n && rc == 0; i++) {
+		char *req = NULL, *grown;
+		size_t reqlen = 0;
+		if ((rc = build_request(commands[i], args ? args[i] : NULL, first + (int64_t)i, &req, &reqlen, &e)) < 0)
+			break;
+		if (!(grown = realloc(all, len + reqlen)))
+			rc = ferry_err_set(&e, ENOMEM, "out of memory building requests");
+		else {
+			memcpy(grown + len, req, reqlen);
+			all = grown;
+			len += reqlen;
+		}
+		free(req);
+	}
+	struct qmp_deadline d = deadline_in(q->timeout_ms);
+	if (rc == 0)
+		rc = send_all(q, all, len, -1, &d, &e);
+	free(all);
+	/* Every reply is read, errors included, so none is left for a later
+	 * command to skip; the replies come in the order of the commands. */
+	while (rc == 0 && replied < n) {
+		enum ferry_qmp_msg_kind kind;
+		int64_t rid;
+		json_t *msg;
+
+		if ((rc = read_message(q, &d, false, &msg, &kind, &rid, &e)) < 0)
+			break;
+		if (kind == FERRY_QMP_MSG_EVENT) {
+			event_push(q, msg);
+			continue;
+		}
+		/* An error without an id answers the oldest command still open. */
+		size_t i = rid >= first && rid < first + (int64_t)n ? (size_t)(rid - first)
+			   : kind == FERRY_QMP_MSG_ERROR && rid == -1 ? replied : n;
+		if (i < n && kind == FERRY_QMP_MSG_RETURN) {
+			results[i] = json_incref(json_object_get(msg, "return"));
+			replied++;
+		} else if (i < n && kind == FERRY_QMP_MSG_ERROR) {
+			if (i < failed) {
+				json_t *eo = json_object_get(msg, "error");
+				failed = i;
+				ferry_err_set(&e, EREMOTEIO, "%s: %s", json_string_value(json_object_get(eo, "class")),
+					      json_string_value(json_object_get(eo, "desc")));
+			}
+			replied++;
+		}
+		json_decref(msg); /* stale replies and stray greetings are not ours */
+	}
+	if (rc == 0 && failed < n)
+		rc = -EREMOTEIO;
+	if (rc < 0) {
+		for (size_t i = 0; i < n; i++) {
+			json_decref(results[i]);
+			results[i] = NULL;
+		}
+		return ferry_err_set(err, rc, "qmp %s: %s", commands[failed < n ? failed : replied < n ? replied : 0], e.msg);
+	}
+	return 0;
+}
+
 int ferry_qmp_executef(struct ferry_qmp *qmp, json_t **result, struct ferry_err *err,
 		       const char *command, const char *args_fmt, ...)
 {

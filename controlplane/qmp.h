@@ -41,6 +41,15 @@ const struct ferry_qmp_version *ferry_qmp_version(const struct ferry_qmp *qmp);
 int ferry_qmp_execute(struct ferry_qmp *qmp, const char *command, json_t *args,
 		      json_t **result, struct ferry_err *err);
 
+/* n commands in one write, their replies read in order: one round trip to
+ * QEMU instead of n (QEMU answers a monitor's commands in order). args[i] may
+ * be NULL (args itself may be NULL); results[i] gets a new reference to each
+ * "return" value. Errors as ferry_qmp_execute, naming the first command that
+ * failed; then every results[i] is NULL. At most FERRY_QMP_BATCH_MAX. */
+#define FERRY_QMP_BATCH_MAX 16
+int ferry_qmp_execute_batch(struct ferry_qmp *qmp, size_t n, const char *const commands[], json_t *const args[],
+			    json_t *results[], struct ferry_err *err);
+
 /* Convenience: args built by json_pack() format (e.g. "{s:s, s:b}", ...). */
 int ferry_qmp_executef(struct ferry_qmp *qmp, json_t **result, struct ferry_err *err,
 		       const char *command, const char *args_fmt, ...);

@@ -9,16 +9,23 @@
 # be checked byte for byte (cmp of the two backing files).
 #
 # Throughput = ram.transferred / (total-time - setup-time), from the
-# source's query-migrate. Wall = from the `migrate` command (or the start of
-# ferryctl) until both sides report "completed".
+# source's query-migrate. Wall = from the user's command (direct: before
+# `migrate-incoming` on the destination; ferry: the start of ferryctl) until
+# both QEMUs report "completed" (their MIGRATION events) and, for ferry, the
+# command exited. The summary also gives the median moment of each phase
+# (qmp.py phases: ferryctl's start, the source ferryd's Begin/Prepare/lane/
+# migrate/Finish steps, the QEMUs' completion events).
 #
 # Usage: perf/bench-migrate.sh [options]
 #   --size SIZE        guest RAM (default 2G; K/M/G suffixes, binary)
-#   --runs N           runs per arm and multifd setting (default 3); median reported
-#   --arms LIST        comma list of direct,socat1m,socat8k,ferry,ferry-relay,ferry-dpdk
+#   --runs N           runs per arm and multifd setting (default 5); median and
+#                      min-max reported; each round runs every arm once, the
+#                      arms' order rotated from round to round
+#   --arms LIST        comma list of direct,socat1m,socat8k,ferry,ferry-b,ferry-relay,ferry-dpdk
 #                      (default: direct,socat1m,socat8k,ferry; ferry = the tcp
 #                      driver on defaults (handoff: ferry out of QEMU's byte
-#                      path), ferry-relay = the same with --no-handoff (every
+#                      path), ferry-b = the same with the binaries FERRYD_B and
+#                      FERRYCTL_B (paired A/B, e.g. an older build), ferry-relay = the same with --no-handoff (every
 #                      byte through ferry's lanes), ferry-dpdk = two ferryd
 #                      --driver dpdk joined by net_memif, needs a DPDK build)
 #   --multifd LIST     comma list of channel counts, 0 = multifd off (default 0,2,4)
@@ -33,6 +40,7 @@
 #   -h, --help
 # Environment:
 #   FERRYD, FERRYCTL   ferry binaries (default build/controlplane/ferryd, build/controlplane/ferryctl)
+#   FERRYD_B, FERRYCTL_B  the ferry-b arm's binaries
 #   FERRY_PRESET=0     let ferryctl set multifd/max-bandwidth itself (default:
 #                      the bench sets them on both QEMUs before ferryctl runs)
 #   QEMU               qemu-system-x86_64 binary; PYTHON python3 binary
@@ -48,7 +56,7 @@ ROOT=$(dirname "$HERE")
 . "$HERE/lib.sh"
 
 SIZE_ARG=2G
-RUNS=3
+RUNS=5
 ARMS=direct,socat1m,socat8k,ferry
 MULTIFD=0,2,4
 JSON_OUT=
@@ -96,7 +104,7 @@ case $VERIFY in first | all | none) ;; *) die "bad --verify $VERIFY" ;; esac
 IFS=, read -r -a ARM_LIST <<<"$ARMS"
 IFS=, read -r -a MF_LIST <<<"$MULTIFD"
 for a in "${ARM_LIST[@]}"; do
-	case $a in direct | socat1m | socat8k | ferry | ferry-relay | ferry-dpdk) ;; *) die "unknown arm '$a'" ;; esac
+	case $a in direct | socat1m | socat8k | ferry | ferry-b | ferry-relay | ferry-dpdk) ;; *) die "unknown arm '$a'" ;; esac
 done
 for m in "${MF_LIST[@]}"; do
 	[[ $m =~ ^[0-9]+$ ]] && [ "$m" -le 64 ] || die "bad multifd channel count '$m'"
@@ -230,11 +238,17 @@ arm_ferry() {
 	# the daemons' control connection is TLS with a pre-shared key (psktool's format)
 	[ -f "$psk" ] || (umask 077 && printf 'ferry-bench:%s\n' "$(head -c 32 /dev/urandom | od -An -tx1 -v | tr -d ' \n')" >"$psk") ||
 		return 1
+	# Durable records on tmpfs, where ferryd keeps them by default (its run
+	# dir, /run/ferry): the work dir is on disk, and an fsync per phase
+	# record there (1-150 ms on this host under load) is not ferry's default.
+	mkdir -p "$SHM/state" || return 1
 	bg_start "$RUN_LOG_PREFIX-ferryd-src.log" "$FERRYD" --admin "$sock_src" --listen "127.0.0.1:$P_FERRY_SRC" --tls-psk "$psk" \
+		--state-dir "$SHM/state" \
 		--host-uuid "$(cat /proc/sys/kernel/random/uuid)" "${FERRYD_SRC_ARGS[@]+"${FERRYD_SRC_ARGS[@]}"}"
 	ARM_PIDS+=("$BG_PID")
 	local pid_src=$BG_PID
 	bg_start "$RUN_LOG_PREFIX-ferryd-dst.log" "$FERRYD" --admin "$sock_dst" --listen "127.0.0.1:$P_FERRY_DST" --tls-psk "$psk" \
+		--state-dir "$SHM/state" \
 		--host-uuid "$(cat /proc/sys/kernel/random/uuid)" "${FERRYD_DST_ARGS[@]+"${FERRYD_DST_ARGS[@]}"}"
 	ARM_PIDS+=("$BG_PID")
 	local pid_dst=$BG_PID
@@ -248,6 +262,15 @@ arm_ferry() {
 	MIG_ARGS+=(-- "$FERRYCTL" --admin "$sock_src" migrate
 		--src-qmp "$WORK/src-ctl.sock" --dst-qmp "$WORK/dst-ctl.sock"
 		--to "127.0.0.1:$P_FERRY_DST" --channels "$mf" --keep-source --json "${FERRYCTL_ARGS[@]+"${FERRYCTL_ARGS[@]}"}")
+}
+
+# Paired A/B: the same arm with another build's binaries.
+arm_ferry-b() {
+	local d=$FERRYD c=$FERRYCTL rc=0
+	FERRYD=$FERRYD_B FERRYCTL=$FERRYCTL_B
+	arm_ferry "$1" || rc=$?
+	FERRYD=$d FERRYCTL=$c
+	return $rc
 }
 
 arm_ferry-relay() {
@@ -356,6 +379,10 @@ if [[ ,$ARMS, == *,ferry,* ]]; then
 	FERRY_SKIP=$(ferry_missing)
 	[ -z "$FERRY_SKIP" ] || echo "SKIP ferry: $FERRY_SKIP"
 fi
+if [[ ,$ARMS, == *,ferry-b,* ]]; then
+	[ -n "${FERRYD_B:-}" ] && [ -x "$FERRYD_B" ] && [ -n "${FERRYCTL_B:-}" ] && [ -x "$FERRYCTL_B" ] ||
+		die "the ferry-b arm needs FERRYD_B and FERRYCTL_B (executables)"
+fi
 
 if [ -n "$FERRY_SKIP" ] && [ "$ARMS" = ferry ]; then
 	log "nothing to run"
@@ -370,9 +397,13 @@ fi
 
 T_BENCH=$(date +%s)
 BENCH_FAILED=0
+NARMS=${#ARM_LIST[@]}
 for ((run = 1; run <= RUNS; run++)); do
 	for mf in "${MF_LIST[@]}"; do
-		for arm in "${ARM_LIST[@]}"; do
+		# Rotate the arms' order each round: no arm always runs first (after
+		# the RAM fill) or right after another that heats the host.
+		for ((ai = 0; ai < NARMS; ai++)); do
+			arm=${ARM_LIST[$(((ai + run - 1) % NARMS))]}
 			if [ "$arm" = ferry ] && [ -n "$FERRY_SKIP" ]; then
 				[ "$run" = 1 ] && "$PYTHON" -c 'import json,sys; print(json.dumps({"arm":"ferry","multifd":int(sys.argv[1]),"run":1,"attempt":1,"ok":False,"skipped":True,"error":sys.argv[2]}))' \
 					"$mf" "$FERRY_SKIP" >>"$RESULTS"

@@ -258,9 +258,13 @@ def cmd_migrate(a):
     else:
         if not a.uri or not a.incoming:
             die("migrate: need --uri and --incoming (or --exec)")
-        dst.execute("migrate-incoming", {"uri": a.incoming})
+        # The clock starts where ferryctl's does: before the destination is
+        # told to listen (ferry's Prepare does that inside its wall time).
         t0 = time.monotonic()
+        dst.execute("migrate-incoming", {"uri": a.incoming})
+        t_incoming = time.monotonic()
         src.execute("migrate", {"uri": a.uri})
+        t_migrate = time.monotonic()
 
     done = {"source": None, "destination": None}
     failed = None
@@ -374,6 +378,8 @@ def cmd_migrate(a):
         rec["wall_s"] = round(max(ends) - t0, 4)
         rec["src_done_s"] = round(done["source"] - t0, 4) if done["source"] else None
         rec["dst_done_s"] = round(done["destination"] - t0, 4) if done["destination"] else None
+        rec["phases"] = phases(rec, t0, done, t_proc if proc is not None else None,
+                               None if proc is not None else (t_incoming, t_migrate))
     ram = info.get("ram", {})
     rec["status"] = info.get("status")
     for k in ("total-time", "setup-time", "downtime"):
@@ -410,6 +416,36 @@ def cmd_migrate(a):
         proc_out.close()
     print(json.dumps(rec, sort_keys=True))
     sys.exit(0 if rec["ok"] else 3)
+
+
+def phases(rec, t0, done, t_proc, direct_marks):
+    """Where the wall time went, every moment in seconds since t0 (the
+    start of the user's command), on one clock (CLOCK_MONOTONIC is shared
+    by every process of the host). Direct: the two QMP commands. ferry:
+    ferryctl's start, the source daemon's steps (migrate-status "phases"),
+    ferryctl seeing the end. Both: each QEMU's MIGRATION completed event as
+    this script saw it, and the end of the command."""
+    ph = {}
+    if direct_marks:
+        ph["incoming"], ph["migrate"] = direct_marks[0] - t0, direct_marks[1] - t0
+    j = rec.get("exec_json") or {}
+    ctl = j.get("ctl") or {}
+    if ctl.get("start_mono"):
+        ph["ctl_start"] = ctl["start_mono"] - t0
+    t0d = j.get("t0_mono")
+    if t0d:
+        ph["daemon_t0"] = t0d - t0
+        for k, v in (j.get("phases") or {}).items():
+            ph["d_" + k] = t0d + v - t0
+    if ctl.get("seen_mono"):
+        ph["ctl_seen"] = ctl["seen_mono"] - t0
+    if t_proc is not None:
+        ph["ctl_exit"] = t_proc - t0
+    if done["source"]:
+        ph["src_completed"] = done["source"] - t0
+    if done["destination"]:
+        ph["dst_completed"] = done["destination"] - t0
+    return {k: round(v, 4) for k, v in sorted(ph.items(), key=lambda kv: kv[1])}
 
 
 def files_equal(a, b, chunk=8 << 20):
@@ -454,6 +490,21 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+def phase_medians(runs):
+    """Median moment of every phase over the runs, in the order they happen,
+    plus QEMU's own total-time (ms -> s) for comparison."""
+    keys = {}
+    for r in runs:
+        for k in (r.get("phases") or {}):
+            keys.setdefault(k, None)
+    med = {k: median([(r.get("phases") or {}).get(k) for r in runs]) for k in keys}
+    out = {k: v for k, v in sorted(med.items(), key=lambda kv: kv[1]) if v is not None}
+    tt = median([r.get("total_time_ms") for r in runs])
+    if tt:
+        out["qemu_total"] = tt / 1000.0
+    return out
+
+
 def cmd_summarize(a):
     runs = []
     meta = {}
@@ -484,6 +535,15 @@ def cmd_summarize(a):
             "skipped": all(r.get("skipped") for r in rs),
             "throughput_MiBps": median([r.get("throughput_MiBps") for r in ok]),
             "wall_s": median([r.get("wall_s") for r in ok]),
+            "wall_min_s": min([r["wall_s"] for r in ok if r.get("wall_s")], default=None),
+            "wall_max_s": max([r["wall_s"] for r in ok if r.get("wall_s")], default=None),
+            "phases": phase_medians(ok),
+            # The wall time beyond QEMU's own total-time: set-up before the
+            # migrate command and the tail after QEMU's completion. Per run,
+            # so it shows the transport's fixed cost even when the host's
+            # load swings QEMU's own time from run to run.
+            "extra_ms": median([1000 * r["wall_s"] - r["total_time_ms"] for r in ok
+                                if r.get("wall_s") and r.get("total_time_ms")]),
             "total_time_ms": median([r.get("total_time_ms") for r in ok]),
             "retries": sum(r.get("attempt", 1) - 1 for r in rs),
         }
@@ -499,8 +559,9 @@ def cmd_summarize(a):
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
 
-    hdr = "%-8s %-8s %8s %12s %9s %9s %10s %10s" % (
-        "arm", "multifd", "ok/tries", "MiB/s(med)", "Gbit/s", "wall s", "thr/direct", "wall/direct")
+    hdr = "%-8s %-8s %8s %12s %9s %9s %13s %9s %10s %10s" % (
+        "arm", "multifd", "ok/tries", "MiB/s(med)", "Gbit/s", "wall s", "wall min-max", "extra ms", "thr/direct",
+        "wall/direct")
     lines = [hdr, "-" * len(hdr)]
     for s in summary:
         if s["skipped"]:
@@ -509,13 +570,24 @@ def cmd_summarize(a):
                 groups[(s["arm"], s["multifd"])][0].get("error", "")))
             continue
         thr = s["throughput_MiBps"]
-        lines.append("%-8s %-8s %8s %12s %9s %9s %10s %10s" % (
+        lines.append("%-8s %-8s %8s %12s %9s %9s %13s %9s %10s %10s" % (
             s["arm"], "off" if s["multifd"] == 0 else s["multifd"],
             "%d/%d" % (s["ok"], s["runs"]), fmt(thr, ".1f"),
             fmt(thr * 2**20 * 8 / 1e9 if thr else None, ".2f"),
-            fmt(s["wall_s"], ".3f"), fmt(s["ratio_throughput"], ".3f"),
-            fmt(s["ratio_wall"], ".3f")))
+            fmt(s["wall_s"], ".3f"),
+            "-" if s["wall_min_s"] is None else "%.3f-%.3f" % (s["wall_min_s"], s["wall_max_s"]),
+            fmt(s["extra_ms"], ".0f"), fmt(s["ratio_throughput"], ".3f"), fmt(s["ratio_wall"], ".3f")))
     print("\n".join(lines))
+    print("extra ms: median over the runs of (wall - QEMU's total-time): what the path adds around QEMU's migration")
+    ph_lines = []
+    for s in summary:
+        if s["phases"]:
+            ph_lines.append("%-11s %-4s %s" % (s["arm"], "off" if s["multifd"] == 0 else s["multifd"],
+                            "  ".join("%s %.0f" % (k, v * 1000) for k, v in s["phases"].items())))
+    if ph_lines:
+        print("\nphases (median ms since the command started; d_* = source ferryd's steps, "
+              "*_completed = QEMU's event; qemu_total = QEMU's own total-time):")
+        print("\n".join(ph_lines))
     fails = [r for r in runs if not r.get("ok") and not r.get("skipped")]
     if fails:
         print("\nfailed runs:")

@@ -41,7 +41,7 @@ static int features(const char *list, uint32_t *out, struct ferry_err *e)
 int main(void)
 {
 	struct ferry_plan p;
-	struct ferry_side_caps full = { FULL, TCP }, src, dst;
+	struct ferry_side_caps full = { .features = FULL, .drivers = TCP }, src, dst;
 	struct ferry_plan_request req = { 0 };
 	char desc0[128];
 
@@ -130,7 +130,7 @@ int main(void)
 	memset(&req, 0, sizeof(req));
 
 	/* Transports: the best common one; an explicit one is a requirement. */
-	struct ferry_side_caps all = { FULL, TCP | DPDK | RDMA }, tcp_dpdk = { FULL, TCP | DPDK };
+	struct ferry_side_caps all = { .features = FULL, .drivers = TCP | DPDK | RDMA }, tcp_dpdk = { .features = FULL, .drivers = TCP | DPDK };
 	CHECK(choose(&all, &all, &req, &p, &err) == 0 && p.transport == FERRY_COOKIE_DRIVER_RDMA && !p.handoff,
 	      "rdma beats dpdk and tcp (and is never handed over)");
 	CHECK(choose(&all, &tcp_dpdk, &req, &p, &err) == 0 && p.transport == FERRY_COOKIE_DRIVER_DPDK,
@@ -145,7 +145,7 @@ int main(void)
 	CHECK(choose(&all, &all, &req, &p, &err) == 0 && p.transport == FERRY_COOKIE_DRIVER_TCP,
 	      "--transport tcp is honoured even when rdma is there");
 	memset(&req, 0, sizeof(req));
-	struct ferry_side_caps none = { FULL, 0 };
+	struct ferry_side_caps none = { .features = FULL };
 	CHECK(choose(&full, &none, &req, &p, &err) == -ENOTSUP, "no common transport is an error");
 
 	/* Postcopy when both sides (and QEMUs) can; precopy with a note otherwise. */
@@ -198,7 +198,7 @@ int main(void)
 	/* Capabilities through a cookie, unknown names ignored. */
 	struct ferry_cookie c;
 	ferry_cookie_clear(&c);
-	struct ferry_side_caps in = { FERRY_F_MULTIFD | FERRY_F_POSTCOPY_SETUP, 0 }, back;
+	struct ferry_side_caps in = { .features = FERRY_F_MULTIFD | FERRY_F_POSTCOPY_SETUP }, back;
 	CHECK(ferry_caps_to_cookie(&in, &c, &err) == 0 && c.ncaps == 2, "caps written as two <cap> names");
 	snprintf(c.caps[c.ncaps++], sizeof(c.caps[0]), "teleport");
 	c.flags |= FERRY_COOKIE_TRANSPORT;

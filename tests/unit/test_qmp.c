@@ -959,6 +959,34 @@ static void test_real_qemu(void)
 			CHECK(rc == 0, "qemu: closefd finds the passed fd (rc=%d %s)", rc, err.msg);
 		}
 
+		/* Pipelined: three commands in one write, replies in order. */
+		const char *const ok3[] = { "query-status", "query-name", "query-version" };
+		json_t *out[3];
+		ferry_err_clear(&err);
+		rc = ferry_qmp_execute_batch(q, 3, ok3, NULL, out, &err);
+		CHECK(rc == 0 && json_is_string(json_object_get(out[0], "status")) && json_is_object(out[1]) &&
+			      json_is_object(json_object_get(out[2], "qemu")),
+		      "qemu: batch of 3 -> each reply in its slot (rc=%d %s)", rc, err.msg);
+		for (int i = 0; rc == 0 && i < 3; i++)
+			json_decref(out[i]);
+		/* A failing command in the middle: its error, no results, and the
+		 * replies after it do not leak into the next command. */
+		const char *const bad3[] = { "query-status", "ferry-no-such-command", "query-name" };
+		json_t *args3[3] = { NULL, NULL, NULL };
+		ferry_err_clear(&err);
+		rc = ferry_qmp_execute_batch(q, 3, bad3, args3, out, &err);
+		CHECK(rc == -EREMOTEIO && !out[0] && !out[1] && !out[2] &&
+			      strstr(err.msg, "qmp ferry-no-such-command: CommandNotFound"),
+		      "qemu: batch with a bad command -> -EREMOTEIO \"%s\"", err.msg);
+		ferry_err_clear(&err);
+		rc = ferry_qmp_execute(q, "query-version", NULL, &res, &err);
+		CHECK(rc == 0 && json_is_object(json_object_get(res, "qemu")),
+		      "qemu: the command after a failed batch gets its own reply (rc=%d %s)", rc, err.msg);
+		json_decref(res);
+		ferry_err_clear(&err);
+		rc = ferry_qmp_execute_batch(q, FERRY_QMP_BATCH_MAX + 1, ok3, NULL, out, &err);
+		CHECK(rc == -EINVAL, "qemu: batch over FERRY_QMP_BATCH_MAX refused (rc=%d)", rc);
+
 		if (pid > 0) {
 			kill(pid, SIGKILL);
 			waitpid(pid, &status, 0);

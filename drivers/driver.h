@@ -116,6 +116,18 @@ struct ferry_driver_ops {
 	ssize_t (*rx_payload)(struct ferry_lane_drv *lane, void *dst, size_t len, struct ferry_err *err);
 	void (*rx_release)(struct ferry_lane_drv *lane, struct ferry_rx_frame *frames, unsigned n);
 
+	/* Optional (both or neither; drivers whose pending payload already sits
+	 * in their own memory). rx_peek fills up to n iovecs with the next bytes
+	 * of the pending payload where they lie, in order, never past the
+	 * frame's end; returns how many (0 = none arrived yet) or a negative
+	 * errno. Nothing is consumed: the memory stays valid and the bytes
+	 * pending until the lane's next rx call. rx_consume then takes the
+	 * first 'len' of the bytes peeked (any prefix, 0 included) as used, so
+	 * the caller can hand the payload on (to a socket) without copying it
+	 * first, and rx_payload copies whatever the target did not take. */
+	int (*rx_peek)(struct ferry_lane_drv *lane, struct iovec *iov, unsigned n, struct ferry_err *err);
+	int (*rx_consume)(struct ferry_lane_drv *lane, size_t len, struct ferry_err *err);
+
 	/* FERRY_DRV_SPLICE only. tx_splice sends a frame whose payload (hdr.length
 	 * bytes) is read from pipe_fd; the driver owns the frame from then on and
 	 * tx_flush finishes it (the pipe must stay open until tx_flush returns 0).

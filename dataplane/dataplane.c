@@ -506,6 +506,10 @@ static ssize_t lane_rx_direct(struct lane *l, struct stream *st, bool *full, str
 		size_t have = 0;
 		for (int i = 0; i < n; i++)
 			have += iov[i].iov_len;
+		/* Wait for the rest of the frame (it is on its way): one write per
+		 * frame wakes the target's reader once, not once per piece. */
+		if (have < l->rx_left && n < PEEK_IOV)
+			break;
 		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
 		ssize_t w = sendmsg(st->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (w < 0) {

@@ -124,7 +124,9 @@ struct ferry_driver_ops {
 	 * pending until the lane's next rx call. rx_consume then takes the
 	 * first 'len' of the bytes peeked (any prefix, 0 included) as used, so
 	 * the caller can hand the payload on (to a socket) without copying it
-	 * first, and rx_payload copies whatever the target did not take. */
+	 * first, and rx_payload copies whatever the target did not take. The
+	 * caller may wait for a whole frame's payload before it consumes any:
+	 * a driver must be able to hold one, or as much as fills n iovecs. */
 	int (*rx_peek)(struct ferry_lane_drv *lane, struct iovec *iov, unsigned n, struct ferry_err *err);
 	int (*rx_consume)(struct ferry_lane_drv *lane, size_t len, struct ferry_err *err);
 

@@ -335,15 +335,15 @@ static void test_rx_in_place(bool no_rx_peek)
 	CHECK(make_pair(sdp, ddp, 1, 1, &sp, true) == 0, "%s: session up with a 1 MiB window", what);
 	int s = connect_unix(sp.src_path);
 	int d = accept_timeout(sp.target_lfd, 5000);
-	struct pump w = { .fd = s, .bytes = (12u << 20) + 4093, .seed = 77 };
-	struct pump r = { .fd = d, .pause_after = (3u << 20) + 17, .dst = sp.dst };
+	struct pump w = { .fd = s, .bytes = (6u << 20) + 4093, .seed = 77 };
+	struct pump r = { .fd = d, .pause_after = (3u << 19) + 17, .dst = sp.dst };
 	pthread_t tw, tr;
 	pthread_create(&tw, NULL, pump_write, &w);
 	pthread_create(&tr, NULL, pump_read, &r);
 	pthread_join(tw, NULL);
 	pthread_join(tr, NULL);
 	CHECK(r.got == w.bytes && r.crc_in == w.crc_out,
-	      "%s: %zu bytes through a target that stopped after 3 MiB arrive whole and in order (got %zu)", what,
+	      "%s: %zu bytes through a target that stopped after 1.5 MiB arrive whole and in order (got %zu)", what,
 	      w.bytes, r.got);
 	struct ferry_session_stats st;
 	ferry_session_stats(sp.dst, &st);

@@ -62,8 +62,9 @@ struct ferry_tx_frame {
 
 /* A received frame. payload points at driver memory valid until rx_release,
  * or is NULL with 'pending' set when the driver leaves the payload on the wire
- * (byte-stream drivers): the caller then consumes exactly hdr.length bytes
- * with rx_payload / rx_splice before the next rx_burst. */
+ * (byte-stream drivers) or in its own receive buffers: the caller then
+ * consumes exactly hdr.length bytes with rx_payload / rx_splice /
+ * rx_peek + rx_consume before the next rx_burst. */
 struct ferry_rx_frame {
 	struct ferry_frame_hdr hdr;
 	void *payload;

@@ -40,6 +40,8 @@
 #define HELLO_TIMEOUT_MS 5000
 #define HELLO_TIMEOUT_TEXT "5000 ms"
 #define PENDING_LANES    64
+/* rx_peek: iovecs per look (a datagram driver lends a segment per iovec) */
+#define PEEK_IOV         64
 
 struct region {
 	uint32_t id;
@@ -129,6 +131,7 @@ struct lane {
 	uint64_t fence_ack_sent;
 	/* stats (written by the lane thread, read with atomics) */
 	uint64_t tx_bytes, rx_bytes, tx_frames, rx_frames;
+	uint64_t rx_direct_bytes;
 	uint64_t idle_ns;
 	uint64_t start_ns;
 };
@@ -178,6 +181,7 @@ struct ferry_dp {
 	uint64_t spin_ns;
 	bool splice;
 	bool onesided;                      /* regions go by write_remote, not REGION_WRITE frames */
+	bool peek;                          /* stream payload goes from the driver's memory to the socket */
 	uint64_t window;
 	pthread_mutex_t lock;
 	struct ferry_session *sessions;
@@ -455,7 +459,82 @@ static ssize_t discard_payload(struct lane *l, size_t len, struct ferry_err *err
 {
 	static __thread uint8_t sink[65536];
 	const struct ferry_driver_ops *ops = l->s->dp->ops;
+	if (l->s->dp->peek) {
+		/* Nothing to copy: take the bytes where they lie. */
+		struct iovec iov[PEEK_IOV];
+		int n = ops->rx_peek(l->drv, iov, PEEK_IOV, err);
+		if (n <= 0)
+			return n;
+		size_t have = 0;
+		for (int i = 0; i < n; i++)
+			have += iov[i].iov_len;
+		int rc = ops->rx_consume(l->drv, have, err);
+		return rc ? rc : (ssize_t)have;
+	}
 	return ops->rx_payload(l->drv, sink, len < sizeof(sink) ? len : sizeof(sink), err);
+}
+
+/* n bytes of the current frame's payload went where they belong. */
+static void rx_moved(struct lane *l, size_t n)
+{
+	l->rx_left -= n;
+	l->rx_bytes += (uint64_t)n;
+	if (l->rx_left == 0) {
+		l->rx_stream = NULL;
+		l->rx_region = NULL;
+	}
+}
+
+/* Drivers that lend their receive memory (rx_peek): while the stream's ring
+ * is empty, write the payload from there straight into the local socket, so
+ * the bytes are copied once (by the kernel) instead of twice. Stops when the
+ * wire has no more for now, the frame is done, or the socket took less than
+ * offered (*full: the caller copies the rest into the ring, which from then
+ * on keeps the order until it drains). Returns bytes delivered or negative. */
+static ssize_t lane_rx_direct(struct lane *l, struct stream *st, bool *full, struct ferry_err *err)
+{
+	const struct ferry_driver_ops *ops = l->s->dp->ops;
+	size_t moved = 0;
+	*full = false;
+	while (l->rx_left > 0 && st->ring_len == 0 && !st->reset_due) {
+		struct iovec iov[PEEK_IOV];
+		int n = ops->rx_peek(l->drv, iov, PEEK_IOV, err);
+		if (n < 0)
+			return n;
+		if (n == 0)
+			break;
+		size_t have = 0;
+		for (int i = 0; i < n; i++)
+			have += iov[i].iov_len;
+		/* Wait for the rest of the frame (it is on its way): one write per
+		 * frame wakes the target's reader once, not once per piece. */
+		if (have < l->rx_left && n < PEEK_IOV)
+			break;
+		struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+		ssize_t w = sendmsg(st->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (w < 0) {
+			if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+				*full = true;
+				break;
+			}
+			stream_local_gone(l, st); /* the rest of the frame is discarded */
+			break;
+		}
+		if (w > 0) {
+			int rc = ops->rx_consume(l->drv, (size_t)w, err);
+			if (rc)
+				return rc;
+			ferry_credit_rx_consumed(&st->rxc, (uint64_t)w);
+			l->rx_direct_bytes += (uint64_t)w;
+			moved += (size_t)w;
+			rx_moved(l, (size_t)w);
+		}
+		if ((size_t)w < have) {
+			*full = true;
+			break;
+		}
+	}
+	return (ssize_t)moved;
 }
 
 /* Move pending payload of the current frame. Returns bytes moved, 0 when it
@@ -463,7 +542,7 @@ static ssize_t discard_payload(struct lane *l, size_t len, struct ferry_err *err
 static ssize_t lane_rx_payload(struct lane *l, struct ferry_err *err)
 {
 	const struct ferry_driver_ops *ops = l->s->dp->ops;
-	ssize_t r;
+	ssize_t r, direct = 0;
 	if (l->rx_region) {
 		r = ops->rx_payload(l->drv, l->rx_region->base + l->rx_region_off, l->rx_left, err);
 		if (r > 0)
@@ -477,27 +556,33 @@ static ssize_t lane_rx_payload(struct lane *l, struct ferry_err *err)
 			st->rxp_bytes += (size_t)r;
 	} else {
 		struct stream *st = l->rx_stream;
-		size_t cap = (size_t)st->rxc.window;
-		size_t tail = (st->ring_head + st->ring_len) % cap;
-		size_t room = cap - st->ring_len;
-		size_t contig = cap - tail < room ? cap - tail : room;
-		if (contig > l->rx_left)
-			contig = l->rx_left;
-		if (contig == 0)
-			return 0;
-		r = ops->rx_payload(l->drv, st->ring + tail, contig, err);
-		if (r > 0)
-			st->ring_len += (size_t)r;
-	}
-	if (r > 0) {
-		l->rx_left -= (size_t)r;
-		l->rx_bytes += (uint64_t)r;
-		if (l->rx_left == 0) {
-			l->rx_stream = NULL;
-			l->rx_region = NULL;
+		if (l->s->dp->peek && st->ring_len == 0) {
+			bool full;
+			direct = lane_rx_direct(l, st, &full, err);
+			if (direct < 0)
+				return direct;
+			if (l->rx_left == 0 || (!full && !st->reset_due))
+				return direct; /* frame done, or the wire is empty for now */
+		}
+		if (st->reset_due) {
+			r = discard_payload(l, l->rx_left, err); /* the socket failed under the direct write */
+		} else {
+			size_t cap = (size_t)st->rxc.window;
+			size_t tail = (st->ring_head + st->ring_len) % cap;
+			size_t room = cap - st->ring_len;
+			size_t contig = cap - tail < room ? cap - tail : room;
+			if (contig > l->rx_left)
+				contig = l->rx_left;
+			if (contig == 0)
+				return direct;
+			r = ops->rx_payload(l->drv, st->ring + tail, contig, err);
+			if (r > 0)
+				st->ring_len += (size_t)r;
 		}
 	}
-	return r;
+	if (r > 0)
+		rx_moved(l, (size_t)r);
+	return r < 0 ? r : r + direct;
 }
 
 static struct region *find_region(struct ferry_session *s, uint32_t id)
@@ -1675,6 +1760,7 @@ int ferry_dp_open(const struct ferry_dp_config *cfg, struct ferry_dp **out, stru
 	dp->spin_ns = (uint64_t)(cfg->spin_us ? cfg->spin_us : DEFAULT_SPIN_US) * 1000ull;
 	dp->splice = (ops->caps & FERRY_DRV_SPLICE) && !cfg->no_splice;
 	dp->onesided = (ops->caps & FERRY_DRV_ONESIDED) && ops->write_remote;
+	dp->peek = !dp->splice && ops->rx_peek && ops->rx_consume && !cfg->no_rx_peek;
 	dp->window = cfg->window ? cfg->window : DEFAULT_WINDOW;
 	pthread_mutex_init(&dp->lock, NULL);
 	struct ferry_driver_config dcfg = { .options = cfg->driver_options };
@@ -1883,11 +1969,13 @@ void ferry_session_stats(struct ferry_session *s, struct ferry_session_stats *st
 		ls->rx_bytes = __atomic_load_n(&l->rx_bytes, __ATOMIC_RELAXED);
 		ls->tx_frames = __atomic_load_n(&l->tx_frames, __ATOMIC_RELAXED);
 		ls->rx_frames = __atomic_load_n(&l->rx_frames, __ATOMIC_RELAXED);
+		ls->rx_direct_bytes = __atomic_load_n(&l->rx_direct_bytes, __ATOMIC_RELAXED);
 		uint64_t start = __atomic_load_n(&l->start_ns, __ATOMIC_RELAXED);
 		uint64_t idle = __atomic_load_n(&l->idle_ns, __ATOMIC_RELAXED);
 		ls->idle_pct = start && now > start ? 100.0 * (double)idle / (double)(now - start) : 0.0;
 		st->tx_bytes += ls->tx_bytes;
 		st->rx_bytes += ls->rx_bytes;
+		st->rx_direct_bytes += ls->rx_direct_bytes;
 		/* A datagram lane's drv, once set, lives until the session is
 		 * closed (it cannot be handed off): no lock needed to use it. */
 		struct ferry_lane_drv *drv = s->dp->rl ? __atomic_load_n(&l->drv, __ATOMIC_ACQUIRE) : NULL;

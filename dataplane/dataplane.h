@@ -38,6 +38,8 @@ struct ferry_dp_config {
 	unsigned spin_us;                   /* adaptive spin budget; 0 = default 50 us */
 	bool no_splice;                     /* force the copy path even where the driver splices */
 	size_t window;                      /* per-stream flow-control window; 0 = default 4 MiB */
+	bool no_rx_peek;                    /* copy every received stream byte into the stream's buffer
+					     * even where the driver can lend its receive memory */
 };
 
 struct ferry_dp;
@@ -136,6 +138,7 @@ struct ferry_lane_stats {
 	double idle_pct;   /* share of wall time the poller slept since the lane started */
 	bool reliable;     /* a datagram lane: rel is filled */
 	struct ferry_rel_stats rel;
+	uint64_t rx_direct_bytes;  /* of rx_bytes, written to the local socket straight from the driver's memory */
 };
 
 struct ferry_session_stats {
@@ -148,6 +151,7 @@ struct ferry_session_stats {
 	bool reliable;                     /* datagram lanes: rel sums theirs */
 	struct ferry_rel_stats rel;
 	char error[FERRY_ERR_MSG_MAX];     /* why it failed */
+	uint64_t rx_direct_bytes;          /* of rx_bytes, not copied into a stream buffer first */
 };
 
 void ferry_session_stats(struct ferry_session *s, struct ferry_session_stats *st);

@@ -1303,14 +1303,17 @@ void ferry_rl_release(struct ferry_rl *rl, unsigned n)
 	window_opened(rl);
 }
 
-size_t ferry_rl_read(struct ferry_rl *rl, void *buf, size_t cap, bool *msg_end)
+/* Consume up to cap in-order bytes, stopping at a message end; copy them to
+ * buf unless it is NULL (the caller used them where ferry_rl_recv showed them). */
+static size_t take_bytes(struct ferry_rl *rl, void *buf, size_t cap, bool *msg_end)
 {
 	size_t got = 0;
 	bool end = false;
 	while (got < cap && rl->rcv_head < rl->rcv_nxt) {
 		const struct rl_slot *s = slot_at(rl, rl->rcv_head);
 		size_t k = min64(s->len - rl->rd_off, cap - got);
-		memcpy((uint8_t *)buf + got, s->data + rl->rd_off, k);
+		if (buf)
+			memcpy((uint8_t *)buf + got, s->data + rl->rd_off, k);
 		got += k;
 		if (rl->rd_off + k < s->len) {
 			rl->rd_off += k;
@@ -1326,6 +1329,16 @@ size_t ferry_rl_read(struct ferry_rl *rl, void *buf, size_t cap, bool *msg_end)
 		*msg_end = end;
 	window_opened(rl);
 	return got;
+}
+
+size_t ferry_rl_read(struct ferry_rl *rl, void *buf, size_t cap, bool *msg_end)
+{
+	return take_bytes(rl, buf, cap, msg_end);
+}
+
+size_t ferry_rl_skip(struct ferry_rl *rl, size_t n, bool *msg_end)
+{
+	return take_bytes(rl, NULL, n, msg_end);
 }
 
 /* ---- misc --------------------------------------------------------------- */

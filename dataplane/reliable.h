@@ -212,6 +212,9 @@ void ferry_rl_release(struct ferry_rl *rl, unsigned n);
 /* Copying receive: up to cap in-order bytes, stopping at a message end
  * (then *msg_end is set). 0 when nothing is deliverable. */
 size_t ferry_rl_read(struct ferry_rl *rl, void *buf, size_t cap, bool *msg_end);
+/* Like ferry_rl_read without the copy: up to n bytes that ferry_rl_recv
+ * showed were used in place (partial segments included). */
+size_t ferry_rl_skip(struct ferry_rl *rl, size_t n, bool *msg_end);
 
 /* Give up: a RESET goes to the peer on the next poll, then the rlane fails
  * with -ECONNABORTED. */

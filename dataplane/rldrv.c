@@ -30,6 +30,7 @@
 #define PUMP_GAP_NS (100ull * 1000ull)    /* tx_flush reads input not read for this long */
 #define DEFAULT_POLL_US 200
 #define INLINE_CTRL (FERRY_RL_INLINE_MAX - FERRY_WIRE_HDR_LEN)
+#define PEEK_SEGS 64           /* segments one rx_peek lends at most */
 
 struct item {                  /* a received datagram copied for another thread */
 	struct item *next;
@@ -990,6 +991,54 @@ static void rl_rx_release(struct ferry_lane_drv *l, struct ferry_rx_frame *frame
 {
 }
 
+/* The pending payload where the rlane keeps it (its slots): each in-order
+ * segment of the frame's message is one iovec. */
+static int rx_peek_locked(struct ferry_lane_drv *l, struct iovec *iov, unsigned n, struct ferry_err *err)
+{
+	struct ferry_rl_seg segs[PEEK_SEGS];
+	if (n > PEEK_SEGS)
+		n = PEEK_SEGS;
+	if (l->payload_left == 0 || n == 0)
+		return 0;
+	int k = ferry_rl_recv(l->rl, segs, n);
+	if ((unsigned)k < n) {
+		/* Take in what has arrived, so one look hands on as much as it can. */
+		int fail = 0;
+		if (pump(l, now_ns(), &fail, err) > 0)
+			k = ferry_rl_recv(l->rl, segs, n);
+		else if (fail && k == 0)
+			return fail;
+	}
+	size_t left = l->payload_left;
+	unsigned out = 0;
+	for (int i = 0; i < k && left > 0; i++) {
+		bool end = segs[i].flags & FERRY_RL_F_END;
+		if (segs[i].len > left || end != (segs[i].len == left))
+			return ferry_err_set(err, EPROTO, "%s rx: %s frame's message does not match its %u payload bytes",
+					     l->dev->b->name, ferry_wire_type_name(l->cur.type), l->cur.length);
+		iov[out++] = (struct iovec){ .iov_base = (void *)segs[i].data, .iov_len = segs[i].len };
+		left -= segs[i].len;
+	}
+	if (out == 0) {
+		int rc = service(l, now_ns(), err);
+		return rc ? rc : lane_failed(l, err);
+	}
+	return (int)out;
+}
+
+static int rx_consume_locked(struct ferry_lane_drv *l, size_t len, struct ferry_err *err)
+{
+	if (len > l->payload_left)
+		return ferry_err_set(err, EINVAL, "%s rx: %zu bytes consumed, %zu pending", l->dev->b->name, len,
+				     l->payload_left);
+	size_t k = ferry_rl_skip(l->rl, len, NULL);
+	l->payload_left -= k;
+	if (k != len)
+		return ferry_err_set(err, EINVAL, "%s rx: %zu bytes consumed, %zu were there", l->dev->b->name, len, k);
+	/* Acks and window updates for the slots just freed. */
+	return len ? service(l, now_ns(), err) : 0;
+}
+
 static int wakeup_fd_locked(struct ferry_lane_drv *l, short *events, bool want_tx)
 {
 	struct ferry_device *dev = l->dev;
@@ -1077,6 +1126,22 @@ static ssize_t rl_rx_payload(struct ferry_lane_drv *l, void *dst, size_t len, st
 {
 	lane_enter(l);
 	ssize_t rc = rx_payload_locked(l, dst, len, err);
+	lane_leave(l);
+	return rc;
+}
+
+static int rl_rx_peek(struct ferry_lane_drv *l, struct iovec *iov, unsigned n, struct ferry_err *err)
+{
+	lane_enter(l);
+	int rc = rx_peek_locked(l, iov, n, err);
+	lane_leave(l);
+	return rc;
+}
+
+static int rl_rx_consume(struct ferry_lane_drv *l, size_t len, struct ferry_err *err)
+{
+	lane_enter(l);
+	int rc = rx_consume_locked(l, len, err);
 	lane_leave(l);
 	return rc;
 }
@@ -1278,6 +1343,8 @@ void ferry_rldrv_ops(const struct ferry_dgram_ops *b, struct ferry_driver_ops *o
 		.rx_burst = rl_rx_burst,
 		.rx_payload = rl_rx_payload,
 		.rx_release = rl_rx_release,
+		.rx_peek = rl_rx_peek,
+		.rx_consume = rl_rx_consume,
 		.wakeup_fd = rl_wakeup_fd,
 	};
 }

@@ -62,8 +62,9 @@ struct ferry_tx_frame {
 
 /* A received frame. payload points at driver memory valid until rx_release,
  * or is NULL with 'pending' set when the driver leaves the payload on the wire
- * (byte-stream drivers): the caller then consumes exactly hdr.length bytes
- * with rx_payload / rx_splice before the next rx_burst. */
+ * (byte-stream drivers) or in its own receive buffers: the caller then
+ * consumes exactly hdr.length bytes with rx_payload / rx_splice /
+ * rx_peek + rx_consume before the next rx_burst. */
 struct ferry_rx_frame {
 	struct ferry_frame_hdr hdr;
 	void *payload;
@@ -115,6 +116,20 @@ struct ferry_driver_ops {
 	 * copied (0 = try later) or negative errno. */
 	ssize_t (*rx_payload)(struct ferry_lane_drv *lane, void *dst, size_t len, struct ferry_err *err);
 	void (*rx_release)(struct ferry_lane_drv *lane, struct ferry_rx_frame *frames, unsigned n);
+
+	/* Optional (both or neither; drivers whose pending payload already sits
+	 * in their own memory). rx_peek fills up to n iovecs with the next bytes
+	 * of the pending payload where they lie, in order, never past the
+	 * frame's end; returns how many (0 = none arrived yet) or a negative
+	 * errno. Nothing is consumed: the memory stays valid and the bytes
+	 * pending until the lane's next rx call. rx_consume then takes the
+	 * first 'len' of the bytes peeked (any prefix, 0 included) as used, so
+	 * the caller can hand the payload on (to a socket) without copying it
+	 * first, and rx_payload copies whatever the target did not take. The
+	 * caller may wait for a whole frame's payload before it consumes any:
+	 * a driver must be able to hold one, or as much as fills n iovecs. */
+	int (*rx_peek)(struct ferry_lane_drv *lane, struct iovec *iov, unsigned n, struct ferry_err *err);
+	int (*rx_consume)(struct ferry_lane_drv *lane, size_t len, struct ferry_err *err);
 
 	/* FERRY_DRV_SPLICE only. tx_splice sends a frame whose payload (hdr.length
 	 * bytes) is read from pipe_fd; the driver owns the frame from then on and

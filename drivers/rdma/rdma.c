@@ -1303,6 +1303,9 @@ static int rdma_rx_burst(struct ferry_lane_drv *l, struct ferry_rx_frame *frames
 	return 1;
 }
 
+/* Take up to len bytes of the pending payload, message by message, copying
+ * them to dst unless it is NULL (rx_consume: the caller used them in place);
+ * each receive is re-posted as soon as its message is used up. */
 static ssize_t rdma_rx_payload(struct ferry_lane_drv *l, void *dst, size_t len, struct ferry_err *err)
 {
 	size_t got = 0;
@@ -1328,7 +1331,8 @@ static ssize_t rdma_rx_payload(struct ferry_lane_drv *l, void *dst, size_t len, 
 		size_t take = l->cur_len - l->cur_off;
 		if (take > len - got)
 			take = len - got;
-		memcpy((uint8_t *)dst + got, l->rxbuf + (size_t)l->cur_slot * SLOT_BYTES + l->cur_off, take);
+		if (dst)
+			memcpy((uint8_t *)dst + got, l->rxbuf + (size_t)l->cur_slot * SLOT_BYTES + l->cur_off, take);
 		got += take;
 		l->cur_off += (uint32_t)take;
 		l->frame_left -= take;
@@ -1341,6 +1345,45 @@ static ssize_t rdma_rx_payload(struct ferry_lane_drv *l, void *dst, size_t len, 
 	if (got == 0 && l->fail_code)
 		return lane_err(l, err);
 	return (ssize_t)got;
+}
+
+/* The pending payload where it landed: the rest of the current message's
+ * receive buffer, then the frame's further messages as they arrived. */
+static int rdma_rx_peek(struct ferry_lane_drv *l, struct iovec *iov, unsigned n, struct ferry_err *err)
+{
+	if (l->frame_left == 0 || n == 0)
+		return 0;
+	poll_lane(l);
+	uint64_t left = l->frame_left;
+	unsigned out = 0;
+	if (l->cur_slot >= 0) {
+		iov[out++] = (struct iovec){ .iov_base = l->rxbuf + (size_t)l->cur_slot * SLOT_BYTES + l->cur_off,
+					     .iov_len = l->cur_len - l->cur_off };
+		left -= l->cur_len - l->cur_off;
+	}
+	for (unsigned i = 0; out < n && left > 0 && i < l->rxq_count; i++) {
+		const struct rxmsg *m = &l->rxq[(l->rxq_head + i) % RQ_TOTAL];
+		if ((uint64_t)m->len > left)
+			return ferry_err_set(err, EPROTO, "rdma rx: a %u byte continuation for %" PRIu64 " bytes left",
+					     m->len, left);
+		iov[out++] = (struct iovec){ .iov_base = l->rxbuf + (size_t)m->slot * SLOT_BYTES, .iov_len = m->len };
+		left -= m->len;
+	}
+	if (out == 0 && l->fail_code)
+		return lane_err(l, err);
+	return (int)out;
+}
+
+static int rdma_rx_consume(struct ferry_lane_drv *l, size_t len, struct ferry_err *err)
+{
+	if (len > l->frame_left)
+		return ferry_err_set(err, EINVAL, "rdma rx: %zu bytes consumed, %" PRIu64 " pending", len, l->frame_left);
+	ssize_t got = rdma_rx_payload(l, NULL, len, err);
+	if (got < 0)
+		return (int)got;
+	if ((size_t)got != len)
+		return ferry_err_set(err, EINVAL, "rdma rx: %zu bytes consumed, %zd had arrived", len, got);
+	return 0;
 }
 
 static void rdma_rx_release(struct ferry_lane_drv *l, struct ferry_rx_frame *frames, unsigned n)
@@ -1401,6 +1444,8 @@ const struct ferry_driver_ops ferry_rdma_driver = {
 	.rx_burst = rdma_rx_burst,
 	.rx_payload = rdma_rx_payload,
 	.rx_release = rdma_rx_release,
+	.rx_peek = rdma_rx_peek,
+	.rx_consume = rdma_rx_consume,
 	.write_remote = rdma_write_remote,
 	.wakeup_fd = rdma_wakeup_fd,
 };

@@ -1,6 +1,7 @@
 /* The data plane end to end inside one process: two data planes over the TCP
  * driver, streams in both directions (splice and copy paths), channel order,
- * flow-control bounds, regions, and hostile or vanishing peers. */
+ * flow-control bounds, receiving in place from a driver's memory (udp),
+ * regions, and hostile or vanishing peers. */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -23,15 +24,21 @@
 static char tmpdir[64];
 static uint32_t next_session = 100;
 
-static struct ferry_dp *open_dp(bool no_splice, size_t window)
+static struct ferry_dp *open_dp_drv(const char *driver, bool no_splice, bool no_rx_peek, size_t window)
 {
 	static const char *opts[] = { "bind=127.0.0.1:0", NULL };
-	struct ferry_dp_config cfg = { .driver = "tcp", .driver_options = opts, .no_splice = no_splice, .window = window };
+	struct ferry_dp_config cfg = { .driver = driver, .driver_options = opts, .no_splice = no_splice,
+				       .no_rx_peek = no_rx_peek, .window = window };
 	struct ferry_dp *dp = NULL;
 	struct ferry_err err = { 0 };
 	int rc = ferry_dp_open(&cfg, &dp, &err);
 	CHECK(rc == 0, "data plane opens (%s)", rc ? err.msg : "ok");
 	return dp;
+}
+
+static struct ferry_dp *open_dp(bool no_splice, size_t window)
+{
+	return open_dp_drv("tcp", no_splice, false, window);
 }
 
 static int listen_unix(const char *path)
@@ -117,6 +124,10 @@ struct pump {
 	uint32_t seed;
 	uint32_t crc_out, crc_in;
 	size_t got;
+	/* reader: with dst set, stop after pause_after bytes until dst's lanes
+	 * have stopped moving bytes (its socket and ring are full), then go on */
+	size_t pause_after;
+	struct ferry_session *dst;
 };
 
 static void fill(uint8_t *b, size_t n, uint32_t *seed)
@@ -152,13 +163,33 @@ out:
 	return NULL;
 }
 
+static void wait_lanes_still(struct ferry_session *s)
+{
+	uint64_t last = UINT64_MAX;
+	for (int still = 0, i = 0; still < 5 && i < 500; i++) {
+		struct ferry_session_stats st;
+		ferry_session_stats(s, &st);
+		still = st.rx_bytes == last ? still + 1 : 0;
+		last = st.rx_bytes;
+		usleep(20000);
+	}
+}
+
 static void *pump_read(void *arg)
 {
 	struct pump *p = arg;
 	uint8_t buf[65536];
 	uint32_t crc = 0;
+	bool paused = false;
 	for (;;) {
-		ssize_t r = recv(p->fd, buf, sizeof(buf), 0);
+		size_t want = sizeof(buf);
+		if (p->dst && !paused && p->got >= p->pause_after) {
+			paused = true;
+			wait_lanes_still(p->dst);
+		}
+		if (p->dst && !paused && p->pause_after - p->got < want)
+			want = p->pause_after - p->got;
+		ssize_t r = recv(p->fd, buf, want, 0);
 		if (r <= 0)
 			break;
 		crc = ferry_dp_checksum(crc, buf, (size_t)r);
@@ -276,6 +307,56 @@ static void test_backpressure(void)
 		got += (size_t)r;
 	}
 	CHECK(got == written, "after the destination reads again all %zu bytes arrive", written);
+	close(s);
+	close(d);
+	close_pair(&sp);
+	ferry_dp_close(sdp);
+	ferry_dp_close(ddp);
+}
+
+/* --- receive in place: a target socket that fills half way --------------------
+ * Over a driver that lends its receive memory (udp through the reliable
+ * shim), payload goes from the driver's buffers straight into the target
+ * socket while the stream's ring is empty; what the socket does not take is
+ * copied into the ring, which then keeps the order until it drains. The
+ * target stops reading part way, so both paths and the switches between them
+ * run; every byte must arrive once, in order (CRC over the whole stream), and
+ * the credit accounting must let the whole stream through a small window. */
+
+static void test_rx_in_place(bool no_rx_peek)
+{
+	const char *what = no_rx_peek ? "udp, copy into the ring" : "udp, receive in place";
+	const size_t window = 1u << 20;
+	struct ferry_dp *sdp = open_dp_drv("udp", false, no_rx_peek, window);
+	struct ferry_dp *ddp = open_dp_drv("udp", false, no_rx_peek, window);
+	if (!sdp || !ddp)
+		return;
+	struct session_pair sp;
+	CHECK(make_pair(sdp, ddp, 1, 1, &sp, true) == 0, "%s: session up with a 1 MiB window", what);
+	int s = connect_unix(sp.src_path);
+	int d = accept_timeout(sp.target_lfd, 5000);
+	/* After the pause, more than the socket (ferry's 2 MiB send buffer, which
+	 * the kernel doubles) and the ring (the window) can hold together. */
+	struct pump w = { .fd = s, .bytes = (10u << 20) + 4093, .seed = 77 };
+	struct pump r = { .fd = d, .pause_after = (3u << 19) + 17, .dst = sp.dst };
+	pthread_t tw, tr;
+	pthread_create(&tw, NULL, pump_write, &w);
+	pthread_create(&tr, NULL, pump_read, &r);
+	pthread_join(tw, NULL);
+	pthread_join(tr, NULL);
+	CHECK(r.got == w.bytes && r.crc_in == w.crc_out,
+	      "%s: %zu bytes through a target that stopped after 1.5 MiB arrive whole and in order (got %zu)", what,
+	      w.bytes, r.got);
+	struct ferry_session_stats st;
+	ferry_session_stats(sp.dst, &st);
+	printf("# %s: %llu bytes received, %llu of them written in place\n", what, (unsigned long long)st.rx_bytes,
+	       (unsigned long long)st.rx_direct_bytes);
+	if (no_rx_peek)
+		CHECK(st.rx_direct_bytes == 0, "%s: nothing written in place when it is turned off", what);
+	else
+		CHECK(st.rx_direct_bytes > 0 && st.rx_direct_bytes < st.rx_bytes,
+		      "%s: part went straight from the driver to the socket, part through the ring", what);
+	CHECK(st.state == FERRY_SESSION_ACTIVE, "%s: session healthy (%s)", what, st.error);
 	close(s);
 	close(d);
 	close_pair(&sp);
@@ -544,6 +625,8 @@ int main(void)
 	ferry_dp_close(csdp);
 	ferry_dp_close(cddp);
 	test_backpressure();
+	test_rx_in_place(false);
+	test_rx_in_place(true);
 	test_regions(sdp, ddp);
 	test_hostile(sdp, ddp);
 	test_peer_vanishes(sdp, ddp);

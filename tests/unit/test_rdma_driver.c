@@ -85,7 +85,23 @@ struct flow {
 	bool writer;
 	size_t bytes, moved;
 	uint32_t seed, crc;
+	/* reader: with dst set, stop after pause_after bytes until dst's lane 0
+	 * stops moving bytes (the target socket and the stream's ring full) */
+	size_t pause_after;
+	struct ferry_session *dst;
 };
+
+static void wait_lane_still(struct ferry_session *s)
+{
+	uint64_t last = UINT64_MAX;
+	for (int still = 0, i = 0; still < 4 && i < 100; i++) {
+		struct ferry_session_stats st;
+		ferry_session_stats(s, &st);
+		still = st.lane[0].rx_bytes == last ? still + 1 : 0;
+		last = st.lane[0].rx_bytes;
+		usleep(50000);
+	}
+}
 
 static void *flow_main(void *arg)
 {
@@ -94,6 +110,12 @@ static void *flow_main(void *arg)
 	while (f->writer ? f->moved < f->bytes : true) {
 		size_t n = sizeof(buf);
 		ssize_t r;
+		if (f->dst && f->moved >= f->pause_after) {
+			wait_lane_still(f->dst);
+			f->dst = NULL;
+		}
+		if (f->dst && n > f->pause_after - f->moved)
+			n = f->pause_after - f->moved;
 		if (f->writer) {
 			if (n > f->bytes - f->moved)
 				n = f->bytes - f->moved;
@@ -127,7 +149,8 @@ static int unix_socket(const char *path, bool listening)
 	return fd;
 }
 
-/* Two streams over two lanes, both directions at once, checked by CRC32C. */
+/* Two streams over two lanes, both directions at once, checked by CRC32C;
+ * one target pauses part way. */
 static void test_streams(struct ferry_dp *sdp, struct ferry_dp *ddp, size_t bytes)
 {
 	char dir[] = "/tmp/ferry-rdma-XXXXXX", sp[64], dp[64];
@@ -147,7 +170,11 @@ static void test_streams(struct ferry_dp *sdp, struct ferry_dp *ddp, size_t byte
 		CHECK(a >= 0 && b >= 0, "stream %d connected end to end", i);
 		/* forward: bytes (+ an odd tail), backward: 1 MiB + 13 */
 		fl[4 * i + 0] = (struct flow){ .fd = a, .writer = true, .bytes = bytes + 4097u * (unsigned)i, .seed = 5u + (unsigned)i };
-		fl[4 * i + 1] = (struct flow){ .fd = b };
+		/* stream 0's target stops an eighth of the way: the payload goes
+		 * into the target socket in place until the socket (~4 MiB) is
+		 * full, then into the ring (4 MiB): the rest exceeds both even
+		 * with the sanitizer build's 8 MiB */
+		fl[4 * i + 1] = (struct flow){ .fd = b, .pause_after = i ? 0 : bytes / 8, .dst = i ? NULL : dst };
 		fl[4 * i + 2] = (struct flow){ .fd = b, .writer = true, .bytes = (1u << 20) + 13, .seed = 50u + (unsigned)i };
 		fl[4 * i + 3] = (struct flow){ .fd = a };
 	}
@@ -162,6 +189,11 @@ static void test_streams(struct ferry_dp *sdp, struct ferry_dp *ddp, size_t byte
 		      "stream %d %s: %zu bytes sent, %zu arrived, CRC32C %08x / %08x", i / 4, i % 4 ? "backward" : "forward",
 		      fl[i].moved, fl[i + 1].moved, fl[i].crc, fl[i + 1].crc);
 	printf("# streams: %.1f MB/s forward over 2 lanes\n", (double)(fl[0].bytes + fl[4].bytes) / dt / 1e6);
+	struct ferry_session_stats st;
+	ferry_session_stats(dst, &st);
+	CHECK(st.rx_direct_bytes > 0 && st.rx_direct_bytes < st.rx_bytes,
+	      "of %llu bytes received, %llu went from the receive buffers straight into the target sockets, "
+	      "the rest through the streams' rings", (unsigned long long)st.rx_bytes, (unsigned long long)st.rx_direct_bytes);
 	for (int i = 0; i < 2; i++) {
 		close(fl[4 * i].fd);
 		close(fl[4 * i + 1].fd);

@@ -474,11 +474,27 @@ static void app_rx(struct side *s)
 	if (s->paused)
 		return;
 	if (s->read_mode) {
-		uint8_t buf[2999]; /* smaller than a segment: partial reads too */
+		/* Copying reads, alternating with looks in place consumed by
+		 * ferry_rl_skip, both smaller than a segment: partial ones too. */
+		uint8_t buf[2999];
 		bool end;
 		size_t n;
-		while ((n = ferry_rl_read(s->rl, buf, sizeof(buf), &end)) > 0)
-			rx_feed(&s->rx, buf, n, !s->rx.in_msg, end);
+		for (bool skip = false;; skip = !skip) {
+			struct ferry_rl_seg sg[1];
+			if (!skip) {
+				if ((n = ferry_rl_read(s->rl, buf, sizeof(buf), &end)) == 0)
+					break;
+				rx_feed(&s->rx, buf, n, !s->rx.in_msg, end);
+				continue;
+			}
+			if (ferry_rl_recv(s->rl, sg, 1) != 1)
+				break;
+			n = sg[0].len < 1777 ? sg[0].len : 1777;
+			bool last = n == sg[0].len && (sg[0].flags & FERRY_RL_F_END);
+			rx_feed(&s->rx, sg[0].data, n, !s->rx.in_msg, last);
+			if (ferry_rl_skip(s->rl, n, &end) != n || end != last)
+				rx_bad(&s->rx, "ferry_rl_skip took other bytes or another message end than ferry_rl_recv showed");
+		}
 	} else {
 		struct ferry_rl_seg sg[32];
 		int k;

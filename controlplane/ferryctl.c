@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "drivers/size.h"
 #include "jsonline.h"
 #include "migrate.h"
 #include "plan.h"
@@ -170,21 +171,10 @@ static int parse_uint(const char *s, const char *what, unsigned long long max, u
  * (QEMU counts in bytes/s; below that a migration would never end). */
 static int parse_rate(const char *s, unsigned long long *out)
 {
-	char *end;
-	errno = 0;
-	unsigned long long v = strtoull(s, &end, 10);
-	unsigned shift = 0;
-	switch (*end) {
-	case 'K': case 'k': shift = 10; end++; break;
-	case 'M': case 'm': shift = 20; end++; break;
-	case 'G': case 'g': shift = 30; end++; break;
-	default: break;
-	}
-	if (errno || end == s || *end || s[0] == '-' || v > (1ull << 50) >> shift || (v << shift) < (1ull << 20)) {
+	if (ferry_parse_size(s, 1ull << 20, 1ull << 50, out, NULL)) {
 		fprintf(stderr, "ferryctl: --max-bandwidth '%s' is not a rate from 1M to 1P bytes/s (K, M, G suffixes)\n", s);
 		return -1;
 	}
-	*out = v << shift;
 	return 0;
 }
 

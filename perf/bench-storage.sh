@@ -48,15 +48,8 @@ FERRYCTL=${FERRYCTL:-$ROOT/build/controlplane/ferryctl}
 
 while [ $# -gt 0 ]; do
 	case $1 in
-	--size) need_arg "$@"; SIZE_ARG=$2; shift 2 ;;
-	--runs) need_arg "$@"; RUNS=$2; shift 2 ;;
-	--arms) need_arg "$@"; ARMS=$2; shift 2 ;;
 	--lanes) need_arg "$@"; LANES=$2; shift 2 ;;
-	--verify) need_arg "$@"; VERIFY=$2; shift 2 ;;
-	--timeout) need_arg "$@"; TIMEOUT=$2; shift 2 ;;
-	--keep-logs) KEEP_LOGS=1; shift ;;
-	-h | --help) usage; exit 0 ;;
-	*) die "unknown option $1 (see --help)" ;;
+	*) bench_opt "$@"; shift "$OPT_SHIFT" ;;
 	esac
 done
 

@@ -140,19 +140,8 @@ for d in /dev/shm/ferry-bench.*; do
 	fi
 done
 SHM=/dev/shm/ferry-bench.$$
-WORK=$(mktemp -d /tmp/ferry-bench.XXXXXX)
 mkdir -p "$SHM"
-LIB_RM_PATHS+=("$SHM")
-lib_init_cleanup
-keep_or_remove_work() {
-	if [ "$KEEP_LOGS" = 1 ] || [ "${BENCH_FAILED:-0}" = 1 ]; then
-		log "logs kept in $WORK"
-	else
-		rm -rf -- "$WORK"
-	fi
-}
-LIB_CLEANUP_HOOKS+=(keep_or_remove_work)
-RESULTS=$WORK/results.jsonl
+bench_work "$SHM" bench
 SRC_RAM=$SHM/src.ram
 DST_RAM=$SHM/dst.ram
 

@@ -81,18 +81,7 @@ need=$((2 * SIZE + (1 << 30)))
 [ "$mem_avail" -ge "$need" ] || die "MemAvailable is $((mem_avail >> 20)) MiB, need $((need >> 20)) MiB"
 
 SHM=$(mktemp -d /dev/shm/ferry-storage.XXXXXX)
-WORK=$(mktemp -d /tmp/ferry-storage.XXXXXX)
-LIB_RM_PATHS+=("$SHM")
-lib_init_cleanup
-keep_or_remove_work() {
-	if [ "$KEEP_LOGS" = 1 ] || [ "${BENCH_FAILED:-0}" = 1 ]; then
-		log "logs kept in $WORK"
-	else
-		rm -rf -- "$WORK"
-	fi
-}
-LIB_CLEANUP_HOOKS+=(keep_or_remove_work)
-RESULTS=$WORK/results.jsonl
+bench_work "$SHM" storage
 : >"$RESULTS"
 SRC_IMG=$SHM/src.raw
 DST_IMG=$SHM/dst.raw

@@ -114,6 +114,24 @@ lib_init_cleanup() {
 	trap 'log "interrupted"; exit 130' INT TERM HUP
 }
 
+# bench_work SHM TAG: a bench's work dir WORK (/tmp/ferry-TAG.*, its logs)
+# and RESULTS in it; SHM is removed on exit and the cleanup armed. WORK is
+# kept with --keep-logs (KEEP_LOGS=1) or when a run failed (BENCH_FAILED=1).
+bench_work() {
+	WORK=$(mktemp -d "/tmp/ferry-$2.XXXXXX") || die "cannot make a work dir in /tmp"
+	LIB_RM_PATHS+=("$1")
+	lib_init_cleanup
+	LIB_CLEANUP_HOOKS+=(bench_keep_or_remove_work)
+	RESULTS=$WORK/results.jsonl
+}
+bench_keep_or_remove_work() {
+	if [ "$KEEP_LOGS" = 1 ] || [ "${BENCH_FAILED:-0}" = 1 ]; then
+		log "logs kept in $WORK"
+	else
+		rm -rf -- "$WORK"
+	fi
+}
+
 # wait_for TIMEOUT_S DESCRIPTION CMD ARGS...: poll CMD every 50 ms.
 wait_for() {
 	local timeout=$1 what=$2 i

@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "drivers/size.h"
 #include "jsonline.h"
 #include "migrate.h"
 #include "plan.h"
@@ -170,21 +171,10 @@ static int parse_uint(const char *s, const char *what, unsigned long long max, u
  * (QEMU counts in bytes/s; below that a migration would never end). */
 static int parse_rate(const char *s, unsigned long long *out)
 {
-	char *end;
-	errno = 0;
-	unsigned long long v = strtoull(s, &end, 10);
-	unsigned shift = 0;
-	switch (*end) {
-	case 'K': case 'k': shift = 10; end++; break;
-	case 'M': case 'm': shift = 20; end++; break;
-	case 'G': case 'g': shift = 30; end++; break;
-	default: break;
-	}
-	if (errno || end == s || *end || s[0] == '-' || v > (1ull << 50) >> shift || (v << shift) < (1ull << 20)) {
+	if (ferry_parse_size(s, 1ull << 20, 1ull << 50, out, NULL)) {
 		fprintf(stderr, "ferryctl: --max-bandwidth '%s' is not a rate from 1M to 1P bytes/s (K, M, G suffixes)\n", s);
 		return -1;
 	}
-	*out = v << shift;
 	return 0;
 }
 
@@ -701,26 +691,23 @@ int main(int argc, char **argv)
 		return cmd_migrate(admin, sub_argc, sub_argv);
 	if (strcmp(cmd, "status") == 0 && (sub_argc < 2 || strcmp(sub_argv[1], "--json") == 0))
 		return cmd_list(admin, sub_argc > 1);
-	if (strcmp(cmd, "status") == 0)
-		return cmd_id(admin, "migrate-status", "migration", sub_argc, sub_argv);
-	if (strcmp(cmd, "cancel") == 0)
-		return cmd_id(admin, "migrate-cancel", "migration", sub_argc, sub_argv);
+	/* commands that take one id and pass it to ferryd's admin command of that kind */
+	static const struct { const char *name, *admin_cmd, *kind; } by_id[] = {
+		{ "status", "migrate-status", "migration" },  { "cancel", "migrate-cancel", "migration" },
+		{ "tunnel-status", "tunnel-status", "tunnel" }, { "tunnel-close", "tunnel-close", "tunnel" },
+		{ "nbd-status", "nbd-status", "nbd" },          { "nbd-close", "nbd-close", "nbd" },
+	};
+	for (size_t k = 0; k < sizeof(by_id) / sizeof(by_id[0]); k++)
+		if (strcmp(cmd, by_id[k].name) == 0)
+			return cmd_id(admin, by_id[k].admin_cmd, by_id[k].kind, sub_argc, sub_argv);
 	if (strcmp(cmd, "recover") == 0)
 		return cmd_recover(admin, sub_argc, sub_argv);
 	if (strcmp(cmd, "tunnel-open") == 0)
 		return cmd_tunnel_open(admin, sub_argc, sub_argv);
-	if (strcmp(cmd, "tunnel-status") == 0)
-		return cmd_id(admin, "tunnel-status", "tunnel", sub_argc, sub_argv);
-	if (strcmp(cmd, "tunnel-close") == 0)
-		return cmd_id(admin, "tunnel-close", "tunnel", sub_argc, sub_argv);
 	if (strcmp(cmd, "perf-region") == 0)
 		return cmd_perf_region(admin, sub_argc, sub_argv);
 	if (strcmp(cmd, "nbd-open") == 0)
 		return cmd_nbd_open(admin, sub_argc, sub_argv);
-	if (strcmp(cmd, "nbd-status") == 0)
-		return cmd_id(admin, "nbd-status", "nbd", sub_argc, sub_argv);
-	if (strcmp(cmd, "nbd-close") == 0)
-		return cmd_id(admin, "nbd-close", "nbd", sub_argc, sub_argv);
 	if (strcmp(cmd, "qmp") == 0)
 		return cmd_qmp(sub_argc, sub_argv);
 	if (strcmp(cmd, "ping") == 0 || strcmp(cmd, "stats") == 0) {

@@ -75,19 +75,12 @@ MAX_BW=$((1 << 40)) # bytes/s; QEMU 7.2 defaults to 32 MiB/s
 
 while [ $# -gt 0 ]; do
 	case $1 in
-	--size) need_arg "$@"; SIZE_ARG=$2; shift 2 ;;
-	--runs) need_arg "$@"; RUNS=$2; shift 2 ;;
-	--arms) need_arg "$@"; ARMS=$2; shift 2 ;;
 	--multifd) need_arg "$@"; MULTIFD=$2; shift 2 ;;
 	--json) need_arg "$@"; JSON_OUT=$2; shift 2 ;;
 	--accel) need_arg "$@"; ACCEL=$2; shift 2 ;;
-	--verify) need_arg "$@"; VERIFY=$2; shift 2 ;;
 	--retries) need_arg "$@"; RETRIES=$2; shift 2 ;;
-	--timeout) need_arg "$@"; TIMEOUT=$2; shift 2 ;;
 	--stall) need_arg "$@"; STALL=$2; shift 2 ;;
-	--keep-logs) KEEP_LOGS=1; shift ;;
-	-h | --help) usage; exit 0 ;;
-	*) die "unknown option $1 (see --help)" ;;
+	*) bench_opt "$@"; shift "$OPT_SHIFT" ;;
 	esac
 done
 
@@ -147,19 +140,8 @@ for d in /dev/shm/ferry-bench.*; do
 	fi
 done
 SHM=/dev/shm/ferry-bench.$$
-WORK=$(mktemp -d /tmp/ferry-bench.XXXXXX)
 mkdir -p "$SHM"
-LIB_RM_PATHS+=("$SHM")
-lib_init_cleanup
-keep_or_remove_work() {
-	if [ "$KEEP_LOGS" = 1 ] || [ "${BENCH_FAILED:-0}" = 1 ]; then
-		log "logs kept in $WORK"
-	else
-		rm -rf -- "$WORK"
-	fi
-}
-LIB_CLEANUP_HOOKS+=(keep_or_remove_work)
-RESULTS=$WORK/results.jsonl
+bench_work "$SHM" bench
 SRC_RAM=$SHM/src.ram
 DST_RAM=$SHM/dst.ram
 

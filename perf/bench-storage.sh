@@ -48,15 +48,8 @@ FERRYCTL=${FERRYCTL:-$ROOT/build/controlplane/ferryctl}
 
 while [ $# -gt 0 ]; do
 	case $1 in
-	--size) need_arg "$@"; SIZE_ARG=$2; shift 2 ;;
-	--runs) need_arg "$@"; RUNS=$2; shift 2 ;;
-	--arms) need_arg "$@"; ARMS=$2; shift 2 ;;
 	--lanes) need_arg "$@"; LANES=$2; shift 2 ;;
-	--verify) need_arg "$@"; VERIFY=$2; shift 2 ;;
-	--timeout) need_arg "$@"; TIMEOUT=$2; shift 2 ;;
-	--keep-logs) KEEP_LOGS=1; shift ;;
-	-h | --help) usage; exit 0 ;;
-	*) die "unknown option $1 (see --help)" ;;
+	*) bench_opt "$@"; shift "$OPT_SHIFT" ;;
 	esac
 done
 
@@ -88,18 +81,7 @@ need=$((2 * SIZE + (1 << 30)))
 [ "$mem_avail" -ge "$need" ] || die "MemAvailable is $((mem_avail >> 20)) MiB, need $((need >> 20)) MiB"
 
 SHM=$(mktemp -d /dev/shm/ferry-storage.XXXXXX)
-WORK=$(mktemp -d /tmp/ferry-storage.XXXXXX)
-LIB_RM_PATHS+=("$SHM")
-lib_init_cleanup
-keep_or_remove_work() {
-	if [ "$KEEP_LOGS" = 1 ] || [ "${BENCH_FAILED:-0}" = 1 ]; then
-		log "logs kept in $WORK"
-	else
-		rm -rf -- "$WORK"
-	fi
-}
-LIB_CLEANUP_HOOKS+=(keep_or_remove_work)
-RESULTS=$WORK/results.jsonl
+bench_work "$SHM" storage
 : >"$RESULTS"
 SRC_IMG=$SHM/src.raw
 DST_IMG=$SHM/dst.raw

@@ -22,6 +22,7 @@
 
 #include "../controlplane/jsonline.h"
 #include "../dataplane/dataplane.h"
+#include "../drivers/size.h"
 
 #define BUF_BYTES (1u << 20)
 #define MAX_STREAMS 64
@@ -344,25 +345,6 @@ static void usage(FILE *f)
 		   "  memcpy: this host's single-core copy bandwidth (the ceiling of a copying driver), no daemons\n");
 }
 
-static int parse_size(const char *s, unsigned long long *out)
-{
-	char *end;
-	errno = 0;
-	unsigned long long v = strtoull(s, &end, 10);
-	if (errno || end == s || s[0] == '-')
-		return -1;
-	switch (*end) {
-	case 'K': case 'k': v <<= 10; end++; break;
-	case 'M': case 'm': v <<= 20; end++; break;
-	case 'G': case 'g': v <<= 30; end++; break;
-	default: break;
-	}
-	if (*end || v == 0)
-		return -1;
-	*out = v;
-	return 0;
-}
-
 int main(int argc, char **argv)
 {
 	static const struct option lo[] = {
@@ -389,14 +371,14 @@ int main(int argc, char **argv)
 			}
 			break;
 		case 'b':
-			if (parse_size(optarg, &o.bytes)) {
+			if (ferry_parse_size(optarg, 1, ~0ull, &o.bytes, NULL)) {
 				fprintf(stderr, "ferry-perf: --bytes '%s' is not a size\n", optarg);
 				return 2;
 			}
 			break;
 		case 'n':
 		case 'l':
-			if (parse_size(optarg, &v) || v > MAX_STREAMS) {
+			if (ferry_parse_size(optarg, 1, MAX_STREAMS, &v, NULL)) {
 				fprintf(stderr, "ferry-perf: --%s must be 1..%d\n", c == 'n' ? "streams" : "lanes", MAX_STREAMS);
 				return 2;
 			}

@@ -18,6 +18,23 @@ die()  { printf '%s ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2; exit 1; }
 usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0"; }
 # need_arg OPTION [VALUE...]: an option's value is there and not empty.
 need_arg() { [ $# -ge 2 ] && [ -n "$2" ] || die "$1 needs a value"; }
+# bench_opt "$@": one of the options bench-migrate.sh and bench-storage.sh
+# share (--size --runs --arms --verify --timeout --keep-logs --help), so they
+# spell and check them alike. Sets the variable and OPT_SHIFT (the words it
+# took); anything else is an unknown option.
+bench_opt() {
+	OPT_SHIFT=2
+	case $1 in
+	--size) need_arg "$@"; SIZE_ARG=$2 ;;
+	--runs) need_arg "$@"; RUNS=$2 ;;
+	--arms) need_arg "$@"; ARMS=$2 ;;
+	--verify) need_arg "$@"; VERIFY=$2 ;;
+	--timeout) need_arg "$@"; TIMEOUT=$2 ;;
+	--keep-logs) KEEP_LOGS=1; OPT_SHIFT=1 ;;
+	-h | --help) usage; exit 0 ;;
+	*) die "unknown option $1 (see --help)" ;;
+	esac
+}
 
 # bg_start LOGFILE CMD ARGS... : start CMD in the background, stdin from
 # /dev/null, stdout+stderr to LOGFILE; sets BG_PID and tracks it.
@@ -95,6 +112,24 @@ lib_cleanup() {
 lib_init_cleanup() {
 	trap lib_cleanup EXIT
 	trap 'log "interrupted"; exit 130' INT TERM HUP
+}
+
+# bench_work SHM TAG: a bench's work dir WORK (/tmp/ferry-TAG.*, its logs)
+# and RESULTS in it; SHM is removed on exit and the cleanup armed. WORK is
+# kept with --keep-logs (KEEP_LOGS=1) or when a run failed (BENCH_FAILED=1).
+bench_work() {
+	WORK=$(mktemp -d "/tmp/ferry-$2.XXXXXX") || die "cannot make a work dir in /tmp"
+	LIB_RM_PATHS+=("$1")
+	lib_init_cleanup
+	LIB_CLEANUP_HOOKS+=(bench_keep_or_remove_work)
+	RESULTS=$WORK/results.jsonl
+}
+bench_keep_or_remove_work() {
+	if [ "$KEEP_LOGS" = 1 ] || [ "${BENCH_FAILED:-0}" = 1 ]; then
+		log "logs kept in $WORK"
+	else
+		rm -rf -- "$WORK"
+	fi
 }
 
 # wait_for TIMEOUT_S DESCRIPTION CMD ARGS...: poll CMD every 50 ms.

@@ -9,26 +9,15 @@
 # Exit: 0 pass, 1 fail, 77 skip (whatever the bench skips for).
 set -uo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/../.." && pwd)
-bench=$root/perf/bench-postcopy.sh
-work=$(mktemp -d /tmp/ferry-pcsmoke.XXXXXX) || { echo "FAIL: mktemp"; exit 1; }
-trap 'rm -rf "$work"' EXIT
-fail() { echo "FAIL: $*"; sed 's/^/  | /' "$work/out" 2>/dev/null | tail -n 40; exit 1; }
+# shellcheck source=tests/lib/bench-smoke.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/bench-smoke.sh"
+smoke_init bench-postcopy.sh pcsmoke
 
 # bad input: a clear error naming what was wrong, before anything starts
-out=$("$bench" --arms direct,telepathy 2>&1) && fail "an unknown arm was accepted"
-grep -q "unknown arm 'telepathy'" <<<"$out" || fail "the unknown arm is not named: $out"
-out=$("$bench" --postcopy-bw fast 2>&1) && fail "--postcopy-bw fast was accepted"
-grep -q -- "--postcopy-bw wants bytes/s" <<<"$out" || fail "the bad --postcopy-bw is not explained: $out"
+smoke_refuses "unknown arm 'telepathy'" --arms direct,telepathy
+smoke_refuses "--postcopy-bw wants bytes/s" --postcopy-bw fast
 
-t0=$(date +%s)
-"$bench" --rounds 1 --retries 1 --window 1 --json "$work/summary.jsonl" >"$work/out" 2>&1
-rc=$?
-grep -E '^  (direct|ferry) +round|retrying' "$work/out" | cut -c1-160
-echo "bench: exit $rc after $(($(date +%s) - t0)) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
-[ "$rc" -eq 77 ] && { grep -m1 '^SKIP' "$work/out"; exit 77; }
-[ "$rc" -eq 0 ] || fail "bench-postcopy.sh exited $rc"
+smoke_run '^  (direct|ferry) +round|retrying' --rounds 1 --retries 1 --window 1 --json "$work/summary.jsonl"
 line=$(grep '^SUMMARY ' "$work/out" | tail -n 1)
 [ -n "$line" ] || fail "no SUMMARY line"
 python3 - "${line#SUMMARY }" "$work/summary.jsonl" <<'PY' || fail "the summary lacks numbers"

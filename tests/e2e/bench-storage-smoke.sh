@@ -10,27 +10,17 @@
 # Exit: 0 pass, 1 fail, 77 skip (no KVM/TCG QEMU or qemu-img).
 set -uo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(cd "$here/../.." && pwd)
-bench=$root/perf/bench-storage.sh
-work=$(mktemp -d /tmp/ferry-stsmoke.XXXXXX) || { echo "FAIL: mktemp"; exit 1; }
-trap 'rm -rf "$work"' EXIT
-fail() { echo "FAIL: $*"; sed 's/^/  | /' "$work/out" 2>/dev/null | tail -n 40; exit 1; }
+# shellcheck source=tests/lib/bench-smoke.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/bench-smoke.sh"
+smoke_init bench-storage.sh stsmoke
 for t in qemu-system-x86_64 qemu-img; do
 	command -v "$t" >/dev/null || { echo "SKIP: $t is not installed"; exit 77; }
 done
 
-out=$("$bench" --arms direct,telepathy 2>&1) && fail "an unknown arm was accepted"
-grep -q "unknown arm 'telepathy'" <<<"$out" || fail "the unknown arm is not named: $out"
-out=$("$bench" --size 3M 2>&1) && fail "--size 3M was accepted"
-grep -q -- "--size must be" <<<"$out" || fail "the bad --size is not explained: $out"
+smoke_refuses "unknown arm 'telepathy'" --arms direct,telepathy
+smoke_refuses "--size must be" --size 3M
 
-t0=$(date +%s)
-"$bench" --size 64M --runs 1 --arms direct,tcp --timeout 120 >"$work/out" 2>&1
-rc=$?
-grep -E '^  round|^(direct|ferry)' "$work/out"
-echo "bench: exit $rc after $(($(date +%s) - t0)) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
-[ "$rc" -eq 0 ] || fail "bench-storage.sh exited $rc"
+smoke_run '^  round|^(direct|ferry)' --size 64M --runs 1 --arms direct,tcp --timeout 120
 for arm in direct ferry-tcp; do
 	grep -Eq "^  round 1 $arm +storage [0-9.]+ s, whole [0-9.]+ s, verified" "$work/out" ||
 		fail "no verified $arm run"

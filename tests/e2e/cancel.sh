@@ -44,28 +44,11 @@ declare -a REPORT=()
 n=0
 
 run_one() {
-	local how=$1 src dst dst2 srcram st out id t_c t_exit w1 w2
+	local how=$1 src dst dst2 srcram st out id t_c t_exit
 	n=$((n + 1))
 	src=src$n dst=dst$n dst2=dst${n}r
-	# shellcheck disable=SC2046
-	qemu_start "$src" --ram "$RAM" --boot "$DIRTY_BIN" -- $(side_qmp_args "$src") || ferry_fail "starting $src failed"
-	# shellcheck disable=SC2046
-	qemu_start "$dst" --ram "$RAM" --boot "$DIRTY_BIN" --prealloc --incoming -- $(side_qmp_args "$dst") ||
-		ferry_fail "starting $dst failed"
-	srcram=$(qemu_ramfile "$src")
-	wait_heartbeat "$srcram" 3 60 >/dev/null || ferry_fail "guest on $src does not run (no heartbeat)"
-	qmp "$(qemu_sock "$src")" '{"execute":"migrate-set-parameters","arguments":{"downtime-limit":1}}' >/dev/null ||
-		ferry_fail "$how: setting downtime-limit on $src failed"
-
-	ferry_migrate_start "$src" "$dst" --channels "$CHANNELS" --max-bandwidth "$SLOW_BW"
-	wait_mig_active "$(side_sock "$src")" 20 $((16 * 1024 * 1024)) >/dev/null || {
-		ferry_migrate_wait 1
-		ferry_mig_report
-		ferry_fail "$how: the migration did not become active with data flowing"
-	}
-	# ferryctl --max-bandwidth reached the source QEMU
-	bw=$(qmp_get "$(side_sock "$src")" query-migrate-parameters max-bandwidth)
-	[ "$bw" = "$SLOW_BW" ] || ferry_fail "$how: the source QEMU's max-bandwidth is '$bw', not --max-bandwidth $SLOW_BW"
+	ferry_slow_migration_start "$src" "$dst" "$CHANNELS" "$SLOW_BW" "$how"
+	srcram=$FERRY_SRC_RAM
 	id=$(ferry_mig_id) || ferry_fail "$how: no migration id in ferryd a's log"
 	sleep 0.5
 	st=$(mig_field "$(side_sock "$src")" status)
@@ -102,14 +85,7 @@ run_one() {
 		dst_state=$(qmp_get "$(side_sock "$dst")" query-status status 2>/dev/null) || dst_state="(no answer)"
 		[ "$dst_state" != running ] || ferry_fail "$how: the destination VM is running after the cancel: VM running twice"
 	fi
-	w1=$(heartbeat_words "$srcram") || ferry_fail "no heartbeat in $srcram"
-	sleep 1
-	w2=$(heartbeat_words "$srcram") || ferry_fail "no heartbeat in $srcram"
-	[ "$w2" -gt "$w1" ] || ferry_fail "$how: guest on the source makes no progress after the cancel ($w1 -> $w2)"
-	qmp "$(qemu_sock "$src")" stop >/dev/null || ferry_fail "stop on $src failed"
-	wait_status "$(qemu_sock "$src")" paused 10 || ferry_fail "$src did not pause"
-	out=$("$RAMCHECK" pattern "$srcram") || { echo "$out" >&2; ferry_fail "$how: pattern broken on the source RAM"; }
-	qmp "$(qemu_sock "$src")" cont >/dev/null || ferry_fail "cont on $src failed"
+	ferry_source_intact "$src" "$srcram" "$how" "after the cancel"
 	for d in a b; do ferry_ping "$d" || ferry_fail "$how: ferryd $d does not answer ping after the cancel"; done
 	qemu_stop "$dst"
 	qemu_rm_ram "$dst"
@@ -123,6 +99,4 @@ run_one() {
 for r in "${runs[@]}"; do
 	run_one "$r"
 done
-echo "PASS cancel ($RAM TCG guest, $CHANNELS channels) in $(ferry_elapsed)s"
-for r in "${REPORT[@]}"; do echo "  $r"; done
-exit 0
+ferry_pass "cancel ($RAM TCG guest, $CHANNELS channels)"

@@ -49,31 +49,14 @@ declare -a REPORT=()
 n=0
 
 run_one() {
-	local kind=$1 ch=$2 tag src dst dst2 srcram st out t_kill t_exit w1 w2
+	local kind=$1 ch=$2 tag src dst dst2 srcram st out t_kill t_exit
 	n=$((n + 1))
 	tag="$kind:$ch"
 	src=src$n dst=dst$n dst2=dst${n}r
 	ferry_ping b 2>/dev/null || ferry_start_daemon b || ferry_fail "restarting ferryd b failed"
 	FERRY_TO=${FERRY_LISTEN[b]}
-	# shellcheck disable=SC2046
-	qemu_start "$src" --ram "$RAM" --boot "$DIRTY_BIN" -- $(side_qmp_args "$src") || ferry_fail "starting $src failed"
-	# shellcheck disable=SC2046
-	qemu_start "$dst" --ram "$RAM" --boot "$DIRTY_BIN" --prealloc --incoming -- $(side_qmp_args "$dst") ||
-		ferry_fail "starting $dst failed"
-	srcram=$(qemu_ramfile "$src")
-	wait_heartbeat "$srcram" 3 60 >/dev/null || ferry_fail "guest on $src does not run (no heartbeat)"
-	qmp "$(qemu_sock "$src")" '{"execute":"migrate-set-parameters","arguments":{"downtime-limit":1}}' >/dev/null ||
-		ferry_fail "$tag: setting downtime-limit on $src failed"
-
-	ferry_migrate_start "$src" "$dst" --channels "$ch" --max-bandwidth "$SLOW_BW"
-	out=$(wait_mig_active "$(side_sock "$src")" 20 $((16 * 1024 * 1024))) || {
-		ferry_migrate_wait 1
-		ferry_mig_report
-		ferry_fail "$tag: the migration did not become active with data flowing"
-	}
-	# ferryctl --max-bandwidth reached the source QEMU
-	bw=$(qmp_get "$(side_sock "$src")" query-migrate-parameters max-bandwidth)
-	[ "$bw" = "$SLOW_BW" ] || ferry_fail "$tag: the source QEMU's max-bandwidth is '$bw', not --max-bandwidth $SLOW_BW"
+	ferry_slow_migration_start "$src" "$dst" "$ch" "$SLOW_BW" "$tag"
+	srcram=$FERRY_SRC_RAM
 	# the destination QEMU must be loading data
 	st=$(mig_field "$(side_sock "$dst")" status)
 	[ "$st" = active ] || ferry_fail "$tag: destination query-migrate status '$st', expected active"
@@ -104,14 +87,7 @@ run_one() {
 	[ "$st" = running ] || ferry_fail "$tag: source VM is '$st' after the failed migration, expected running"
 	st=$(mig_field "$(qemu_sock "$src")" status)
 	case $st in failed | cancelled) ;; *) ferry_fail "$tag: source query-migrate status '$st', expected failed/cancelled" ;; esac
-	w1=$(heartbeat_words "$srcram") || ferry_fail "no heartbeat in $srcram"
-	sleep 1
-	w2=$(heartbeat_words "$srcram") || ferry_fail "no heartbeat in $srcram"
-	[ "$w2" -gt "$w1" ] || ferry_fail "$tag: guest on the source makes no progress after the failure ($w1 -> $w2)"
-	qmp "$(qemu_sock "$src")" stop >/dev/null || ferry_fail "stop on $src failed"
-	wait_status "$(qemu_sock "$src")" paused 10 || ferry_fail "$src did not pause"
-	out=$("$RAMCHECK" pattern "$srcram") || { echo "$out" >&2; ferry_fail "$tag: pattern broken on the source RAM"; }
-	qmp "$(qemu_sock "$src")" cont >/dev/null || ferry_fail "cont on $src failed"
+	ferry_source_intact "$src" "$srcram" "$tag" "after the failure"
 
 	# the destination must not run the guest
 	if [ "$kind" = ferryd ] && qemu_alive "$dst"; then
@@ -138,6 +114,4 @@ run_one() {
 for r in "${runs[@]}"; do
 	run_one "${r%%:*}" "${r##*:}"
 done
-echo "PASS dest-dies ($RAM TCG guest) in $(ferry_elapsed)s"
-for r in "${REPORT[@]}"; do echo "  $r"; done
-exit 0
+ferry_pass "dest-dies ($RAM TCG guest)"

@@ -26,13 +26,7 @@ DISK_SIZE=${LV_DISK_SIZE:-256M}
 BW=${LV_MIG_BANDWIDTH:-16}
 MIG_TIMEOUT=${MIG_TIMEOUT:-90}
 
-lv_init --timeout 240
-lv_start_pair || ferry_fail "starting libvirtd A and B and their ferryd failed"
-T_READY=$(ferry_elapsed)
-
-ORIG=$QEMU_DIR/orig.raw
-lv_make_disk A vm.qcow2 "$DISK_SIZE" "$DISKGUEST_BIN" qcow2 "$ORIG" || ferry_fail "making the disk failed"
-lv_define_start A vm vm.qcow2 qcow2 || ferry_fail "defining/starting the domain on A failed"
+lv_setup_on_a 240 "$DISKGUEST_BIN" vm.qcow2 qcow2
 lv_wait_hb A vm 10 60 >/dev/null || ferry_fail "the guest on A shows no heartbeat"
 lv_precreate_disk B vm.qcow2 qcow2 "$DISK_SIZE" || ferry_fail "creating the target disk on B failed"
 lv_tunnels_open A B 1 1 1 || ferry_fail "opening the tunnels failed"

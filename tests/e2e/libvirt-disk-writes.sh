@@ -39,13 +39,7 @@ BW=${LV_MIG_BANDWIDTH:-64}
 WRITE_LBA=2048
 WRITE_SECTORS=256
 
-lv_init --timeout 200
-lv_start_pair || ferry_fail "starting libvirtd A and B and their ferryd failed"
-T_READY=$(ferry_elapsed)
-
-ORIG=$QEMU_DIR/orig.raw
-lv_make_disk A vm.img "$DISK_SIZE" "$DISKGUEST_W_BIN" raw "$ORIG" || ferry_fail "making the disk failed"
-lv_define_start A vm vm.img raw || ferry_fail "defining/starting the domain on A failed"
+lv_setup_on_a 200 "$DISKGUEST_W_BIN" vm.img raw
 
 # hb_field X NAME: one field of the guest's block (count magic done errs stamp lasterr)
 hb_field() {

@@ -47,13 +47,7 @@ MIG_OPTS=()
 [ "$PAR" -gt 0 ] && MIG_OPTS=(--parallel --parallel-connections "$PAR")
 TAG="libvirt-migrate$([ "$PAR" -gt 0 ] && echo " --parallel-connections $PAR")"
 
-lv_init --timeout 240
-lv_start_pair || ferry_fail "starting libvirtd A and B and their ferryd failed"
-T_READY=$(ferry_elapsed)
-
-ORIG=$QEMU_DIR/orig.raw
-lv_make_disk A vm.qcow2 "$DISK_SIZE" "$DISKGUEST_BIN" qcow2 "$ORIG" || ferry_fail "making the disk failed"
-lv_define_start A vm vm.qcow2 qcow2 || ferry_fail "defining/starting the domain on A failed"
+lv_setup_on_a 240 "$DISKGUEST_BIN" vm.qcow2 qcow2
 lv_wait_hb A vm 20 60 >/dev/null || ferry_fail "the guest on A shows no heartbeat (lv_hb: $(lv_hb A vm 2>&1))"
 
 declare -a REPORT=()

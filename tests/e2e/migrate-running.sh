@@ -98,6 +98,4 @@ run_one() {
 for c in "${runs[@]}"; do
 	run_one "$c"
 done
-echo "PASS migrate-running ($RAM TCG guest) in $(ferry_elapsed)s"
-for r in "${REPORT[@]}"; do echo "  $r"; done
-exit 0
+ferry_pass "migrate-running ($RAM TCG guest)"

@@ -793,6 +793,59 @@ ferry_retry_migration() {
 	qemu_rm_ram "$dst2"
 }
 
+# ferry_slow_migration_start SRC DST CHANNELS BW TAG: boot running dirty.bin
+# guests SRC and DST (RAM), make SRC unable to converge (downtime-limit 1 ms)
+# and start `ferryctl migrate --max-bandwidth BW` between them; returns once
+# data flows and BW reached SRC's QEMU. For tests that break a migration off
+# midway. Sets FERRY_SRC_RAM (SRC's RAM file).
+ferry_slow_migration_start() {
+	local src=$1 dst=$2 ch=$3 bw=$4 tag=$5 got
+	# shellcheck disable=SC2046
+	qemu_start "$src" --ram "$RAM" --boot "$DIRTY_BIN" -- $(side_qmp_args "$src") || ferry_fail "starting $src failed"
+	# shellcheck disable=SC2046
+	qemu_start "$dst" --ram "$RAM" --boot "$DIRTY_BIN" --prealloc --incoming -- $(side_qmp_args "$dst") ||
+		ferry_fail "starting $dst failed"
+	FERRY_SRC_RAM=$(qemu_ramfile "$src")
+	wait_heartbeat "$FERRY_SRC_RAM" 3 60 >/dev/null || ferry_fail "guest on $src does not run (no heartbeat)"
+	qmp "$(qemu_sock "$src")" '{"execute":"migrate-set-parameters","arguments":{"downtime-limit":1}}' >/dev/null ||
+		ferry_fail "$tag: setting downtime-limit on $src failed"
+
+	ferry_migrate_start "$src" "$dst" --channels "$ch" --max-bandwidth "$bw"
+	wait_mig_active "$(side_sock "$src")" 20 $((16 * 1024 * 1024)) >/dev/null || {
+		ferry_migrate_wait 1
+		ferry_mig_report
+		ferry_fail "$tag: the migration did not become active with data flowing"
+	}
+	# ferryctl --max-bandwidth reached the source QEMU
+	got=$(qmp_get "$(side_sock "$src")" query-migrate-parameters max-bandwidth)
+	[ "$got" = "$bw" ] || ferry_fail "$tag: the source QEMU's max-bandwidth is '$got', not --max-bandwidth $bw"
+}
+
+# ferry_source_intact SRC SRCRAM TAG WHEN: after a migration broke off, the
+# guest on SRC still makes progress and, paused, its RAM passes `ramcheck
+# pattern`; SRC runs again afterwards. WHEN ("after the cancel") goes into
+# the failure messages.
+ferry_source_intact() {
+	local src=$1 srcram=$2 tag=$3 when=$4 w1 w2 out
+	w1=$(heartbeat_words "$srcram") || ferry_fail "no heartbeat in $srcram"
+	sleep 1
+	w2=$(heartbeat_words "$srcram") || ferry_fail "no heartbeat in $srcram"
+	[ "$w2" -gt "$w1" ] || ferry_fail "$tag: guest on the source makes no progress $when ($w1 -> $w2)"
+	qmp "$(qemu_sock "$src")" stop >/dev/null || ferry_fail "stop on $src failed"
+	wait_status "$(qemu_sock "$src")" paused 10 || ferry_fail "$src did not pause"
+	out=$("$RAMCHECK" pattern "$srcram") || { echo "$out" >&2; ferry_fail "$tag: pattern broken on the source RAM"; }
+	qmp "$(qemu_sock "$src")" cont >/dev/null || ferry_fail "cont on $src failed"
+}
+
+# ferry_pass SUMMARY: the test passed; print "PASS SUMMARY in Ns" and the
+# lines the test collected in its REPORT array, then exit 0.
+ferry_pass() {
+	echo "PASS $1 in $(ferry_elapsed)s"
+	local r
+	for r in "${REPORT[@]}"; do echo "  $r"; done
+	exit 0
+}
+
 # ferry_dpdk_tx_path DAEMON TUNNEL ref|copy PMD LABEL: a dpdk ferryd's transmit
 # path is the expected one (docs/performance.md, "Transmit path"): its log
 # names it for PMD, and TUNNEL's tunnel-status counts datagrams sent by

@@ -221,6 +221,21 @@ lv_start() {
 	log "libvirtd $x ready in $(($(now_ms) - t0)) ms (pid $pid, ${LV_NS[$x]})"
 }
 
+# lv_setup_on_a TIMEOUT GUEST_BIN FILE FORMAT: lv_init --timeout TIMEOUT,
+# the libvirtd pair with their ferryd (T_READY: the seconds that took), and
+# domain vm defined and started on A from a DISK_SIZE disk FILE (FORMAT)
+# booting GUEST_BIN, whose content is also kept raw in ORIG. The common
+# opening of the libvirt migration tests.
+lv_setup_on_a() {
+	local timeout=$1 guest=$2 file=$3 format=$4
+	lv_init --timeout "$timeout"
+	lv_start_pair || ferry_fail "starting libvirtd A and B and their ferryd failed"
+	T_READY=$(ferry_elapsed)
+	ORIG=$QEMU_DIR/orig.raw
+	lv_make_disk A "$file" "$DISK_SIZE" "$guest" "$format" "$ORIG" || ferry_fail "making the disk failed"
+	lv_define_start A vm "$file" "$format" || ferry_fail "defining/starting the domain on A failed"
+}
+
 # lv_start_pair: libvirtd A, then B (B reuses A's probed QEMU capabilities,
 # which halves the start-up), and ferryd a (for host A) and b (for host B);
 # each ferryd lets peers name sockets only in its own host's /run/ferry and

@@ -1253,6 +1253,18 @@ static int rl_local_endpoint(struct ferry_device *dev, char *buf, size_t len, st
 	return dev->b->local_endpoint(dev->bd, buf, len, err);
 }
 
+static int rl_queue_counts(struct ferry_device *dev, const char *peer, unsigned *local, unsigned *peer_q,
+			   struct ferry_err *err)
+{
+	*local = dev->nq;
+	*peer_q = 0;
+	if (!peer)
+		return 0;
+	struct ferry_dgram_addr addr;
+	int rc = dev->b->resolve(dev->bd, peer, 0, &addr, peer_q, err);
+	return rc ? ferry_err_prefix(err, "%s driver", dev->b->name) : 0;
+}
+
 static int rl_open_unused(const struct ferry_driver_config *cfg, struct ferry_device **out, struct ferry_err *err)
 {
 	return ferry_err_set(err, ENOTSUP, "datagram drivers are opened with ferry_rldrv_open");
@@ -1279,5 +1291,6 @@ void ferry_rldrv_ops(const struct ferry_dgram_ops *b, struct ferry_driver_ops *o
 		.rx_payload = rl_rx_payload,
 		.rx_release = rl_rx_release,
 		.wakeup_fd = rl_wakeup_fd,
+		.queue_counts = rl_queue_counts,
 	};
 }

@@ -182,8 +182,10 @@ static void *pump_read(void *arg)
 }
 
 /* lanes asked for; want: what the session must open (fewer over a datagram
- * device with fewer queues, on both ends, with a note saying why). */
-static void test_streams(struct ferry_dp *sdp, struct ferry_dp *ddp, const char *what, unsigned lanes, unsigned want)
+ * device with fewer queues, on both ends, with a note saying why); kib: KiB
+ * per stream forward (a quarter of that back). */
+static void test_streams(struct ferry_dp *sdp, struct ferry_dp *ddp, const char *what, unsigned lanes, unsigned want,
+			 unsigned kib)
 {
 	enum { S = 4 };
 	struct session_pair sp;
@@ -221,8 +223,8 @@ static void test_streams(struct ferry_dp *sdp, struct ferry_dp *ddp, const char 
 	struct pump fwd[S], back[S];
 	pthread_t t[4 * S];
 	for (int i = 0; i < S; i++) {
-		fwd[i] = (struct pump){ .bytes = (8u << 20) + (unsigned)i * 4097, .seed = 1u + (unsigned)i };
-		back[i] = (struct pump){ .bytes = (2u << 20) + 13, .seed = 100u + (unsigned)i };
+		fwd[i] = (struct pump){ .bytes = ((size_t)kib << 10) + (unsigned)i * 4097, .seed = 1u + (unsigned)i };
+		back[i] = (struct pump){ .bytes = ((size_t)kib << 8) + 13, .seed = 100u + (unsigned)i };
 	}
 	struct pump fwd_rx[S], back_rx[S];
 	for (int i = 0; i < S; i++) {
@@ -244,7 +246,8 @@ static void test_streams(struct ferry_dp *sdp, struct ferry_dp *ddp, const char 
 		if (back_rx[i].got != back[i].bytes || back_rx[i].crc_in != back[i].crc_out)
 			ok = 0;
 	}
-	CHECK(ok, "%s: 4 x 8 MiB forward and 4 x 2 MiB back arrive intact, EOF propagates both ways", what);
+	CHECK(ok, "%s: 4 x %u KiB forward and 4 x %u KiB back arrive intact, EOF propagates both ways", what, kib,
+	      kib / 4);
 	struct ferry_session_stats st;
 	for (int i = 0; i < 100; i++) {
 		ferry_session_stats(sp.src, &st);
@@ -566,18 +569,17 @@ int main(void)
 		return 1;
 	}
 	struct ferry_dp *sdp = open_dp(false, 0), *ddp = open_dp(false, 0);
-	test_streams(sdp, ddp, "splice path", 2, 2);
+	test_streams(sdp, ddp, "splice path", 2, 2, 8192);
 	/* tcp lanes are connections: as many as asked for, queues or not */
-	test_streams(sdp, ddp, "tcp, 5 lanes", 5, 5);
+	test_streams(sdp, ddp, "tcp, 5 lanes", 5, 5, 256);
 	struct ferry_dp *csdp = open_dp(true, 0), *cddp = open_dp(true, 0);
-	test_streams(csdp, cddp, "copy path", 2, 2);
+	test_streams(csdp, cddp, "copy path", 2, 2, 8192);
 	ferry_dp_close(csdp);
 	ferry_dp_close(cddp);
 	/* datagram lanes: never more than both devices have queues */
 	struct ferry_dp *usdp = open_udp_dp(3), *uddp = open_udp_dp(2);
-	test_streams(usdp, uddp, "udp, 5 lanes, the peer has 2 queues", 5, 2);
-	test_streams(uddp, usdp, "udp, 5 lanes, this end has 2 queues", 5, 2);
-	test_streams(usdp, uddp, "udp, 2 lanes, 2 queues", 2, 2);
+	test_streams(usdp, uddp, "udp, 5 lanes, the peer has 2 queues", 5, 2, 512);
+	test_streams(uddp, usdp, "udp, 5 lanes, this end has 2 queues", 5, 2, 256);
 	ferry_dp_close(usdp);
 	ferry_dp_close(uddp);
 	test_backpressure();

@@ -3,7 +3,7 @@
 # driving its end of a veth pair through a kernel-backed DPDK port:
 # net_af_packet (9000-byte MTU, 9216-byte ring frames), then net_af_xdp
 # (3442-byte MTU: DPDK 22.11's af_xdp takes a frame in one 4 KiB umem chunk).
-# One session of 4 streams (a tunnel, one DPDK queue shared by its 4 lanes),
+# One session of 4 streams (a tunnel; one DPDK queue, so one lane carries them),
 # DPDK_VETH_MB (default 1024, 256 in the sanitizer build) of random data on each: sha256 identical at the
 # far end. Nothing is injected: what these kernel paths lose, ferry's
 # reliable lanes send again (af_packet's receive ring loses a few tenths of a

@@ -348,6 +348,8 @@ static json_t *session_stats_json(struct ferry_session *s)
 			      "lane", lanes);
 	if (r && st.reliable)
 		json_object_set_new(r, "reliable", rel_json(&st.rel));
+	if (r && st.lanes_note[0]) /* fewer lanes than asked: a device with fewer queues */
+		json_object_set_new(r, "lanes_note", json_string(st.lanes_note));
 	return r;
 }
 

@@ -1189,6 +1189,21 @@ static void *migration_main(void *arg)
 		snprintf(uri, sizeof(uri), "unix:%s", path);
 	}
 	mark(m, FERRY_MARK_LANE);
+	if (sess && !sp.handoff) {
+		/* A datagram device opens no more lanes than both ends have
+		 * queues; the streams then share lanes: say so. */
+		struct ferry_session_stats *ss = malloc(sizeof(*ss));
+		if (ss) {
+			ferry_session_stats(sess, ss);
+			if (ss->lanes_note[0]) {
+				pthread_mutex_lock(&m->lock);
+				snprintf(m->prog.transport, sizeof(m->prog.transport), "%s relay, %s",
+					 ferry_dp_driver_name(m->dp), ss->lanes_note);
+				pthread_mutex_unlock(&m->lock);
+			}
+			free(ss);
+		}
+	}
 	if ((rc = ferry_qmp_executef(q, NULL, &err, "migrate", "{s:s}", "uri", uri)))
 		goto out;
 	mark(m, FERRY_MARK_MIGRATE);

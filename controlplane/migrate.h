@@ -91,7 +91,7 @@ struct ferry_migration_progress {
 	 * its QEMU to complete, and the whole Finish. -1 = not told. */
 	double dst_qmp_ms, dst_probe_ms, dst_prepare_ms, dst_finish_wait_ms, dst_finish_ms;
 	char qemu_status[32];       /* the source QEMU's migration status */
-	char transport[48];         /* e.g. "tcp handoff", "tcp relay, 5 lanes" */
+	char transport[160];        /* e.g. "tcp handoff", "tcp relay, 5 lanes", "dpdk relay, 5 streams on 4 lanes ..." */
 	uint64_t ram_total, ram_transferred, ram_remaining;
 	double throughput_gbs;      /* GB/s over the last interval */
 	double dirty_rate_bps;      /* bytes/s the guest dirties */

@@ -144,6 +144,7 @@ struct ferry_session {
 	uint8_t token[FERRY_TOKEN_LEN];
 	unsigned nlanes;
 	unsigned max_streams;
+	char lanes_note[128];      /* why fewer lanes than asked for ("" if none) */
 	uint64_t window;
 	int timeout_ms;
 	bool handoff;
@@ -1464,12 +1465,33 @@ static int lane_recv_blocking(struct ferry_dp *dp, struct ferry_lane_drv *drv, s
 
 static void *src_acceptor_main(void *arg);
 
+static void note_lanes(struct ferry_session *s, unsigned asked, const char *why, unsigned queues)
+{
+	snprintf(s->lanes_note, sizeof(s->lanes_note), "%u stream%s on %u lane%s of %u asked for (%s has %u queue%s)",
+		 s->max_streams, s->max_streams == 1 ? "" : "s", s->nlanes, s->nlanes == 1 ? "" : "s", asked, why, queues,
+		 queues == 1 ? "" : "s");
+}
+
 int ferry_session_create_src(struct ferry_dp *dp, const struct ferry_session_params *p,
 			     const char *peer_endpoint, struct ferry_session **out, struct ferry_err *err)
 {
-	struct ferry_session *s = session_alloc(dp, p, true, err);
+	/* Over a datagram device, no more lanes than both ends have queues:
+	 * streams share lanes instead (stream k rides lane k % lanes), and the
+	 * destination takes the count from the lanes' HELLOs. A bad endpoint is
+	 * left for lane_connect to report. */
+	struct ferry_session_params cp = *p;
+	unsigned lq = 0, pq = 0;
+	struct ferry_err qerr = { 0 };
+	bool clamp = dp->ops->queue_counts && !p->handoff &&
+		     dp->ops->queue_counts(dp->dev, peer_endpoint, &lq, &pq, &qerr) == 0 && lq && pq &&
+		     p->lanes > (lq < pq ? lq : pq);
+	if (clamp)
+		cp.lanes = lq < pq ? lq : pq;
+	struct ferry_session *s = session_alloc(dp, &cp, true, err);
 	if (!s)
 		return -(err && err->code ? err->code : ENOMEM);
+	if (clamp)
+		note_lanes(s, p->lanes, pq <= lq ? "the peer's device" : "this device", cp.lanes);
 	int rc = 0;
 	for (unsigned i = 0; i < s->nlanes; i++) {
 		struct lane *l = &s->lanes[i];
@@ -1616,6 +1638,30 @@ static void refuse_lane(struct ferry_dp *dp, struct ferry_lane_drv *drv, uint32_
 	dp->ops->lane_close(drv);
 }
 
+/* Destination over a datagram device: the source opened fewer lanes than
+ * registered (no more than both ends have queues); take its count before any
+ * lane is up, so streams map to lanes (k % lanes) the same on both ends. */
+static void shrink_lanes(struct ferry_session *s, unsigned n)
+{
+	unsigned asked = s->nlanes, lq = 0, pq = 0;
+	struct ferry_err err = { 0 };
+	(void)s->dp->ops->queue_counts(s->dp->dev, NULL, &lq, &pq, &err);
+	pthread_mutex_lock(&s->lock);
+	for (unsigned i = n; i < asked; i++) {
+		struct lane *l = &s->lanes[i];
+		if (l->evfd >= 0)
+			close(l->evfd);
+		l->evfd = -1;
+		pthread_mutex_destroy(&l->lock);
+	}
+	s->nlanes = n;
+	if (lq == n)
+		note_lanes(s, asked, "this device", lq);
+	else
+		note_lanes(s, asked, "the source's device", n);
+	pthread_mutex_unlock(&s->lock);
+}
+
 /* A lane's first frame arrived: attach it to its session or refuse it. */
 static void handle_hello(struct ferry_dp *dp, struct ferry_lane_drv *drv, const struct ferry_rx_frame *f)
 {
@@ -1636,8 +1682,11 @@ static void handle_hello(struct ferry_dp *dp, struct ferry_lane_drv *drv, const 
 	const char *why = NULL;
 	if (!s || diff)
 		why = "unknown session or wrong session token";
-	else if (f->hdr.seq != s->nlanes || f->hdr.stream >= s->nlanes)
+	else if (f->hdr.seq != s->nlanes && !(f->hdr.seq && f->hdr.seq < s->nlanes && !s->lanes_up &&
+						 dp->ops->queue_counts && !s->handoff))
 		why = "lane number or count does not match the session";
+	else if (f->hdr.stream >= f->hdr.seq)
+		why = "lane number beyond the session's lanes";
 	else if (s->lanes[f->hdr.stream].drv)
 		why = "lane already attached";
 	else if (s->state != FERRY_SESSION_CONNECTING)
@@ -1656,6 +1705,8 @@ static void handle_hello(struct ferry_dp *dp, struct ferry_lane_drv *drv, const 
 		dp->ops->lane_close(drv);
 		return;
 	}
+	if (f->hdr.seq < s->nlanes)
+		shrink_lanes(s, f->hdr.seq);
 	s->lanes[idx].drv = drv;
 	pthread_mutex_lock(&s->lock);
 	s->lanes_up++;
@@ -1953,6 +2004,7 @@ void ferry_session_stats(struct ferry_session *s, struct ferry_session_stats *st
 	pthread_mutex_lock(&s->lock);
 	st->state = s->state;
 	st->lanes = s->nlanes;
+	memcpy(st->lanes_note, s->lanes_note, sizeof(st->lanes_note));
 	st->lanes_up = s->lanes_up;
 	st->streams_opened = s->streams_opened;
 	st->streams_closed = s->streams_closed;

@@ -144,6 +144,10 @@ struct ferry_lane_stats {
 struct ferry_session_stats {
 	enum ferry_session_state state;
 	unsigned lanes, lanes_up;
+	/* Datagram devices: set when the session has fewer lanes than asked for
+	 * because an end has fewer queues ("5 streams on 4 lanes of 5 asked for
+	 * (the peer's device has 4 queues)"); "" otherwise. */
+	char lanes_note[128];
 	unsigned streams_opened, streams_closed;
 	unsigned streams_refused;          /* source: connections beyond the session's streams, closed */
 	uint64_t tx_bytes, rx_bytes;       /* stream payload bytes */

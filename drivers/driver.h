@@ -153,6 +153,15 @@ struct ferry_driver_ops {
 	/* An fd to poll() when idle: readable when rx may have work; with
 	 * want_tx, also writable when tx_flush may progress. */
 	int (*wakeup_fd)(struct ferry_lane_drv *lane, short *events, bool want_tx);
+
+	/* Datagram devices only (NULL for connection drivers, whose lanes are
+	 * independent whatever their number): this device's queue count and,
+	 * given a peer endpoint (or NULL), the peer's. Two lanes on one queue
+	 * pass each other's datagrams through a hand-over that makes them late
+	 * (taken for loss), so the data plane opens no more lanes than both
+	 * have queues. */
+	int (*queue_counts)(struct ferry_device *dev, const char *peer_endpoint, unsigned *local, unsigned *peer,
+			    struct ferry_err *err);
 };
 
 /* Driver registry. */

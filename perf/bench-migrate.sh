@@ -21,13 +21,15 @@
 #   --runs N           runs per arm and multifd setting (default 5); median and
 #                      min-max reported; each round runs every arm once, the
 #                      arms' order rotated from round to round
-#   --arms LIST        comma list of direct,socat1m,socat8k,ferry,ferry-b,ferry-relay,ferry-dpdk
+#   --arms LIST        comma list of direct,socat1m,socat8k,ferry,ferry-b,ferry-relay,ferry-dpdk,ferry-dpdk-b
 #                      (default: direct,socat1m,socat8k,ferry; ferry = the tcp
 #                      driver on defaults (handoff: ferry out of QEMU's byte
 #                      path), ferry-b = the same with the binaries FERRYD_B and
 #                      FERRYCTL_B (paired A/B, e.g. an older build), ferry-relay = the same with --no-handoff (every
 #                      byte through ferry's lanes), ferry-dpdk = two ferryd
-#                      --driver dpdk joined by net_memif, needs a DPDK build)
+#                      --driver dpdk joined by net_memif, needs a DPDK build;
+#                      ferry-dpdk-b = the same with FERRYD_B/FERRYCTL_B, another
+#                      build, for before/after ratios in one run)
 #   --multifd LIST     comma list of channel counts, 0 = multifd off (default 0,2,4)
 #   --json FILE        write every run and the summary as JSON
 #   --accel kvm|tcg    default kvm when /dev/kvm is usable, else tcg
@@ -40,7 +42,8 @@
 #   -h, --help
 # Environment:
 #   FERRYD, FERRYCTL   ferry binaries (default build/controlplane/ferryd, build/controlplane/ferryctl)
-#   FERRYD_B, FERRYCTL_B  the ferry-b arm's binaries
+#   FERRYD_B, FERRYCTL_B  the ferry-b and ferry-dpdk-b arms' binaries
+#   FERRY_DPDK_QUEUES  queues= of the ferry-dpdk arms' devices (default 4; a user's default is 1)
 #   FERRY_PRESET=0     let ferryctl set multifd/max-bandwidth itself (default:
 #                      the bench sets them on both QEMUs before ferryctl runs)
 #   QEMU               qemu-system-x86_64 binary; PYTHON python3 binary
@@ -97,7 +100,7 @@ case $VERIFY in first | all | none) ;; *) die "bad --verify $VERIFY" ;; esac
 IFS=, read -r -a ARM_LIST <<<"$ARMS"
 IFS=, read -r -a MF_LIST <<<"$MULTIFD"
 for a in "${ARM_LIST[@]}"; do
-	case $a in direct | socat1m | socat8k | ferry | ferry-b | ferry-relay | ferry-dpdk) ;; *) die "unknown arm '$a'" ;; esac
+	case $a in direct | socat1m | socat8k | ferry | ferry-b | ferry-relay | ferry-dpdk | ferry-dpdk-b) ;; *) die "unknown arm '$a'" ;; esac
 done
 for m in "${MF_LIST[@]}"; do
 	[[ $m =~ ^[0-9]+$ ]] && [ "$m" -le 64 ] || die "bad multifd channel count '$m'"
@@ -266,7 +269,7 @@ arm_ferry-relay() {
 # The same two daemons over DPDK: net_memif between them (shared memory, one
 # core each), as tests/e2e/migrate-dpdk.sh runs them. The plan must be dpdk.
 arm_ferry-dpdk() {
-	local memif=$WORK/memif.sock common=(--driver dpdk --driver-opt queues=4 --driver-opt dgram=8972)
+	local memif=$WORK/memif.sock common=(--driver dpdk --driver-opt "queues=${FERRY_DPDK_QUEUES:-4}" --driver-opt dgram=8972)
 	rm -f "$memif"
 	FERRYD_SRC_ARGS=("${common[@]}" --driver-opt "vdev=net_memif0,role=server,socket=$memif,bsize=9216"
 		--driver-opt eal=-l0 --driver-opt ip=198.18.0.1)
@@ -276,6 +279,12 @@ arm_ferry-dpdk() {
 	local rc=$?
 	FERRYD_SRC_ARGS=() FERRYD_DST_ARGS=()
 	return $rc
+}
+# The same with another build's binaries (bash's dynamic scope: arm_ferry
+# starts $FERRYD and puts $FERRYCTL in MIG_ARGS while these are in force).
+arm_ferry-dpdk-b() {
+	local FERRYD=${FERRYD_B:-$FERRYD} FERRYCTL=${FERRYCTL_B:-$FERRYCTL}
+	arm_ferry-dpdk "$1"
 }
 
 # ------------------------------------------------------------ one run

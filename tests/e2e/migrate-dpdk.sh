@@ -4,7 +4,9 @@
 # NIC), a stopped guest with 1 GiB of random RAM migrated with each CHANNELS
 # setting (default: 0 2), RAM compared byte for byte. The plan must say dpdk:
 # both daemons offer only that driver, and it cannot hand a socket to QEMU.
-# The migration's status must carry the lanes' reliability counters.
+# The migration's status must carry the lanes' reliability counters. Each
+# device has 2 queues, so channels=2 (3 streams) must run on 2 lanes (never
+# two lanes on one queue) and the status must say so.
 #
 # Exit: 0 pass, 1 fail, 77 skip (no DPDK driver in this build, or DPDK cannot
 # start here). Environment: tests/lib/ferry.sh.
@@ -21,7 +23,7 @@ ferry_init --shm 2200M --timeout $((60 + 60 * ${#runs[@]}))
 ferry_need_ramcheck
 
 memif=$QEMU_DIR/memif.sock
-common=(--driver dpdk --driver-opt queues=4 --driver-opt dgram=8972)
+common=(--driver dpdk --driver-opt queues=2 --driver-opt dgram=8972)
 if ! ferry_start_daemon a "${common[@]}" --driver-opt "vdev=net_memif0,role=server,socket=$memif,bsize=9216" \
 	--driver-opt eal=-l0 --driver-opt ip=198.18.0.1 ||
 	! ferry_start_daemon b "${common[@]}" --driver-opt "vdev=net_memif0,role=client,socket=$memif,bsize=9216" \
@@ -44,12 +46,20 @@ for ch in "${runs[@]}"; do
 	plan=$(json_field plan <"$FERRY_MIG_OUT")
 	case "$plan" in "dpdk relay, "*) ;; *) ferry_fail "channels=$ch: plan '$plan', expected dpdk relay" ;; esac
 	[ "$(mig_field "$(qemu_sock dst$ch)" status)" = completed ] || ferry_fail "channels=$ch: destination not completed"
+	# lanes: one per stream up to the 2 queues, the streams sharing them beyond
+	transport=$(json_field transport <"$FERRY_MIG_OUT")
+	if [ "$ch" -ge 2 ]; then
+		want="dpdk relay, $((ch + 1)) streams on 2 lanes of $((ch + 1)) asked for (the peer's device has 2 queues)"
+	else
+		want="dpdk relay, $((ch + 1)) lane$([ "$ch" -eq 0 ] || echo s)"
+	fi
+	[ "$transport" = "$want" ] || ferry_fail "channels=$ch: transport '$transport', expected '$want'"
 	# the status carries the datagram lanes' reliability counters (docs/wire-format.md, "Counters")
 	txd=$(json_field reliable.tx_data <"$FERRY_MIG_OUT")
 	[ "${txd:-0}" -gt 0 ] || ferry_fail "channels=$ch: the migration's status has no reliability counters (reliable.tx_data '$txd')"
 	qemu_stop dst$ch
 	"$RAMCHECK" compare "$srcram" "$dstram" >/dev/null || ferry_fail "channels=$ch: destination RAM differs"
-	echo "over dpdk memif, channels=$ch: $plan, $(json_field total_s <"$FERRY_MIG_OUT") s," \
+	echo "over dpdk memif, channels=$ch: $plan ($transport), $(json_field total_s <"$FERRY_MIG_OUT") s," \
 		"$(json_field throughput_gbs <"$FERRY_MIG_OUT") GB/s, RAM identical;" \
 		"$txd datagrams of data, $(json_field reliable.retransmits <"$FERRY_MIG_OUT") retransmitted"
 	qemu_stop src$ch

@@ -1,7 +1,7 @@
 /* The data plane end to end inside one process: two data planes over the TCP
- * driver, streams in both directions (splice and copy paths), channel order,
- * flow-control bounds, receiving in place from a driver's memory (udp),
- * regions, and hostile or vanishing peers. */
+ * driver (and the udp one for lane counts), streams in both directions (splice and copy
+ * paths), channel order, flow-control bounds, receiving in place from a driver's memory
+ * (udp), regions, and hostile or vanishing peers. */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -39,6 +39,19 @@ static struct ferry_dp *open_dp_drv(const char *driver, bool no_splice, bool no_
 static struct ferry_dp *open_dp(bool no_splice, size_t window)
 {
 	return open_dp_drv("tcp", no_splice, false, window);
+}
+
+static struct ferry_dp *open_udp_dp(unsigned queues)
+{
+	char q[32];
+	snprintf(q, sizeof(q), "queues=%u", queues);
+	const char *opts[] = { "bind=127.0.0.1:0", q, NULL };
+	struct ferry_dp_config cfg = { .driver = "udp", .driver_options = opts };
+	struct ferry_dp *dp = NULL;
+	struct ferry_err err = { 0 };
+	int rc = ferry_dp_open(&cfg, &dp, &err);
+	CHECK(rc == 0, "udp data plane with %u queues opens (%s)", queues, rc ? err.msg : "ok");
+	return dp;
 }
 
 static int listen_unix(const char *path)
@@ -199,11 +212,28 @@ static void *pump_read(void *arg)
 	return NULL;
 }
 
-static void test_streams(struct ferry_dp *sdp, struct ferry_dp *ddp, const char *what)
+/* lanes asked for; want: what the session must open (fewer over a datagram
+ * device with fewer queues, on both ends, with a note saying why); kib: KiB
+ * per stream forward (a quarter of that back). */
+static void test_streams(struct ferry_dp *sdp, struct ferry_dp *ddp, const char *what, unsigned lanes, unsigned want,
+			 unsigned kib)
 {
 	enum { S = 4 };
 	struct session_pair sp;
-	CHECK(make_pair(sdp, ddp, 2, S, &sp, true) == 0, "%s: 4-stream session over 2 lanes is up", what);
+	CHECK(make_pair(sdp, ddp, lanes, S, &sp, true) == 0, "%s: 4-stream session asking for %u lanes is up", what,
+	      lanes);
+	struct ferry_session_stats sst, dst;
+	ferry_session_stats(sp.src, &sst);
+	ferry_session_stats(sp.dst, &dst);
+	CHECK(sst.lanes == want && dst.lanes == want && sst.lanes_up == want && dst.lanes_up == want,
+	      "%s: %u lanes open on both ends (source %u, destination %u)", what, want, sst.lanes, dst.lanes);
+	if (want < lanes)
+		CHECK(strstr(sst.lanes_note, "4 streams on ") && strstr(sst.lanes_note, "queues)") &&
+			      strstr(dst.lanes_note, "4 streams on "),
+		      "%s: both ends say why (source '%s', destination '%s')", what, sst.lanes_note, dst.lanes_note);
+	else
+		CHECK(!sst.lanes_note[0] && !dst.lanes_note[0], "%s: no lane note when every lane opened ('%s')", what,
+		      sst.lanes_note);
 	int sfd[S], dfd[S];
 	int order_ok = 1;
 	for (int i = 0; i < S; i++) {
@@ -224,8 +254,8 @@ static void test_streams(struct ferry_dp *sdp, struct ferry_dp *ddp, const char 
 	struct pump fwd[S], back[S];
 	pthread_t t[4 * S];
 	for (int i = 0; i < S; i++) {
-		fwd[i] = (struct pump){ .bytes = (8u << 20) + (unsigned)i * 4097, .seed = 1u + (unsigned)i };
-		back[i] = (struct pump){ .bytes = (2u << 20) + 13, .seed = 100u + (unsigned)i };
+		fwd[i] = (struct pump){ .bytes = ((size_t)kib << 10) + (unsigned)i * 4097, .seed = 1u + (unsigned)i };
+		back[i] = (struct pump){ .bytes = ((size_t)kib << 8) + 13, .seed = 100u + (unsigned)i };
 	}
 	struct pump fwd_rx[S], back_rx[S];
 	for (int i = 0; i < S; i++) {
@@ -247,7 +277,8 @@ static void test_streams(struct ferry_dp *sdp, struct ferry_dp *ddp, const char 
 		if (back_rx[i].got != back[i].bytes || back_rx[i].crc_in != back[i].crc_out)
 			ok = 0;
 	}
-	CHECK(ok, "%s: 4 x 8 MiB forward and 4 x 2 MiB back arrive intact, EOF propagates both ways", what);
+	CHECK(ok, "%s: 4 x %u KiB forward and 4 x %u KiB back arrive intact, EOF propagates both ways", what, kib,
+	      kib / 4);
 	struct ferry_session_stats st;
 	for (int i = 0; i < 100; i++) {
 		ferry_session_stats(sp.src, &st);
@@ -619,11 +650,19 @@ int main(void)
 		return 1;
 	}
 	struct ferry_dp *sdp = open_dp(false, 0), *ddp = open_dp(false, 0);
-	test_streams(sdp, ddp, "splice path");
+	test_streams(sdp, ddp, "splice path", 2, 2, 8192);
+	/* tcp lanes are connections: as many as asked for, queues or not */
+	test_streams(sdp, ddp, "tcp, 5 lanes", 5, 5, 256);
 	struct ferry_dp *csdp = open_dp(true, 0), *cddp = open_dp(true, 0);
-	test_streams(csdp, cddp, "copy path");
+	test_streams(csdp, cddp, "copy path", 2, 2, 8192);
 	ferry_dp_close(csdp);
 	ferry_dp_close(cddp);
+	/* datagram lanes: never more than both devices have queues */
+	struct ferry_dp *usdp = open_udp_dp(3), *uddp = open_udp_dp(2);
+	test_streams(usdp, uddp, "udp, 5 lanes, the peer has 2 queues", 5, 2, 512);
+	test_streams(uddp, usdp, "udp, 5 lanes, this end has 2 queues", 5, 2, 256);
+	ferry_dp_close(usdp);
+	ferry_dp_close(uddp);
 	test_backpressure();
 	test_rx_in_place(false);
 	test_rx_in_place(true);

@@ -597,9 +597,13 @@ static void sweep(struct ferry_device *dev, uint64_t now)
 		struct ferry_lane_drv *l = stale[i];
 		struct ferry_err err = { 0 };
 		int fail = 0;
+		/* pump drains the lane's wakeup: a poke not answered yet (the
+		 * acceptor's, for the HELLO it fed) must outlive the sweep, or the
+		 * lane sleeps until the peer's next datagram (a probe, ~1.2 s). */
+		bool poked = __atomic_load_n(&l->poked, __ATOMIC_ACQUIRE);
 		bool got = pump(l, now, &fail, &err) > 0;
 		(void)service(l, now, &err);
-		if (got)
+		if (got || poked)
 			lane_poke(l); /* its owner may be asleep on a socket we just emptied */
 		pthread_mutex_unlock(&l->op_lock);
 	}

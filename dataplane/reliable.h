@@ -163,6 +163,8 @@ struct ferry_rl_stats {
 	/* transmit, added later */
 	uint64_t spurious_timeouts; /* timer expiries undone: what they declared lost arrived, never sent again */
 	uint64_t reorder_seen;     /* acks showing a first transmission delivered after a later one */
+	/* receive, filled by the datagram shim, 0 here */
+	uint64_t rx_held;          /* datagrams kept in the backend's buffer until consumed (no copy) */
 };
 
 /* A decoded datagram header, for tools and tests (the rlane decodes its own). */

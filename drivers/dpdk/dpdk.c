@@ -21,6 +21,7 @@
 #include <rte_udp.h>
 
 #define BATCH 32
+#define HOLD_CHECK 16
 #define MAX_QUEUES 64
 #define HDRS (RTE_ETHER_HDR_LEN + 20 + 8)  /* Ethernet + IPv4 + UDP */
 #define MAX_EAL_ARGS 64
@@ -35,6 +36,10 @@ struct dpdk_queue {
 	/* By-reference sends: every mbuf attached to caller memory holds one
 	 * count beyond the queue's own, until the PMD frees it. */
 	struct rte_mbuf_ext_shared_info shinfo;
+	/* Receive side: whether mbufs may be lent, looked up every HOLD_CHECK
+	 * recvs (counting the pool visits every lcore's cache). */
+	unsigned hold_calls;
+	bool hold_ok;
 };
 
 struct ferry_dgram_dev {
@@ -467,7 +472,7 @@ static int dpdk_open(const struct ferry_driver_config *cfg, struct ferry_dgram_d
 	 * and stop lending while fewer than the rings may take are free. */
 	if (!mbufs)
 		mbufs = nq * (2 * ring + 4 * BATCH + window) + 2048;
-	dev->hold_floor = (unsigned)(nq * (ring + 4 * BATCH) + 256);
+	dev->hold_floor = (unsigned)(nq * (ring + 4 * BATCH) + HOLD_CHECK * BATCH + 256);
 	char name[RTE_MEMPOOL_NAMESIZE];
 	snprintf(name, sizeof(name), "ferry%u", dev->port);
 	dev->pool = rte_pktmbuf_pool_create(name, (unsigned)mbufs, 256, 0, (uint16_t)room,
@@ -738,8 +743,12 @@ static void dpdk_release(struct ferry_dgram_dev *dev, unsigned q, struct ferry_d
 
 static bool dpdk_may_hold(struct ferry_dgram_dev *dev, unsigned q)
 {
-	(void)q;
-	return rte_mempool_avail_count(dev->pool) > dev->hold_floor;
+	/* Between looks, a queue lends at most HOLD_CHECK bursts: the floor
+	 * leaves room for them. */
+	struct dpdk_queue *dq = &dev->q[q];
+	if (dq->hold_calls++ % HOLD_CHECK == 0)
+		dq->hold_ok = rte_mempool_avail_count(dev->pool) > dev->hold_floor;
+	return dq->hold_ok;
 }
 
 static void dpdk_release_held(struct ferry_dgram_dev *dev, void *priv)

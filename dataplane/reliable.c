@@ -1175,8 +1175,10 @@ static int take_data(struct ferry_rl *rl, const struct ferry_rl_hdr *h, const ui
 		rl->ack_now = true;
 		return 0;
 	}
+	/* The limit holds whether the segment is kept or copied, so whether a
+	 * datagram is taken never depends on the backend's buffer supply. */
 	bool keep = rl->cfg.rx_release && cookie;
-	if (!keep && h->len > rl->seg_max)
+	if (h->len > rl->seg_max)
 		return rl_fail(rl, EMSGSIZE, "peer sent a %u-byte segment; this end takes %zu "
 			       "(both ends must use the same max_datagram)", h->len, rl->seg_max);
 	struct rl_slot *sl = slot_at(rl, seq);

@@ -402,9 +402,10 @@ int ferry_rl_create(const struct ferry_rl_config *cfg, uint64_t now_ns, struct f
 	rl->msgs = calloc(c.send_queue, sizeof(*rl->msgs));
 	rl->segs = calloc(rl->W, sizeof(*rl->segs));
 	rl->slots = calloc(rl->W, sizeof(*rl->slots));
-	if (!c.rx_release)
-		rl->slot_mem = malloc(rl->W * rl->seg_max);
-	if (!rl->msgs || !rl->segs || !rl->slots || (!c.rx_release && !rl->slot_mem)) {
+	/* Copy slots also in rx_release mode: a datagram input without a
+	 * cookie (a backend short of buffers) is copied. */
+	rl->slot_mem = malloc(rl->W * rl->seg_max);
+	if (!rl->msgs || !rl->segs || !rl->slots || !rl->slot_mem) {
 		ferry_rl_destroy(rl);
 		return ferry_err_set(err, ENOMEM, "out of memory for a reliable lane's %" PRIu64 "-packet window",
 				     (uint64_t)c.window_pkts);
@@ -1174,14 +1175,17 @@ static int take_data(struct ferry_rl *rl, const struct ferry_rl_hdr *h, const ui
 		rl->ack_now = true;
 		return 0;
 	}
-	if (!rl->cfg.rx_release && h->len > rl->seg_max)
+	/* The limit holds whether the segment is kept or copied, so whether a
+	 * datagram is taken never depends on the backend's buffer supply. */
+	bool keep = rl->cfg.rx_release && cookie;
+	if (h->len > rl->seg_max)
 		return rl_fail(rl, EMSGSIZE, "peer sent a %u-byte segment; this end takes %zu "
 			       "(both ends must use the same max_datagram)", h->len, rl->seg_max);
 	struct rl_slot *sl = slot_at(rl, seq);
 	sl->len = h->len;
 	sl->flags = h->flags & (FERRY_RL_F_START | FERRY_RL_F_END);
 	sl->present = true;
-	if (rl->cfg.rx_release) {
+	if (keep) {
 		sl->data = payload;
 		sl->cookie = cookie;
 		sl->retained = true;
@@ -1213,7 +1217,7 @@ static int take_data(struct ferry_rl *rl, const struct ferry_rl_hdr *h, const ui
 		rl->ack_now = true;
 	else if (rl->ack_deadline == NEVER)
 		rl->ack_deadline = now + rl->cfg.ack_delay_ns;
-	return rl->cfg.rx_release ? 1 : 0;
+	return keep ? 1 : 0;
 }
 
 int ferry_rl_input(struct ferry_rl *rl, const void *dgram, size_t len, void *cookie, uint64_t now_ns,

@@ -89,8 +89,10 @@ struct ferry_rl_config {
 	uint64_t max_rate;         /* bytes/s ceiling on sending (pacing), 0 = none */
 	/* Zero-copy receive: when set, ferry_rl_input keeps the datagrams it
 	 * accepts (returns 1) and calls rx_release(user, cookie) once the bytes
-	 * are consumed or the rlane is destroyed. Otherwise it copies payload
-	 * into slots of its own (window_pkts x segment bytes, allocated once). */
+	 * are consumed or the rlane is destroyed. Otherwise, and for a datagram
+	 * input with a NULL cookie (the backend cannot lend it), it copies the
+	 * payload into slots of its own (window_pkts x segment bytes, allocated
+	 * once). */
 	void (*rx_release)(void *user, void *cookie);
 	void *user;
 };
@@ -161,6 +163,8 @@ struct ferry_rl_stats {
 	/* transmit, added later */
 	uint64_t spurious_timeouts; /* timer expiries undone: what they declared lost arrived, never sent again */
 	uint64_t reorder_seen;     /* acks showing a first transmission delivered after a later one */
+	/* receive, filled by the datagram shim, 0 here */
+	uint64_t rx_held;          /* datagrams kept in the backend's buffer until consumed (no copy) */
 };
 
 /* A decoded datagram header, for tools and tests (the rlane decodes its own). */
@@ -197,8 +201,8 @@ int ferry_rl_poll(struct ferry_rl *rl, uint64_t now_ns, ferry_rl_tx_fn tx, void 
  * "only after send or input". */
 uint64_t ferry_rl_next_deadline(const struct ferry_rl *rl);
 
-/* A received datagram. Returns 1 when kept (rx_release mode; cookie comes
- * back later), 0 when done with the buffer, negative once the connection
+/* A received datagram. Returns 1 when kept (rx_release mode and a non-NULL
+ * cookie; the cookie comes back through rx_release exactly once), 0 when done with the buffer, negative once the connection
  * failed (a RESET arrived). Corrupt, duplicate and foreign datagrams are
  * counted and return 0. */
 int ferry_rl_input(struct ferry_rl *rl, const void *dgram, size_t len, void *cookie, uint64_t now_ns,

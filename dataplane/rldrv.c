@@ -112,6 +112,7 @@ struct ferry_lane_drv {
 	unsigned slot_cap, slot_head, slot_count;
 	bool wire_full;
 	uint64_t tx_by_ref;        /* datagrams whose payload the backend sent without copying */
+	uint64_t rx_held;          /* datagrams the rlane kept in the backend's buffer */
 	/* rx */
 	uint8_t hdr[FERRY_WIRE_HDR_LEN];
 	size_t hdr_got;
@@ -255,11 +256,20 @@ static void lane_poke(struct ferry_lane_drv *l)
 
 /* ---- receive: feed, route, pump ------------------------------------------ */
 
-static void feed(struct ferry_lane_drv *l, const void *data, size_t len, uint64_t now)
+/* Returns true when the rlane kept the datagram: priv (non-NULL only when
+ * the backend lends it) then goes back through held_release. */
+static bool feed(struct ferry_lane_drv *l, const void *data, size_t len, void *priv, uint64_t now)
 {
 	/* A failure (the peer's RESET) is kept in the rlane and reported once
 	 * the frames before it are read. */
-	(void)ferry_rl_input(l->rl, data, len, NULL, now, NULL);
+	return ferry_rl_input(l->rl, data, len, priv, now, NULL) == 1;
+}
+
+/* The rlane's rx_release: a lent buffer whose bytes were consumed. */
+static void held_release(void *user, void *cookie)
+{
+	struct ferry_device *dev = user;
+	dev->b->release_held(dev->bd, cookie);
 }
 
 /* A datagram that is not for self (which may be NULL): hand it to its lane,
@@ -314,7 +324,7 @@ static void take_inbox(struct ferry_lane_drv *l, uint64_t now, unsigned *got)
 	pthread_mutex_unlock(&l->in_lock);
 	struct item *it;
 	while ((it = fifo_pop(&f))) {
-		feed(l, it->data, it->len, now);
+		(void)feed(l, it->data, it->len, NULL, now);
 		free(it);
 		(*got)++;
 	}
@@ -336,15 +346,26 @@ static unsigned recv_queue(struct ferry_device *dev, unsigned qi, struct ferry_l
 		*fail = n;
 		return 0;
 	}
+	/* Self's datagrams may stay in the backend's buffers until consumed
+	 * (no copy into the rlane) while the backend has buffers to spare;
+	 * the rest goes back now. */
+	bool lend = self && n > 0 && dev->rlcfg.rx_release && dev->b->may_hold(dev->bd, qi);
+	unsigned back = 0;
 	for (int i = 0; i < n; i++) {
 		const struct ferry_dgram_buf *b = &bufs[i];
-		if (self && b->len >= FERRY_RL_HDR_LEN && get32(b->data + 8) == self->conn && addr_eq(&b->src, &self->peer))
-			feed(self, b->data, b->len, now);
-		else
+		if (self && b->len >= FERRY_RL_HDR_LEN && get32(b->data + 8) == self->conn &&
+		    addr_eq(&b->src, &self->peer)) {
+			if (feed(self, b->data, b->len, lend ? b->priv : NULL, now)) {
+				self->rx_held++;
+				continue;
+			}
+		} else {
 			route(dev, qi, b, now);
+		}
+		bufs[back++] = *b;
 	}
-	if (n > 0)
-		dev->b->release(dev->bd, qi, bufs, (unsigned)n);
+	if (back > 0)
+		dev->b->release(dev->bd, qi, bufs, back);
 	pthread_mutex_unlock(&q->rx_lock);
 	return (unsigned)n;
 }
@@ -645,7 +666,7 @@ static int rl_lane_accept(struct ferry_device *dev, struct ferry_lane_drv **out,
 		}
 		lane_attach(dev, l);
 		pthread_mutex_unlock(&dev->lock);
-		feed(l, it->data, it->len, now);
+		(void)feed(l, it->data, it->len, NULL, now);
 		free(it);
 		lane_poke(l); /* its HELLO is waiting */
 		*out = l;
@@ -1173,6 +1194,7 @@ void ferry_rldrv_lane_stats(struct ferry_lane_drv *l, struct ferry_rl_stats *rl,
 	if (rl) {
 		ferry_rl_stats(l->rl, rl);
 		rl->tx_by_ref = l->tx_by_ref;
+		rl->rx_held = l->rx_held;
 	}
 	if (fault) {
 		memset(fault, 0, sizeof(*fault));
@@ -1240,6 +1262,15 @@ static int parse_options(struct ferry_device *dev, const struct ferry_driver_con
 		.dead_ns = (uint64_t)dead_ms * 1000000ull,
 		.max_rate = rate,
 	};
+	/* Backends that lend received buffers: lanes keep them instead of
+	 * copying payload (rl_hold=0 turns that off, for comparisons). */
+	unsigned long hold;
+	if ((rc = ferry_dgram_opt_uint(cfg, "rl_hold", 1, 0, 1, &hold, err)))
+		return rc;
+	if (hold && dev->b->may_hold && dev->b->release_held) {
+		dev->rlcfg.rx_release = held_release;
+		dev->rlcfg.user = dev;
+	}
 	dev->poll_ns = (uint64_t)poll_us * 1000ull;
 	dev->lanes_per_queue = (unsigned)lpq;
 	const char *spec = ferry_driver_option(cfg, "fault");

@@ -98,6 +98,16 @@ struct ferry_dgram_ops {
 		    struct ferry_err *err);
 	/* Give back what recv returned (all of one recv before the next recv). */
 	void (*release)(struct ferry_dgram_dev *dev, unsigned q, struct ferry_dgram_buf *bufs, unsigned n);
+	/* Optional (NULL: every buffer goes back through release before the
+	 * next recv). True when the caller may keep buffers of the recv that
+	 * follows past later recvs and give each back by release_held; false
+	 * when the backend is short of buffers (the caller copies instead), so
+	 * that held buffers never starve the queue's receive ring. Called under
+	 * the queue's receive side, once per recv. */
+	bool (*may_hold)(struct ferry_dgram_dev *dev, unsigned q);
+	/* With may_hold: give back one kept buffer (its priv), exactly once,
+	 * from any thread (not necessarily the queue's receive side). */
+	void (*release_held)(struct ferry_dgram_dev *dev, void *priv);
 
 	/* An fd readable when queue q may have datagrams to receive, with
 	 * *events for poll(); -1 when the backend has none (busy polling only:

@@ -21,6 +21,7 @@
 #include <rte_udp.h>
 
 #define BATCH 32
+#define HOLD_CHECK 16
 #define MAX_QUEUES 64
 #define HDRS (RTE_ETHER_HDR_LEN + 20 + 8)  /* Ethernet + IPv4 + UDP */
 #define MAX_EAL_ARGS 64
@@ -35,6 +36,10 @@ struct dpdk_queue {
 	/* By-reference sends: every mbuf attached to caller memory holds one
 	 * count beyond the queue's own, until the PMD frees it. */
 	struct rte_mbuf_ext_shared_info shinfo;
+	/* Receive side: whether mbufs may be lent, looked up every HOLD_CHECK
+	 * recvs (counting the pool visits every lcore's cache). */
+	unsigned hold_calls;
+	bool hold_ok;
 };
 
 struct ferry_dgram_dev {
@@ -47,6 +52,7 @@ struct ferry_dgram_dev {
 	struct rte_mempool *pool;
 	struct rte_mempool *ext_pool;  /* data-less mbufs for by-reference payloads */
 	bool by_ref;                   /* the transmit path: by reference, or copies */
+	unsigned hold_floor;           /* free mbufs below which received ones are not lent */
 	bool started;
 	struct dpdk_queue q[];
 };
@@ -336,11 +342,12 @@ static int start_port(struct ferry_dgram_dev *dev, bool memif_cl, struct ferry_e
 
 static int dpdk_open(const struct ferry_driver_config *cfg, struct ferry_dgram_dev **out, struct ferry_err *err)
 {
-	unsigned long nq, mtu, port0, ring, mbufs, portid;
+	unsigned long nq, mtu, port0, ring, mbufs, portid, window;
 	int rc;
 	if ((rc = opt(cfg, "queues", 1, 1, MAX_QUEUES, &nq, err)) || (rc = opt(cfg, "mtu", 9000, 576, 9600, &mtu, err)) ||
 	    (rc = opt(cfg, "udp_port", 47000, 1, 65535, &port0, err)) || (rc = opt(cfg, "ring", 1024, 64, 16384, &ring, err)) ||
-	    (rc = opt(cfg, "mbufs", 0, 0, 1u << 22, &mbufs, err)) || (rc = opt(cfg, "port", 0xffff, 0, 0xffff, &portid, err)))
+	    (rc = opt(cfg, "mbufs", 0, 0, 1u << 22, &mbufs, err)) || (rc = opt(cfg, "port", 0xffff, 0, 0xffff, &portid, err)) ||
+	    (rc = opt(cfg, "rl_window", 512, 4, 32768, &window, err)))
 		return rc;
 	const char *ipstr = ferry_driver_option(cfg, "ip");
 	struct in_addr ia;
@@ -459,8 +466,13 @@ static int dpdk_open(const struct ferry_driver_config *cfg, struct ferry_dgram_d
 		dpdk_close(dev);
 		return rc;
 	}
+	/* Receive may lend mbufs to the lanes, which keep up to a window
+	 * (rl_window, the shim's option) of them each until the bytes are
+	 * consumed: size the pool for that beside every rx and tx ring full,
+	 * and stop lending while fewer than the rings may take are free. */
 	if (!mbufs)
-		mbufs = nq * (2 * ring + 4 * BATCH) + 2048;
+		mbufs = nq * (2 * ring + 4 * BATCH + window) + 2048;
+	dev->hold_floor = (unsigned)(nq * (ring + 4 * BATCH) + HOLD_CHECK * BATCH + 256);
 	char name[RTE_MEMPOOL_NAMESIZE];
 	snprintf(name, sizeof(name), "ferry%u", dev->port);
 	dev->pool = rte_pktmbuf_pool_create(name, (unsigned)mbufs, 256, 0, (uint16_t)room,
@@ -729,6 +741,22 @@ static void dpdk_release(struct ferry_dgram_dev *dev, unsigned q, struct ferry_d
 		rte_pktmbuf_free(bufs[i].priv);
 }
 
+static bool dpdk_may_hold(struct ferry_dgram_dev *dev, unsigned q)
+{
+	/* Between looks, a queue lends at most HOLD_CHECK bursts: the floor
+	 * leaves room for them. */
+	struct dpdk_queue *dq = &dev->q[q];
+	if (dq->hold_calls++ % HOLD_CHECK == 0)
+		dq->hold_ok = rte_mempool_avail_count(dev->pool) > dev->hold_floor;
+	return dq->hold_ok;
+}
+
+static void dpdk_release_held(struct ferry_dgram_dev *dev, void *priv)
+{
+	(void)dev;
+	rte_pktmbuf_free(priv); /* mempool puts are thread safe */
+}
+
 static int dpdk_wakeup_fd(struct ferry_dgram_dev *dev, unsigned q, bool want_tx, short *events)
 {
 	/* Polled: the shim wakes its lanes on a short timer. */
@@ -752,5 +780,7 @@ const struct ferry_dgram_ops ferry_dpdk_dgram = {
 	.flush = dpdk_flush,
 	.recv = dpdk_recv,
 	.release = dpdk_release,
+	.may_hold = dpdk_may_hold,
+	.release_held = dpdk_release_held,
 	.wakeup_fd = dpdk_wakeup_fd,
 };

@@ -21,6 +21,92 @@
 
 static struct ferry_driver_ops ops;
 static const struct ferry_dgram_ops *udp;
+static const struct ferry_dgram_ops *backend; /* what dev_open opens: udp, or lend_ops */
+
+/* ---- a backend that lends its buffers ------------------------------------
+ * udp, with each received datagram in a buffer of its own that the shim may
+ * keep (may_hold) past later recvs, as DPDK's mbufs. Every buffer is
+ * recorded and freed only at the end, so a second give-back is counted, not
+ * a use after free; may_hold says no on every third recv (a pool running
+ * low), so kept and copied datagrams mix on every lane. */
+struct lent {
+	struct lent *next;
+	unsigned back;          /* times given back: must end at exactly 1 */
+	bool held;              /* given back by release_held */
+	uint8_t data[];
+};
+
+static struct ferry_dgram_ops lend_ops;
+static pthread_mutex_t lend_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct lent *lend_all;
+static unsigned long lend_recvs;
+
+static int lend_recv(struct ferry_dgram_dev *dev, unsigned q, struct ferry_dgram_buf *bufs, unsigned n,
+		     struct ferry_err *err)
+{
+	int got = udp->recv(dev, q, bufs, n, err);
+	if (got <= 0)
+		return got;
+	for (int i = 0; i < got; i++) {
+		struct lent *b = malloc(sizeof(*b) + bufs[i].len);
+		if (!b) {
+			udp->release(dev, q, bufs, (unsigned)got);
+			return ferry_err_set(err, ENOMEM, "lend backend: out of memory");
+		}
+		*b = (struct lent){ 0 };
+		memcpy(b->data, bufs[i].data, bufs[i].len);
+		pthread_mutex_lock(&lend_lock);
+		b->next = lend_all;
+		lend_all = b;
+		pthread_mutex_unlock(&lend_lock);
+		struct ferry_dgram_buf u = bufs[i];
+		udp->release(dev, q, &u, 1);
+		bufs[i].data = b->data;
+		bufs[i].priv = b;
+	}
+	return got;
+}
+
+static void lend_back(struct lent *b, bool held)
+{
+	pthread_mutex_lock(&lend_lock);
+	b->back++;
+	b->held = held;
+	pthread_mutex_unlock(&lend_lock);
+}
+
+static void lend_release(struct ferry_dgram_dev *dev, unsigned q, struct ferry_dgram_buf *bufs, unsigned n)
+{
+	(void)dev, (void)q;
+	for (unsigned i = 0; i < n; i++)
+		lend_back(bufs[i].priv, false);
+}
+
+static bool lend_may_hold(struct ferry_dgram_dev *dev, unsigned q)
+{
+	(void)dev, (void)q;
+	return __atomic_add_fetch(&lend_recvs, 1, __ATOMIC_RELAXED) % 3 != 0;
+}
+
+static void lend_release_held(struct ferry_dgram_dev *dev, void *priv)
+{
+	(void)dev;
+	lend_back(priv, true);
+}
+
+/* Frees every buffer lent so far; counts those given back as held, and
+ * those not given back exactly once. */
+static void lend_sweep(uint64_t *held, uint64_t *wrong)
+{
+	*held = *wrong = 0;
+	for (struct lent *b = lend_all, *nx; b; b = nx) {
+		nx = b->next;
+		*held += b->held;
+		*wrong += b->back != 1;
+		free(b);
+	}
+	lend_all = NULL;
+}
 
 static uint64_t ms_now(void)
 {
@@ -34,7 +120,7 @@ static int dev_open(struct ferry_device **dev, const char *o1, const char *o2, c
 {
 	const char *opts[] = { "bind=127.0.0.1:0", o1, o2, o3, NULL };
 	struct ferry_driver_config cfg = { .options = opts };
-	return ferry_rldrv_open(udp, &cfg, dev, err);
+	return ferry_rldrv_open(backend, &cfg, dev, err);
 }
 
 static int send_frame(struct ferry_lane_drv *l, uint8_t type, uint32_t stream, uint64_t seq, const void *p,
@@ -298,6 +384,7 @@ static void streams(const char *label, const char *fault, const char *queues, si
 {
 	struct ferry_err err = { 0 };
 	struct ferry_device *a = NULL, *b = NULL;
+	uint64_t kept = 0; /* datagrams the lanes kept in lent buffers */
 	int rc = dev_open(&a, fault, queues, NULL, &err);
 	if (!rc)
 		rc = dev_open(&b, fault, queues, NULL, &err);
@@ -347,6 +434,7 @@ static void streams(const char *label, const char *fault, const char *queues, si
 			tot.dup_drops += rs.dup_drops;
 			tot.reorder_buffered += rs.reorder_buffered;
 			tot.tx_datagrams += rs.tx_datagrams;
+			kept += rs.rx_held;
 			ftot.dropped += fs.dropped;
 			ftot.duplicated += fs.duplicated;
 			ftot.reordered += fs.reordered;
@@ -366,6 +454,9 @@ static void streams(const char *label, const char *fault, const char *queues, si
 		CHECK(ftot.reordered > 0 && tot.reorder_buffered > 0, "%s: reordered datagrams waited for the gap", label);
 		CHECK(ftot.corrupted > 0 && tot.corrupt_drops > 0, "%s: corrupted datagrams were dropped, never delivered", label);
 	}
+	if (backend == udp)
+		CHECK(kept == 0, "%s: udp lends no buffers: every datagram copied (%llu kept)", label,
+		      (unsigned long long)kept);
 out_bufs:
 	for (unsigned i = 0; i < 4 * NLANES; i++)
 		free(bufs[i]);
@@ -377,6 +468,29 @@ out_lanes:
 out:
 	ops.close(a);
 	ops.close(b);
+	if (backend == &lend_ops) {
+		uint64_t held, wrong;
+		lend_sweep(&held, &wrong);
+		CHECK(held > 0 && held == kept, "%s: the lanes kept %llu lent buffers, and gave back as many (%llu)",
+		      label, (unsigned long long)kept, (unsigned long long)held);
+		CHECK(wrong == 0, "%s: every lent buffer given back exactly once (%llu not)", label,
+		      (unsigned long long)wrong);
+	}
+}
+
+/* Lanes over a backend that lends its buffers: the kept and the copied
+ * receive paths together, with faults (out-of-order segments kept too). */
+static void lent(size_t bytes)
+{
+	lend_ops = *udp;
+	lend_ops.recv = lend_recv;
+	lend_ops.release = lend_release;
+	lend_ops.may_hold = lend_may_hold;
+	lend_ops.release_held = lend_release_held;
+	backend = &lend_ops;
+	streams("lent buffers, 1% loss", "fault=drop=0.01,reorder=0.02,dup=0.01,corrupt=0.002,seed=3", "queues=2",
+		bytes / 2 < 4096 ? 4096 : bytes / 2);
+	backend = udp;
 }
 
 /* ---- single-lane behaviour ------------------------------------------------ */
@@ -679,7 +793,7 @@ static void options(void)
 
 int main(void)
 {
-	udp = ferry_dgram_find("udp");
+	udp = backend = ferry_dgram_find("udp");
 	CHECK(udp != NULL, "the udp backend is registered");
 	if (!udp)
 		CHECK_DONE();
@@ -699,5 +813,6 @@ int main(void)
 	streams("clean", NULL, "queues=2", bytes);
 	streams("1% loss", "fault=drop=0.01,reorder=0.02,dup=0.01,corrupt=0.002,seed=1", "queues=2", bytes);
 	streams("5% loss", "fault=drop=0.05,reorder=0.05,dup=0.02,corrupt=0.01,seed=2", "queues=4", bytes);
+	lent(bytes);
 	CHECK_DONE();
 }

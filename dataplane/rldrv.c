@@ -907,6 +907,13 @@ static int poll_completions_locked(struct ferry_lane_drv *l, void **cookies, uns
 
 /* Parse the next frame from the rlane's in-order bytes: 1 when one is
  * complete in *f, 0 when more must arrive, negative on a protocol error. */
+/* The rlane's message boundaries disagree with the frame header's length. */
+static int frame_mismatch(const struct ferry_lane_drv *l, struct ferry_err *err)
+{
+	return ferry_err_set(err, EPROTO, "%s rx: %s frame's message does not match its %u payload bytes",
+			     l->dev->b->name, ferry_wire_type_name(l->cur.type), l->cur.length);
+}
+
 static int next_frame(struct ferry_lane_drv *l, struct ferry_rx_frame *f, struct ferry_err *err)
 {
 	bool end = false;
@@ -949,8 +956,7 @@ static int next_frame(struct ferry_lane_drv *l, struct ferry_rx_frame *f, struct
 			return 0;
 		l->ctrl_got += k;
 		if (end != (l->ctrl_got == l->cur.length))
-			return ferry_err_set(err, EPROTO, "%s rx: %s frame's message does not match its %u payload bytes",
-					     name, ferry_wire_type_name(l->cur.type), l->cur.length);
+			return frame_mismatch(l, err);
 	}
 	l->in_ctrl = false;
 	/* Valid until the next rx_burst: control frames are handled first. */
@@ -994,8 +1000,7 @@ static ssize_t rx_payload_locked(struct ferry_lane_drv *l, void *dst, size_t len
 		got += k;
 		l->payload_left -= k;
 		if (end != (l->payload_left == 0) && (k > 0 || end))
-			return ferry_err_set(err, EPROTO, "%s rx: %s frame's message does not match its %u payload bytes",
-					     l->dev->b->name, ferry_wire_type_name(l->cur.type), l->cur.length);
+			return frame_mismatch(l, err);
 		if (got == len || pumps == PUMPS_PER_READ)
 			break;
 		int fail = 0;
@@ -1040,8 +1045,7 @@ static int rx_peek_locked(struct ferry_lane_drv *l, struct iovec *iov, unsigned 
 	for (int i = 0; i < k && left > 0; i++) {
 		bool end = segs[i].flags & FERRY_RL_F_END;
 		if (segs[i].len > left || end != (segs[i].len == left))
-			return ferry_err_set(err, EPROTO, "%s rx: %s frame's message does not match its %u payload bytes",
-					     l->dev->b->name, ferry_wire_type_name(l->cur.type), l->cur.length);
+			return frame_mismatch(l, err);
 		iov[out++] = (struct iovec){ .iov_base = (void *)segs[i].data, .iov_len = segs[i].len };
 		left -= segs[i].len;
 	}

@@ -1483,10 +1483,11 @@ int ferry_session_create_src(struct ferry_dp *dp, const struct ferry_session_par
 	unsigned lq = 0, pq = 0;
 	struct ferry_err qerr = { 0 };
 	bool clamp = dp->ops->queue_counts && !p->handoff &&
-		     dp->ops->queue_counts(dp->dev, peer_endpoint, &lq, &pq, &qerr) == 0 && lq && pq &&
-		     p->lanes > (lq < pq ? lq : pq);
+		     dp->ops->queue_counts(dp->dev, peer_endpoint, &lq, &pq, &qerr) == 0 && lq && pq;
+	unsigned queues = lq < pq ? lq : pq;
+	clamp = clamp && p->lanes > queues;
 	if (clamp)
-		cp.lanes = lq < pq ? lq : pq;
+		cp.lanes = queues;
 	struct ferry_session *s = session_alloc(dp, &cp, true, err);
 	if (!s)
 		return -(err && err->code ? err->code : ENOMEM);

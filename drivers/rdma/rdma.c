@@ -870,6 +870,24 @@ static void check_cm(struct ferry_lane_drv *l)
 static void keepalive(struct ferry_lane_drv *l, uint64_t t);
 
 /* Reap completions; when there are none, look at the slower event sources. */
+/* Handle what the CQ holds: one batch, or until it is empty (all). Returns
+ * completions handled; a failed poll fails the lane. */
+static int reap_cq(struct ferry_lane_drv *l, bool all)
+{
+	struct ibv_wc wc[32];
+	int total = 0, n;
+	while ((n = ibv_poll_cq(l->cq, 32, wc)) > 0) {
+		for (int i = 0; i < n; i++)
+			handle_wc(l, &wc[i]);
+		total += n;
+		if (!all)
+			break;
+	}
+	if (n < 0)
+		lane_fail(l, EIO, "polling the completion queue failed");
+	return total;
+}
+
 static void poll_lane(struct ferry_lane_drv *l)
 {
 	if (l->evfd_set || __atomic_load_n(&l->async_code, __ATOMIC_ACQUIRE)) {
@@ -878,17 +896,7 @@ static void poll_lane(struct ferry_lane_drv *l)
 		(void)r;
 		l->evfd_set = false;
 	}
-	int total = 0;
-	struct ibv_wc wc[32];
-	int n;
-	while ((n = ibv_poll_cq(l->cq, 32, wc)) > 0) {
-		for (int i = 0; i < n; i++)
-			handle_wc(l, &wc[i]);
-		total += n;
-	}
-	if (n < 0)
-		lane_fail(l, EIO, "polling the completion queue failed");
-	if (total == 0)
+	if (reap_cq(l, true) == 0)
 		check_events(l, false);
 }
 
@@ -1306,6 +1314,12 @@ static int rdma_rx_burst(struct ferry_lane_drv *l, struct ferry_rx_frame *frames
 /* Take up to len bytes of the pending payload, message by message, copying
  * them to dst unless it is NULL (rx_consume: the caller used them in place);
  * each receive is re-posted as soon as its message is used up. */
+/* A received message longer than what its frame has left to deliver. */
+static int long_continuation(uint32_t len, uint64_t left, struct ferry_err *err)
+{
+	return ferry_err_set(err, EPROTO, "rdma rx: a %u byte continuation for %" PRIu64 " bytes left", len, left);
+}
+
 static ssize_t rdma_rx_payload(struct ferry_lane_drv *l, void *dst, size_t len, struct ferry_err *err)
 {
 	size_t got = 0;
@@ -1321,8 +1335,7 @@ static ssize_t rdma_rx_payload(struct ferry_lane_drv *l, void *dst, size_t len, 
 			}
 			if ((uint64_t)m.len > l->frame_left) {
 				recv_done(l, m.slot);
-				return ferry_err_set(err, EPROTO, "rdma rx: a %u byte continuation for %" PRIu64 " bytes left",
-						     m.len, l->frame_left);
+				return long_continuation(m.len, l->frame_left, err);
 			}
 			l->cur_slot = m.slot;
 			l->cur_off = 0;
@@ -1364,8 +1377,7 @@ static int rdma_rx_peek(struct ferry_lane_drv *l, struct iovec *iov, unsigned n,
 	for (unsigned i = 0; out < n && left > 0 && i < l->rxq_count; i++) {
 		const struct rxmsg *m = &l->rxq[(l->rxq_head + i) % RQ_TOTAL];
 		if ((uint64_t)m->len > left)
-			return ferry_err_set(err, EPROTO, "rdma rx: a %u byte continuation for %" PRIu64 " bytes left",
-					     m->len, left);
+			return long_continuation(m->len, left, err);
 		iov[out++] = (struct iovec){ .iov_base = l->rxbuf + (size_t)m->slot * SLOT_BYTES, .iov_len = m->len };
 		left -= m->len;
 	}
@@ -1413,11 +1425,7 @@ static int rdma_wakeup_fd(struct ferry_lane_drv *l, short *events, bool want_tx)
 	 * owner calls next (a lane stuck mid-frame, its target not reading,
 	 * may call little), the peer's probes count and their spare receives
 	 * are re-posted, so a slow reader never looks like a dead peer. */
-	struct ibv_wc wc[32];
-	int got = ibv_poll_cq(l->cq, 32, wc);
-	for (int i = 0; i < got; i++)
-		handle_wc(l, &wc[i]);
-	if (got > 0 || l->fail_code) {
+	if (reap_cq(l, false) > 0 || l->fail_code) {
 		uint64_t one = 1;
 		ssize_t w = write(l->evfd, &one, sizeof(one));
 		(void)w;

@@ -775,10 +775,10 @@ static void on_rto(struct ferry_rl *rl, uint64_t now)
 		rl->undo_ok = true;
 		rl->undo_cwnd = rl->cwnd;
 		rl->undo_ssthresh = rl->ssthresh;
-	}
-	if (rl->backoff == 0 && rl->snd_una >= rl->recovery_point) {
-		rl->st.loss_events++;
-		rl->ssthresh = max64((uint64_t)((double)rl->cwnd * rl->cfg.md_factor), cwnd_floor(rl));
+		if (rl->snd_una >= rl->recovery_point) {
+			rl->st.loss_events++;
+			rl->ssthresh = max64((uint64_t)((double)rl->cwnd * rl->cfg.md_factor), cwnd_floor(rl));
+		}
 	}
 	/* One packet at a time, then slow start back to ssthresh (RFC 5681). */
 	rl->cwnd = rl->seg_max;
@@ -1309,7 +1309,7 @@ void ferry_rl_release(struct ferry_rl *rl, unsigned n)
 
 /* Consume up to cap in-order bytes, stopping at a message end; copy them to
  * buf unless it is NULL (the caller used them where ferry_rl_recv showed them). */
-static size_t take_bytes(struct ferry_rl *rl, void *buf, size_t cap, bool *msg_end)
+size_t ferry_rl_read(struct ferry_rl *rl, void *buf, size_t cap, bool *msg_end)
 {
 	size_t got = 0;
 	bool end = false;
@@ -1335,14 +1335,9 @@ static size_t take_bytes(struct ferry_rl *rl, void *buf, size_t cap, bool *msg_e
 	return got;
 }
 
-size_t ferry_rl_read(struct ferry_rl *rl, void *buf, size_t cap, bool *msg_end)
-{
-	return take_bytes(rl, buf, cap, msg_end);
-}
-
 size_t ferry_rl_skip(struct ferry_rl *rl, size_t n, bool *msg_end)
 {
-	return take_bytes(rl, NULL, n, msg_end);
+	return ferry_rl_read(rl, NULL, n, msg_end);
 }
 
 /* ---- misc --------------------------------------------------------------- */

@@ -57,14 +57,13 @@ static const char *const probe_cmds[P_COUNT] = {
 	[P_TYPE] = "qom-get", [P_BLOCK] = "query-block",
 };
 
-/* Run the probe commands first..first+n-1 in one batch into res[first..]. */
-static int probe_run(struct ferry_qmp *q, unsigned first, unsigned n, json_t *res[P_COUNT], struct ferry_err *err)
+/* Run every probe command in one batch into res. */
+static int probe_run(struct ferry_qmp *q, json_t *res[P_COUNT], struct ferry_err *err)
 {
 	json_t *args[P_COUNT] = { NULL };
-	if (first <= P_TYPE && P_TYPE < first + n &&
-	    !(args[P_TYPE] = json_pack("{s:s, s:s}", "path", "/machine", "property", "type")))
+	if (!(args[P_TYPE] = json_pack("{s:s, s:s}", "path", "/machine", "property", "type")))
 		return ferry_err_set(err, ENOMEM, "out of memory");
-	int rc = ferry_qmp_execute_batch(q, n, probe_cmds + first, args + first, res + first, err);
+	int rc = ferry_qmp_execute_batch(q, P_COUNT, probe_cmds, args, res, err);
 	json_decref(args[P_TYPE]);
 	return rc;
 }
@@ -88,17 +87,6 @@ static int identity_from(json_t *name, json_t *uuid, const char *hostname, const
 	snprintf(c->hostname, sizeof(c->hostname), "%s", hostname);
 	snprintf(c->hostuuid, sizeof(c->hostuuid), "%s", hostuuid);
 	return 0;
-}
-
-int ferry_probe_identity(struct ferry_qmp *q, const char *hostname, const char *hostuuid, struct ferry_cookie *c,
-			 struct ferry_err *err)
-{
-	json_t *res[P_COUNT] = { NULL };
-	int rc = probe_run(q, P_NAME, 2, res, err);
-	if (!rc)
-		rc = identity_from(res[P_NAME], res[P_UUID], hostname, hostuuid, c, err);
-	probe_free(res);
-	return rc;
 }
 
 enum ferry_cookie_driver_kind ferry_probe_driver_kind(struct ferry_dp *dp)
@@ -163,17 +151,6 @@ static void caps_from(json_t *caps, json_t *cmds, struct ferry_qmp *q, struct fe
 		out->drivers |= 1u << k;
 }
 
-int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled, struct ferry_side_caps *out,
-		     struct ferry_err *err)
-{
-	json_t *res[P_COUNT] = { NULL };
-	int rc = probe_run(q, P_CAPS, 2, res, err);
-	if (!rc)
-		caps_from(res[P_CAPS], res[P_CMDS], q, dp, disabled, out);
-	probe_free(res);
-	return rc;
-}
-
 /* The VM's shape for <vm>: base memory, vCPUs, machine type, block devices. */
 static int shape_from(json_t *mem, json_t *cpus, json_t *type, json_t *blk, struct ferry_cookie_vm *vm,
 		      struct ferry_err *err)
@@ -234,7 +211,7 @@ int ferry_probe_cookie(struct ferry_qmp *q, struct ferry_dp *dp, const char *end
 {
 	ferry_cookie_clear(c);
 	json_t *res[P_COUNT] = { NULL };
-	int rc = probe_run(q, 0, P_COUNT, res, err);
+	int rc = probe_run(q, res, err);
 	if (!rc)
 		rc = identity_from(res[P_NAME], res[P_UUID], hostname, hostuuid, c, err);
 	if (!rc) {

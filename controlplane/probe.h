@@ -19,16 +19,6 @@
 int ferry_host_identity(const char *configured_uuid, char hostname[FERRY_COOKIE_HOSTNAME_MAX + 1],
 			char hostuuid[FERRY_COOKIE_UUID_LEN + 1], struct ferry_err *err);
 
-/* Fill c's identity: the VM's name and uuid from QEMU (query-name,
- * query-uuid; a QEMU without -name is "unnamed"), the host's given here. */
-int ferry_probe_identity(struct ferry_qmp *q, const char *hostname, const char *hostuuid, struct ferry_cookie *c,
-			 struct ferry_err *err);
-
-/* Capabilities of this side: the QEMU's (multifd), the data plane's
- * (driver, handoff), minus the features the configuration disables. */
-int ferry_probe_caps(struct ferry_qmp *q, struct ferry_dp *dp, uint32_t disabled, struct ferry_side_caps *out,
-		     struct ferry_err *err);
-
 /* The cookie kind of a data plane's driver ("tcp" -> FERRY_COOKIE_DRIVER_TCP), 0 if unknown. */
 enum ferry_cookie_driver_kind ferry_probe_driver_kind(struct ferry_dp *dp);
 

@@ -1083,12 +1083,7 @@ static json_t *peer_migrate_finish(struct daemon *d, json_t *req, struct ferry_e
 		}
 		/* Until QEMU's next event (its MIGRATION status change ends the
 		 * wait at once) or 20 ms; a dead monitor fails the next query. */
-		json_t *ev = NULL;
-		struct ferry_err e2 = { 0 };
-		if (ferry_qmp_next_event(e->qmp, 20, &ev, &e2) == 0)
-			json_decref(ev);
-		else
-			usleep(20000);
+		ferry_qmp_wait_event(e->qmp, 20);
 	}
 	json_t *r = NULL;
 	if (status && !err->code) {

@@ -1192,16 +1192,13 @@ static void *migration_main(void *arg)
 	if (sess && !sp.handoff) {
 		/* A datagram device opens no more lanes than both ends have
 		 * queues; the streams then share lanes: say so. */
-		struct ferry_session_stats *ss = malloc(sizeof(*ss));
-		if (ss) {
-			ferry_session_stats(sess, ss);
-			if (ss->lanes_note[0]) {
-				pthread_mutex_lock(&m->lock);
-				snprintf(m->prog.transport, sizeof(m->prog.transport), "%s relay, %s",
-					 ferry_dp_driver_name(m->dp), ss->lanes_note);
-				pthread_mutex_unlock(&m->lock);
-			}
-			free(ss);
+		struct ferry_session_stats ss;
+		ferry_session_stats(sess, &ss);
+		if (ss.lanes_note[0]) {
+			pthread_mutex_lock(&m->lock);
+			snprintf(m->prog.transport, sizeof(m->prog.transport), "%s relay, %s", ferry_dp_driver_name(m->dp),
+				 ss.lanes_note);
+			pthread_mutex_unlock(&m->lock);
 		}
 	}
 	if ((rc = ferry_qmp_executef(q, NULL, &err, "migrate", "{s:s}", "uri", uri)))
@@ -1340,14 +1337,7 @@ static void *migration_main(void *arg)
 			}
 			/* Until the next look in 10 ms, or at once on QEMU's
 			 * "completed" event. */
-			json_t *ev = NULL;
-			struct ferry_err e2 = { 0 };
-			if (ferry_qmp_next_event(q, 10, &ev, &e2) == 0) {
-				json_decref(ev);
-			} else {
-				struct timespec ts = { 0, 10 * 1000000L };
-				nanosleep(&ts, NULL);
-			}
+			ferry_qmp_wait_event(q, 10);
 			continue;
 		}
 		if (cancelled(m)) {
@@ -1389,14 +1379,7 @@ static void *migration_main(void *arg)
 		/* Until the next look or QEMU's next event (a MIGRATION status
 		 * change ends the wait at once). A dead monitor fails the next
 		 * query-migrate, which says why. */
-		json_t *ev = NULL;
-		struct ferry_err e2 = { 0 };
-		if (ferry_qmp_next_event(q, POLL_INTERVAL_MS, &ev, &e2) == 0) {
-			json_decref(ev);
-		} else {
-			struct timespec ts = { 0, POLL_INTERVAL_MS * 1000000L };
-			nanosleep(&ts, NULL);
-		}
+		ferry_qmp_wait_event(q, POLL_INTERVAL_MS);
 	}
 
 	if (plan.features & FERRY_F_NBD) {

@@ -796,6 +796,18 @@ int ferry_qmp_next_event(struct ferry_qmp *qmp, int wait_ms, json_t **event, str
 	}
 }
 
+void ferry_qmp_wait_event(struct ferry_qmp *qmp, int wait_ms)
+{
+	json_t *ev = NULL;
+	struct ferry_err e = { 0 };
+	if (ferry_qmp_next_event(qmp, wait_ms, &ev, &e) == 0) {
+		json_decref(ev);
+		return;
+	}
+	struct timespec ts = { wait_ms / 1000, (long)(wait_ms % 1000) * 1000000L };
+	nanosleep(&ts, NULL);
+}
+
 /* ---- connection ---------------------------------------------------------- */
 
 static int get_version_part(json_t *qemu, const char *name, int *out)

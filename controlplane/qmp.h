@@ -59,6 +59,11 @@ int ferry_qmp_executef(struct ferry_qmp *qmp, json_t **result, struct ferry_err 
  * is empty. Returns 0 with *event NULL on timeout. */
 int ferry_qmp_next_event(struct ferry_qmp *qmp, int wait_ms, json_t **event, struct ferry_err *err);
 
+/* Wait for QEMU's next event (dropped) or wait_ms, whichever comes first: a
+ * poll loop's pause that ends at once on a status change. A broken monitor
+ * still waits wait_ms; the caller's next command reports why. */
+void ferry_qmp_wait_event(struct ferry_qmp *qmp, int wait_ms);
+
 /* The process on the other end of the monitor socket (SO_PEERCRED): the
  * QEMU itself, for reading its command line. */
 int ferry_qmp_peer_pid(const struct ferry_qmp *qmp, int *pid, struct ferry_err *err);

@@ -324,14 +324,20 @@ run_once() {
 		line='{"ok": false, "error": "setup failed (QEMU or arm helpers did not start)"}'
 		rc=1
 	fi
+	# CPU each party spent in this run (QEMU's includes its start-up and the
+	# destination's prealloc, the same in every arm): on 2 cores, what the
+	# helpers (ferryd, socat) burn is taken from the two QEMUs.
+	local cpu
+	cpu="$(cpu_seconds "$src_pid") $(cpu_seconds "$dst_pid") $(cpu_seconds ${ARM_PIDS[@]+"${ARM_PIDS[@]}"})"
 	# Merge the labels into records that qmp.py did not produce.
 	line=$(printf '%s' "$line" | "$PYTHON" -c '
 import json, sys
 r = json.loads(sys.stdin.read())
-arm, mf, run, att, size = sys.argv[1:6]
+arm, mf, run, att, size, cpu = sys.argv[1:7]
 r.setdefault("arm", arm); r.setdefault("multifd", int(mf)); r.setdefault("run", int(run))
 r.setdefault("attempt", int(att)); r.setdefault("size_bytes", int(size))
-print(json.dumps(r, sort_keys=True))' "$arm" "$mf" "$run" "$attempt" "$SIZE")
+r["cpu_src_qemu_s"], r["cpu_dst_qemu_s"], r["cpu_helpers_s"] = (float(x) for x in cpu.split())
+print(json.dumps(r, sort_keys=True))' "$arm" "$mf" "$run" "$attempt" "$SIZE" "$cpu")
 	printf '%s\n' "$line" >>"$RESULTS"
 
 	for p in "${ARM_PIDS[@]}"; do stop_pid "$p" 3; done

@@ -70,6 +70,19 @@ lib_untrack() {
 
 pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 
+# cpu_seconds PID...: CPU seconds (user + system, reaped children included)
+# the processes have used so far; a vanished process counts 0.
+cpu_seconds() {
+	local p total=0 t
+	for p in "$@"; do
+		# fields after the ")" that ends comm: utime is the 12th, then
+		# stime, cutime, cstime (proc(5))
+		t=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13 + $14 + $15}') || t=0
+		total=$((total + ${t:-0}))
+	done
+	awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.2f", t / hz}'
+}
+
 # stop_pid PID [GRACE_SECONDS]: SIGTERM the process and its direct children
 # (by parent pid, e.g. socat's forked children), wait, then SIGKILL.
 stop_pid() {

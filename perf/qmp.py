@@ -546,6 +546,8 @@ def cmd_summarize(a):
                                 if r.get("wall_s") and r.get("total_time_ms")]),
             "total_time_ms": median([r.get("total_time_ms") for r in ok]),
             "retries": sum(r.get("attempt", 1) - 1 for r in rs),
+            "cpu_s": {k: median([r.get("cpu_%s_s" % k) for r in ok])
+                      for k in ("src_qemu", "dst_qemu", "helpers")},
         }
         summary.append(s)
     direct = {s["multifd"]: s for s in summary if s["arm"] == "direct" and s["ok"]}
@@ -588,6 +590,15 @@ def cmd_summarize(a):
         print("\nphases (median ms since the command started; d_* = source ferryd's steps, "
               "*_completed = QEMU's event; qemu_total = QEMU's own total-time):")
         print("\n".join(ph_lines))
+    cpu_lines = ["%-11s %-4s %8s %8s %8s" % (
+        s["arm"], "off" if s["multifd"] == 0 else s["multifd"],
+        *(fmt(s["cpu_s"][k], ".2f") for k in ("src_qemu", "dst_qemu", "helpers")))
+        for s in summary if not s["skipped"] and any(v is not None for v in s["cpu_s"].values())]
+    if cpu_lines:
+        print("\nCPU seconds per run (median; QEMU's include start-up and the destination's prealloc;"
+              " helpers = ferryd or socat):")
+        print("%-11s %-4s %8s %8s %8s" % ("arm", "mf", "src QEMU", "dst QEMU", "helpers"))
+        print("\n".join(cpu_lines))
     fails = [r for r in runs if not r.get("ok") and not r.get("skipped")]
     if fails:
         print("\nfailed runs:")

@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../drivers/hostport.h"
 #include "jsonline.h"
 #include "migrate.h"
 #include "nbdpath.h"
@@ -2141,14 +2142,11 @@ static int listen_admin(const char *path, struct ferry_err *err)
 
 static int listen_peer(const char *hostport, struct ferry_err *err)
 {
-	char host[256];
-	const char *colon = strrchr(hostport, ':');
-	if (!colon || (size_t)(colon - hostport) >= sizeof(host) || !colon[1])
-		return ferry_err_set(err, EINVAL, "--listen '%s' is not HOST:PORT", hostport);
-	memcpy(host, hostport, (size_t)(colon - hostport));
-	host[colon - hostport] = '\0';
-	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE }, *res = NULL;
-	int g = getaddrinfo(host[0] ? host : NULL, colon + 1, &hints, &res);
+	struct ferry_hostport hp;
+	if (ferry_parse_hostport(hostport, FERRY_HP_PORT0 | FERRY_HP_ANY_HOST, &hp, err))
+		return ferry_err_prefix(err, "--listen");
+	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV }, *res = NULL;
+	int g = getaddrinfo(hp.host[0] ? hp.host : NULL, hp.port, &hints, &res);
 	if (g)
 		return ferry_err_set(err, EINVAL, "--listen %s: %s", hostport, gai_strerror(g));
 	int fd = -1;

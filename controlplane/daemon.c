@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../drivers/hostport.h"
 #include "jsonline.h"
 #include "migrate.h"
 #include "nbdpath.h"
@@ -934,32 +935,14 @@ static json_t *peer_migrate_prepare(struct daemon *d, json_t *req, struct ferry_
 		for (unsigned i = 0; i < plan.nnotes; i++)
 			logf_(d, "migration from %s: fallback: %s", d->hostname, plan.notes[i]);
 	}
-	/* The plan's capabilities in one command (each round trip to QEMU is
-	 * set-up time); events, so Finish sees the load complete at once. */
-	json_t *caps = json_pack("[{s:s, s:b}]", "capability", "events", "state", 1);
-	if (caps && channels > 0)
-		json_array_append_new(caps, json_pack("{s:s, s:b}", "capability", "multifd", "state", 1));
-	if (caps && (plan.features & FERRY_F_POSTCOPY))
-		json_array_append_new(caps, json_pack("{s:s, s:b}", "capability", "postcopy-ram", "state", 1));
-	if (caps && (plan.features & FERRY_F_POSTCOPY_PREEMPT))
-		json_array_append_new(caps, json_pack("{s:s, s:b}", "capability", "postcopy-preempt", "state", 1));
-	if (!caps) {
-		ferry_err_set(err, ENOMEM, "out of memory");
-		goto fail;
-	}
-	/* With multifd, its parameter goes in the same write (one round trip). */
-	const char *const cmds[2] = { "migrate-set-capabilities", "migrate-set-parameters" };
-	json_t *cargs[2] = { json_pack("{s:o}", "capabilities", caps),
-			     channels > 0 ? json_pack("{s:i}", "multifd-channels", (int)channels) : NULL };
-	json_t *cres[2] = { NULL, NULL };
-	int crc = cargs[0] && (channels == 0 || cargs[1])
-			  ? ferry_qmp_execute_batch(e->qmp, channels > 0 ? 2 : 1, cmds, cargs, cres, err)
-			  : ferry_err_set(err, ENOMEM, "out of memory");
-	for (int i = 0; i < 2; i++) {
-		json_decref(cargs[i]);
-		json_decref(cres[i]);
-	}
-	if (crc)
+	/* Events, so Finish sees the load complete at once; no max-bandwidth
+	 * (the source's QEMU sets the pace). */
+	const struct ferry_migrate_caps caps = {
+		.channels = channels,
+		.postcopy = (plan.features & FERRY_F_POSTCOPY) != 0,
+		.preempt = (plan.features & FERRY_F_POSTCOPY_PREEMPT) != 0,
+	};
+	if (ferry_migrate_set_caps(e->qmp, &caps, err))
 		goto fail;
 	/* Guarded postcopy: `stop` while incoming turns QEMU's autostart off,
 	 * so after the postcopy switch the VM stays paused until postcopy-go. */
@@ -2159,14 +2142,11 @@ static int listen_admin(const char *path, struct ferry_err *err)
 
 static int listen_peer(const char *hostport, struct ferry_err *err)
 {
-	char host[256];
-	const char *colon = strrchr(hostport, ':');
-	if (!colon || (size_t)(colon - hostport) >= sizeof(host) || !colon[1])
-		return ferry_err_set(err, EINVAL, "--listen '%s' is not HOST:PORT", hostport);
-	memcpy(host, hostport, (size_t)(colon - hostport));
-	host[colon - hostport] = '\0';
-	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE }, *res = NULL;
-	int g = getaddrinfo(host[0] ? host : NULL, colon + 1, &hints, &res);
+	struct ferry_hostport hp;
+	if (ferry_parse_hostport(hostport, FERRY_HP_PORT0 | FERRY_HP_ANY_HOST, &hp, err))
+		return ferry_err_prefix(err, "--listen");
+	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV }, *res = NULL;
+	int g = getaddrinfo(hp.host[0] ? hp.host : NULL, hp.port, &hints, &res);
 	if (g)
 		return ferry_err_set(err, EINVAL, "--listen %s: %s", hostport, gai_strerror(g));
 	int fd = -1;

@@ -361,8 +361,7 @@ static int run_migrate(const char *admin, int argc, char **argv, json_t *disks, 
 	bool tty = isatty(STDERR_FILENO) && !json;
 	int cancel_sent = 0;
 	bool plan_said = false;
-	time_t last_line = 0;
-	double last_draw = 0;
+	double last_draw = 0; /* monotonic seconds: far past 0, so the first look draws */
 	for (;;) {
 		if (interrupted && cancel_sent < interrupted) {
 			cancel_sent = interrupted;
@@ -388,9 +387,8 @@ static int run_migrate(const char *admin, int argc, char **argv, json_t *disks, 
 		bool done = strcmp(state, "completed") == 0 || strcmp(state, "failed") == 0 ||
 			    strcmp(state, "cancelled") == 0;
 		/* a terminal is redrawn every 100 ms, a log gets a line a second */
-		if (!quiet && !json && ((tty && mono_s() - last_draw >= 0.1) || (!tty && time(NULL) != last_line) || done)) {
+		if (!quiet && !json && (mono_s() - last_draw >= (tty ? 0.1 : 1.0) || done)) {
 			progress_line(st, tty);
-			last_line = time(NULL);
 			last_draw = mono_s();
 		}
 		if (done) {

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../drivers/hostport.h"
 #include "daemon.h"
 #include "plan.h"
 
@@ -215,12 +216,13 @@ int main(int argc, char **argv)
 	}
 	if (!data) {
 		/* Data lanes listen on the control address's host, any free port. */
-		const char *colon = strrchr(cfg.listen, ':');
-		if (!colon) {
-			fprintf(stderr, "ferryd: --listen '%s' is not HOST:PORT\n", cfg.listen);
+		struct ferry_hostport hp;
+		struct ferry_err herr = { 0 };
+		if (ferry_parse_hostport(cfg.listen, FERRY_HP_PORT0 | FERRY_HP_ANY_HOST, &hp, &herr)) {
+			fprintf(stderr, "ferryd: --listen: %s\n", herr.msg);
 			return 2;
 		}
-		snprintf(bindopt, sizeof(bindopt), "bind=%.*s:0", (int)(colon - cfg.listen), cfg.listen);
+		snprintf(bindopt, sizeof(bindopt), strchr(hp.host, ':') ? "bind=[%s]:0" : "bind=%s:0", hp.host);
 	} else {
 		snprintf(bindopt, sizeof(bindopt), "bind=%s", data);
 	}

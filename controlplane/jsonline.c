@@ -14,6 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../drivers/hostport.h"
+
 #define TLS_BYE_MS 1000
 #define TLS_CONNECT_MAX_MS 30000   /* handshake bound when the caller gave none */
 
@@ -338,21 +340,16 @@ int ferry_jl_connect_tcp_tls(const char *hostport, int timeout_ms, struct ferry_
 			     struct ferry_err *err)
 {
 	long long t0 = now_ms();
-	char host[256];
-	const char *colon = strrchr(hostport, ':');
-	if (!colon || colon == hostport || (size_t)(colon - hostport) >= sizeof(host) || !colon[1])
-		return ferry_err_set(err, EINVAL, "'%s' is not HOST:PORT", hostport);
-	memcpy(host, hostport, (size_t)(colon - hostport));
-	host[colon - hostport] = '\0';
-	if (host[0] == '[' && host[strlen(host) - 1] == ']') {
-		memmove(host, host + 1, strlen(host));
-		host[strlen(host) - 1] = '\0';
-	}
-	struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res = NULL;
-	int g = getaddrinfo(host, colon + 1, &hints, &res);
+	struct ferry_hostport hp;
+	int rc = ferry_parse_hostport(hostport, 0, &hp, err);
+	if (rc)
+		return rc;
+	const char *host = hp.host;
+	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV }, *res = NULL;
+	int g = getaddrinfo(host, hp.port, &hints, &res);
 	if (g)
 		return ferry_err_set(err, EHOSTUNREACH, "cannot resolve %s: %s", hostport, gai_strerror(g));
-	int rc = -EHOSTUNREACH;
+	rc = -EHOSTUNREACH;
 	for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
 		int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 		if (fd < 0)

@@ -386,9 +386,40 @@ static json_t *cap(const char *name, bool on)
 	return json_pack("{s:s, s:b}", "capability", name, "state", on);
 }
 
-/* The plan's capabilities and parameters on the source QEMU, one command
- * each, sent together (every round trip to QEMU is set-up time the user
- * waits for; QEMU applies them in order).
+int ferry_migrate_set_caps(struct ferry_qmp *q, const struct ferry_migrate_caps *c, struct ferry_err *err)
+{
+	/* MIGRATION events wake the waiting loops (the source's progress,
+	 * the destination's Finish) the moment QEMU's status changes. */
+	json_t *caps = json_array();
+	if (!caps || json_array_append_new(caps, cap("events", true)) ||
+	    ((c->channels > 0 || c->multifd_always) && json_array_append_new(caps, cap("multifd", c->channels > 0))) ||
+	    (c->postcopy && json_array_append_new(caps, cap("postcopy-ram", true))) ||
+	    (c->preempt && json_array_append_new(caps, cap("postcopy-preempt", true)))) {
+		json_decref(caps);
+		return ferry_err_set(err, ENOMEM, "out of memory");
+	}
+	json_t *params = json_object();
+	if (params && ((c->max_bandwidth && json_object_set_new(params, "max-bandwidth",
+								  json_integer((json_int_t)c->max_bandwidth))) ||
+		       (c->channels > 0 && json_object_set_new(params, "multifd-channels",
+								json_integer((json_int_t)c->channels))))) {
+		json_decref(params);
+		params = NULL;
+	}
+	/* Parameters ride in the same write; with none, there is no command. */
+	size_t n = params && json_object_size(params) ? 2 : 1;
+	json_t *args[2] = { json_pack("{s:o}", "capabilities", caps), params }, *res[2] = { NULL, NULL };
+	const char *const cmds[2] = { "migrate-set-capabilities", "migrate-set-parameters" };
+	int rc = args[0] && args[1] ? ferry_qmp_execute_batch(q, n, cmds, args, res, err)
+				    : ferry_err_set(err, ENOMEM, "out of memory");
+	for (size_t i = 0; i < 2; i++) {
+		json_decref(args[i]);
+		json_decref(res[i]);
+	}
+	return rc;
+}
+
+/* The plan's capabilities and parameters on the source QEMU.
  * has_multifd: whether this QEMU has the capability at all (Begin's probe);
  * it is then set either way, so an earlier setting cannot linger. */
 static int set_source_caps(struct ferry_qmp *q, bool has_multifd, unsigned channels, bool postcopy, bool preempt,
@@ -396,32 +427,16 @@ static int set_source_caps(struct ferry_qmp *q, bool has_multifd, unsigned chann
 {
 	if (channels > 0 && !has_multifd)
 		return ferry_err_set(err, ENOTSUP, "the source QEMU has no multifd capability");
-	/* MIGRATION events wake the progress loop the moment QEMU's status
-	 * changes, instead of at its next look. */
-	json_t *caps = json_array();
-	if (!caps || json_array_append_new(caps, cap("events", true)) ||
-	    (has_multifd && json_array_append_new(caps, cap("multifd", channels > 0))) ||
-	    (postcopy && json_array_append_new(caps, cap("postcopy-ram", true))) ||
-	    (preempt && json_array_append_new(caps, cap("postcopy-preempt", true)))) {
-		json_decref(caps);
-		return ferry_err_set(err, ENOMEM, "out of memory");
-	}
 	/* QEMU 7.2 throttles migration to 32 MiB/s unless told otherwise; the
 	 * transport (or the user's cap), not a default, should set the pace. */
-	json_int_t bw = (json_int_t)(max_bandwidth ? max_bandwidth : FERRY_MIGRATE_MAX_BANDWIDTH);
-	json_t *params = channels > 0 ? json_pack("{s:I, s:i}", "max-bandwidth", bw, "multifd-channels", (int)channels)
-				      : json_pack("{s:I}", "max-bandwidth", bw);
-	json_t *args[2] = { json_pack("{s:o}", "capabilities", caps), params }, *res[2];
-	const char *const cmds[2] = { "migrate-set-capabilities", "migrate-set-parameters" };
-	int rc = args[0] && args[1] ? ferry_qmp_execute_batch(q, 2, cmds, args, res, err)
-				    : ferry_err_set(err, ENOMEM, "out of memory");
-	if (rc == 0) {
-		json_decref(res[0]);
-		json_decref(res[1]);
-	}
-	json_decref(args[0]);
-	json_decref(args[1]);
-	return rc;
+	const struct ferry_migrate_caps c = {
+		.channels = channels,
+		.multifd_always = has_multifd,
+		.postcopy = postcopy,
+		.preempt = preempt,
+		.max_bandwidth = max_bandwidth ? max_bandwidth : FERRY_MIGRATE_MAX_BANDWIDTH,
+	};
+	return ferry_migrate_set_caps(q, &c, err);
 }
 
 /* Datagram lanes: the session's reliability counters for migrate-status. */

@@ -125,6 +125,19 @@ void ferry_migration_free(struct ferry_migration *m);
 
 const char *ferry_migration_state_name(enum ferry_migration_state s);
 
+/* The plan's capabilities and parameters on one side's QEMU, in one write
+ * (each round trip to QEMU is set-up time the user waits for). Both sides
+ * turn on events; the rest as the fields say. */
+struct ferry_migrate_caps {
+	unsigned channels;      /* multifd channels (multifd on and multifd-channels set); 0: none */
+	bool multifd_always;    /* with no channels, still send multifd off (the source, whose QEMU has the
+				 * capability: an earlier setting must not linger); else multifd only when used */
+	bool postcopy, preempt; /* postcopy-ram, postcopy-preempt on */
+	uint64_t max_bandwidth; /* bytes/s; 0: not sent (the destination does not send it) */
+};
+struct ferry_qmp;
+int ferry_migrate_set_caps(struct ferry_qmp *q, const struct ferry_migrate_caps *c, struct ferry_err *err);
+
 /* The flow-control window both daemons use: the peer's offer if it is a sane
  * size no larger than ours, else ours (the smaller of the two settings). */
 uint64_t ferry_agree_window(json_t *offer, uint64_t mine);

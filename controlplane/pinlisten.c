@@ -10,6 +10,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "../drivers/hostport.h"
+
 /* addr: numeric IPv4 or IPv6 into a sockaddr with port 0 */
 static int parse_ip(const char *ip, struct sockaddr_storage *ss, socklen_t *len, struct ferry_err *err)
 {
@@ -121,17 +123,14 @@ int ferry_route_source(const char *ip, char *out, size_t len, struct ferry_err *
 int ferry_endpoint_host(const char *endpoint, char *out, size_t len, struct ferry_err *err)
 {
 	const char *h = strchr(endpoint, ':');
-	const char *end;
-	if (h && h[1] == '[') {
-		h += 2;
-		end = strchr(h, ']');
-	} else {
-		end = h ? strrchr(h + 1, ':') : NULL;
-		h = h ? h + 1 : NULL;
-	}
-	if (!h || !end || end <= h || (size_t)(end - h) >= len)
+	struct ferry_hostport hp;
+	if (!h)
 		return ferry_err_set(err, EINVAL, "endpoint '%s' has no host:port", endpoint);
-	memcpy(out, h, (size_t)(end - h));
-	out[end - h] = 0;
+	if (ferry_parse_hostport(h + 1, FERRY_HP_PORT0 | FERRY_HP_RANGE, &hp, err))
+		return ferry_err_prefix(err, "endpoint '%s'", endpoint);
+	if (strlen(hp.host) >= len)
+		return ferry_err_set(err, ENAMETOOLONG, "endpoint '%s': the host is longer than %zu characters", endpoint,
+				     len - 1);
+	strcpy(out, hp.host);
 	return 0;
 }

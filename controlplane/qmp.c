@@ -553,106 +553,21 @@ out:
 	return rc;
 }
 
-/* Errors are reported as "qmp COMMAND: ..." through a local err so the
- * detail can be embedded regardless of what the caller passed. */
-static int do_execute(struct ferry_qmp *q, const char *command, json_t *args, int pass_fd,
-		      json_t **result, struct ferry_err *err)
-{
-	struct ferry_err e = { 0 };
-	struct qmp_deadline d;
-	char *req = NULL;
-	size_t reqlen = 0;
-	int64_t id;
-	int rc;
-
-	if (result)
-		*result = NULL;
-	if (!q)
-		return ferry_err_set(err, EINVAL, "qmp: no monitor connection");
-	if (!command || !*command)
-		return ferry_err_set(err, EINVAL, "qmp: empty command name");
-	if (args && !json_is_object(args))
-		return ferry_err_set(err, EINVAL, "qmp %s: arguments must be a JSON object, not %s",
-				     command, json_type_name(args));
-	if (q->broken) {
-		broken_error(q, &e);
-		return ferry_err_set(err, q->broken, "qmp %s: %s", command, e.msg);
-	}
-
-	id = q->next_id++;
-	rc = build_request(command, args, id, &req, &reqlen, &e);
-	if (rc < 0)
-		goto out;
-	d = deadline_in(q->timeout_ms);
-	rc = send_all(q, req, reqlen, pass_fd, &d, &e);
-	if (rc < 0)
-		goto out;
-
-	for (;;) {
-		enum ferry_qmp_msg_kind kind;
-		int64_t rid;
-		json_t *msg;
-
-		rc = read_message(q, &d, false, &msg, &kind, &rid, &e);
-		if (rc < 0)
-			goto out;
-		if (kind == FERRY_QMP_MSG_EVENT) {
-			event_push(q, msg);
-			continue;
-		}
-		if (kind == FERRY_QMP_MSG_RETURN && rid == id) {
-			if (result)
-				*result = json_incref(json_object_get(msg, "return"));
-			json_decref(msg);
-			rc = 0;
-			goto out;
-		}
-		/* An error without id is ours: QEMU cannot echo the id of a
-		 * request it failed to parse, and only one request is in flight. */
-		if (kind == FERRY_QMP_MSG_ERROR && (rid == id || rid == -1)) {
-			json_t *eo = json_object_get(msg, "error");
-			ferry_err_set(&e, EREMOTEIO, "%s: %s",
-				      json_string_value(json_object_get(eo, "class")),
-				      json_string_value(json_object_get(eo, "desc")));
-			json_decref(msg);
-			rc = -EREMOTEIO;
-			goto out;
-		}
-		/* Stale replies (e.g. to a command that timed out) and stray
-		 * greetings are not ours. */
-		json_decref(msg);
-	}
-out:
-	free(req);
-	if (rc < 0)
-		return ferry_err_set(err, rc, "qmp %s: %s", command, e.msg);
-	return 0;
-}
-
-int ferry_qmp_execute(struct ferry_qmp *qmp, const char *command, json_t *args,
-		      json_t **result, struct ferry_err *err)
-{
-	return do_execute(qmp, command, args, -1, result, err);
-}
-
-int ferry_qmp_execute_batch(struct ferry_qmp *q, size_t n, const char *const commands[], json_t *const args[],
-			    json_t *results[], struct ferry_err *err)
+/* n commands (already checked) in one write, pass_fd riding on the first,
+ * their replies read in order: the one exchange under both ferry_qmp_execute
+ * and ferry_qmp_execute_batch. Errors are reported as "qmp COMMAND: ..."
+ * through a local err so the detail can be embedded regardless of what the
+ * caller passed; on error every results[i] is NULL. */
+static int exchange(struct ferry_qmp *q, size_t n, const char *const commands[], json_t *const args[], int pass_fd,
+		    json_t *results[], struct ferry_err *err)
 {
 	struct ferry_err e = { 0 };
 	char *all = NULL;
 	size_t len = 0, replied = 0, failed = n; /* failed: index of the first error reply */
 	int rc = 0;
 
-	if (!q || n == 0 || n > FERRY_QMP_BATCH_MAX || !commands || !results)
-		return ferry_err_set(err, EINVAL, "qmp batch: no monitor, or not 1 to %d commands", FERRY_QMP_BATCH_MAX);
-	for (size_t i = 0; i < n; i++) {
+	for (size_t i = 0; i < n; i++)
 		results[i] = NULL;
-		if (!commands[i] || !*commands[i])
-			return ferry_err_set(err, EINVAL, "qmp batch: empty command name");
-		if (args && args[i] && !json_is_object(args[i]))
-			return ferry_err_set(err, EINVAL, "qmp %s: arguments must be a JSON object, not %s", commands[i],
-					     json_type_name(args[i]));
-	}
 	if (q->broken) {
 		broken_error(q, &e);
 		return ferry_err_set(err, q->broken, "qmp %s: %s", commands[0], e.msg);
@@ -675,7 +590,7 @@ int ferry_qmp_execute_batch(struct ferry_qmp *q, size_t n, const char *const com
 	}
 	struct qmp_deadline d = deadline_in(q->timeout_ms);
 	if (rc == 0)
-		rc = send_all(q, all, len, -1, &d, &e);
+		rc = send_all(q, all, len, pass_fd, &d, &e);
 	free(all);
 	/* Every reply is read, errors included, so none is left for a later
 	 * command to skip; the replies come in the order of the commands. */
@@ -690,7 +605,8 @@ int ferry_qmp_execute_batch(struct ferry_qmp *q, size_t n, const char *const com
 			event_push(q, msg);
 			continue;
 		}
-		/* An error without an id answers the oldest command still open. */
+		/* An error without an id answers the oldest command still open:
+		 * QEMU cannot echo the id of a request it failed to parse. */
 		size_t i = rid >= first && rid < first + (int64_t)n ? (size_t)(rid - first)
 			   : kind == FERRY_QMP_MSG_ERROR && rid == -1 ? replied : n;
 		if (i < n && kind == FERRY_QMP_MSG_RETURN) {
@@ -705,7 +621,7 @@ int ferry_qmp_execute_batch(struct ferry_qmp *q, size_t n, const char *const com
 			}
 			replied++;
 		}
-		json_decref(msg); /* stale replies and stray greetings are not ours */
+		json_decref(msg); /* stale replies (e.g. to a command that timed out) and stray greetings are not ours */
 	}
 	if (rc == 0 && failed < n)
 		rc = -EREMOTEIO;
@@ -717,6 +633,52 @@ int ferry_qmp_execute_batch(struct ferry_qmp *q, size_t n, const char *const com
 		return ferry_err_set(err, rc, "qmp %s: %s", commands[failed < n ? failed : replied < n ? replied : 0], e.msg);
 	}
 	return 0;
+}
+
+/* One command: a batch of one, its checks worded for the single command. */
+static int do_execute(struct ferry_qmp *q, const char *command, json_t *args, int pass_fd,
+		      json_t **result, struct ferry_err *err)
+{
+	if (result)
+		*result = NULL;
+	if (!q)
+		return ferry_err_set(err, EINVAL, "qmp: no monitor connection");
+	if (!command || !*command)
+		return ferry_err_set(err, EINVAL, "qmp: empty command name");
+	if (args && !json_is_object(args))
+		return ferry_err_set(err, EINVAL, "qmp %s: arguments must be a JSON object, not %s",
+				     command, json_type_name(args));
+	const char *const cmds[1] = { command };
+	json_t *const cargs[1] = { args };
+	json_t *res = NULL;
+	int rc = exchange(q, 1, cmds, cargs, pass_fd, &res, err);
+	if (rc == 0 && result)
+		*result = res;
+	else
+		json_decref(res);
+	return rc;
+}
+
+int ferry_qmp_execute(struct ferry_qmp *qmp, const char *command, json_t *args,
+		      json_t **result, struct ferry_err *err)
+{
+	return do_execute(qmp, command, args, -1, result, err);
+}
+
+int ferry_qmp_execute_batch(struct ferry_qmp *q, size_t n, const char *const commands[], json_t *const args[],
+			    json_t *results[], struct ferry_err *err)
+{
+	if (!q || n == 0 || n > FERRY_QMP_BATCH_MAX || !commands || !results)
+		return ferry_err_set(err, EINVAL, "qmp batch: no monitor, or not 1 to %d commands", FERRY_QMP_BATCH_MAX);
+	for (size_t i = 0; i < n; i++) {
+		results[i] = NULL;
+		if (!commands[i] || !*commands[i])
+			return ferry_err_set(err, EINVAL, "qmp batch: empty command name");
+		if (args && args[i] && !json_is_object(args[i]))
+			return ferry_err_set(err, EINVAL, "qmp %s: arguments must be a JSON object, not %s", commands[i],
+					     json_type_name(args[i]));
+	}
+	return exchange(q, n, commands, args, -1, results, err);
 }
 
 int ferry_qmp_executef(struct ferry_qmp *qmp, json_t **result, struct ferry_err *err,

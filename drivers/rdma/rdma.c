@@ -1,5 +1,6 @@
 #include "rdma.h"
 #include "../dgram.h"
+#include "../hostport.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -164,29 +165,13 @@ static int set_nonblock(int fd)
 
 static int parse_addr(const char *s, struct sockaddr_storage *ss, struct ferry_err *err)
 {
-	const char *colon = strrchr(s, ':');
-	if (!colon || colon == s || !colon[1])
-		return ferry_err_set(err, EINVAL, "rdma address '%s' is not IP:PORT", s);
-	char host[128], port[16];
-	size_t hl = (size_t)(colon - s);
-	const char *h = s;
-	if (s[0] == '[' && hl >= 2 && s[hl - 1] == ']') {
-		h++;
-		hl -= 2;
-	}
-	if (hl >= sizeof(host) || strlen(colon + 1) >= sizeof(port))
-		return ferry_err_set(err, ENAMETOOLONG, "rdma address '%s' is too long", s);
-	memcpy(host, h, hl);
-	host[hl] = '\0';
-	strcpy(port, colon + 1);
-	char *end;
-	long p = strtol(port, &end, 10);
-	if (*end || p < 0 || p > 65535)
-		return ferry_err_set(err, EINVAL, "rdma port '%s' is not a number from 0 to 65535", port);
+	struct ferry_hostport hp;
+	if (ferry_parse_hostport(s, FERRY_HP_PORT0, &hp, err))
+		return ferry_err_prefix(err, "rdma address (IP:PORT)");
 	struct addrinfo hints = { .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV }, *res = NULL;
-	int g = getaddrinfo(host, port, &hints, &res);
+	int g = getaddrinfo(hp.host, hp.port, &hints, &res);
 	if (g)
-		return ferry_err_set(err, EINVAL, "rdma address '%s': '%s' is not a numeric IP address (%s)", s, host,
+		return ferry_err_set(err, EINVAL, "rdma address '%s': '%s' is not a numeric IP address (%s)", s, hp.host,
 				     gai_strerror(g));
 	memset(ss, 0, sizeof(*ss));
 	memcpy(ss, res->ai_addr, res->ai_addrlen);

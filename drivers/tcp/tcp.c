@@ -1,4 +1,5 @@
 #include "tcp.h"
+#include "../hostport.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -50,39 +51,16 @@ struct ferry_lane_drv {
 	struct ferry_frame_hdr cur;
 };
 
-static int parse_hostport(const char *s, char *host, size_t hostlen, char *port, size_t portlen,
-			  struct ferry_err *err)
-{
-	const char *colon = strrchr(s, ':');
-	if (!colon || colon == s || !colon[1])
-		return ferry_err_set(err, EINVAL, "tcp address '%s' is not HOST:PORT", s);
-	size_t hl = (size_t)(colon - s);
-	if (s[0] == '[' && hl >= 2 && s[hl - 1] == ']') { /* [v6]:port */
-		s++;
-		hl -= 2;
-	}
-	if (hl >= hostlen || strlen(colon + 1) >= portlen)
-		return ferry_err_set(err, ENAMETOOLONG, "tcp address '%s' is too long", s);
-	memcpy(host, s, hl);
-	host[hl] = '\0';
-	strcpy(port, colon + 1);
-	char *end;
-	long p = strtol(port, &end, 10);
-	if (*end || p < 0 || p > 65535)
-		return ferry_err_set(err, EINVAL, "tcp port '%s' is not a number from 0 to 65535", port);
-	return 0;
-}
-
 static int resolve(const char *hostport, bool passive, struct addrinfo **res, struct ferry_err *err)
 {
-	char host[256], port[16];
-	int rc = parse_hostport(hostport, host, sizeof(host), port, sizeof(port), err);
-	if (rc)
-		return rc;
+	/* Port 0 binds any free port; nothing listens there to connect to. */
+	struct ferry_hostport hp;
+	if (ferry_parse_hostport(hostport, passive ? FERRY_HP_PORT0 : 0, &hp, err))
+		return ferry_err_prefix(err, "tcp address");
 	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV };
 	if (passive)
 		hints.ai_flags |= AI_PASSIVE;
-	int g = getaddrinfo(host, port, &hints, res);
+	int g = getaddrinfo(hp.host, hp.port, &hints, res);
 	if (g)
 		return ferry_err_set(err, EHOSTUNREACH, "cannot resolve '%s': %s", hostport, gai_strerror(g));
 	return 0;

@@ -1,4 +1,5 @@
 #include "udp.h"
+#include "../hostport.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -43,36 +44,6 @@ struct ferry_dgram_dev {
 	char host[INET6_ADDRSTRLEN];
 	struct udp_queue q[];
 };
-
-static int parse_hostport(const char *s, char *host, size_t hostlen, char *ports, size_t portlen,
-			  struct ferry_err *err)
-{
-	const char *colon = strrchr(s, ':');
-	if (!colon || colon == s || !colon[1])
-		return ferry_err_set(err, EINVAL, "udp address '%s' is not HOST:PORT", s);
-	size_t hl = (size_t)(colon - s);
-	if (s[0] == '[' && hl >= 2 && s[hl - 1] == ']') { /* [v6]:port */
-		s++;
-		hl -= 2;
-	}
-	if (hl >= hostlen || strlen(colon + 1) >= portlen)
-		return ferry_err_set(err, ENAMETOOLONG, "udp address '%s' is too long", s);
-	memcpy(host, s, hl);
-	host[hl] = '\0';
-	strcpy(ports, colon + 1);
-	return 0;
-}
-
-static int parse_port(const char *s, unsigned long *out, struct ferry_err *err)
-{
-	char *end;
-	errno = 0;
-	unsigned long p = strtoul(s, &end, 10);
-	if (errno || end == s || *end || p > 65535)
-		return ferry_err_set(err, EINVAL, "udp port '%s' is not a number from 0 to 65535", s);
-	*out = p;
-	return 0;
-}
 
 static int resolve_host(const char *host, const char *port, bool passive, struct sockaddr_storage *ss,
 			socklen_t *sl, struct ferry_err *err)
@@ -205,17 +176,15 @@ static int udp_open(const struct ferry_driver_config *cfg, struct ferry_dgram_de
 	    (rc = ferry_dgram_opt_uint(cfg, "sockbuf", DEFAULT_SOCKBUF, 65536, 1ul << 30, &sockbuf, err)))
 		return ferry_err_prefix(err, "udp driver");
 	const char *bind_addr = ferry_driver_option(cfg, "bind");
-	char host[256], ports[16];
-	if ((rc = parse_hostport(bind_addr ? bind_addr : "127.0.0.1:0", host, sizeof(host), ports, sizeof(ports), err)))
-		return ferry_err_prefix(err, "udp driver");
-	unsigned long port;
-	if ((rc = parse_port(ports, &port, err)))
-		return ferry_err_prefix(err, "udp driver");
+	struct ferry_hostport hp;
+	if ((rc = ferry_parse_hostport(bind_addr ? bind_addr : "127.0.0.1:0", FERRY_HP_PORT0, &hp, err)))
+		return ferry_err_prefix(err, "udp driver: bind");
+	unsigned long port = hp.first;
 	if (port + nq - 1 > 65535)
 		return ferry_err_set(err, EINVAL, "udp driver: %lu queues from port %lu run past 65535", nq, port);
 	struct sockaddr_storage ss;
 	socklen_t sl;
-	if ((rc = resolve_host(host, "0", true, &ss, &sl, err)))
+	if ((rc = resolve_host(hp.host, "0", true, &ss, &sl, err)))
 		return ferry_err_prefix(err, "udp driver");
 
 	struct ferry_dgram_dev *dev = calloc(1, sizeof(*dev) + nq * sizeof(struct udp_queue));
@@ -306,26 +275,22 @@ static int udp_resolve(struct ferry_dgram_dev *dev, const char *endpoint, unsign
 	if (strncmp(endpoint, "udp:", 4) != 0)
 		return ferry_err_set(err, EINVAL, "udp driver cannot reach endpoint '%s' (want udp:HOST:PORT[-PORT])",
 				     endpoint);
-	char host[256], ports[16];
-	int rc = parse_hostport(endpoint + 4, host, sizeof(host), ports, sizeof(ports), err);
+	struct ferry_hostport hp;
+	int rc = ferry_parse_hostport(endpoint + 4, FERRY_HP_RANGE, &hp, err);
 	if (rc)
-		return rc;
-	char *dash = strchr(ports, '-');
-	unsigned long lo, hi;
-	if (dash)
-		*dash = '\0';
-	if ((rc = parse_port(ports, &lo, err)) || (rc = parse_port(dash ? dash + 1 : ports, &hi, err)))
-		return rc;
-	if (lo == 0 || hi < lo || hi - lo >= MAX_QUEUES)
-		return ferry_err_set(err, EINVAL, "udp endpoint '%s' has no valid port range", endpoint);
+		return ferry_err_prefix(err, "udp endpoint");
+	unsigned long lo = hp.first, hi = hp.last;
+	if (hi - lo >= MAX_QUEUES)
+		return ferry_err_set(err, EINVAL, "udp endpoint '%s' has no valid port range (more than %d ports)", endpoint,
+				     MAX_QUEUES);
 	*peer_queues = (unsigned)(hi - lo + 1);
 	if (queue >= *peer_queues)
 		return -ERANGE;
 	struct sockaddr_storage ss;
 	socklen_t sl;
-	char port[8];
+	char port[12];
 	snprintf(port, sizeof(port), "%lu", lo + queue);
-	if ((rc = resolve_host(host, port, false, &ss, &sl, err)))
+	if ((rc = resolve_host(hp.host, port, false, &ss, &sl, err)))
 		return rc;
 	if (ss.ss_family != dev->family)
 		return ferry_err_set(err, EAFNOSUPPORT, "udp endpoint '%s' is %s but this device is bound to %s", endpoint,

@@ -5,6 +5,7 @@
  * a socketpair, or of a real unix listening socket) and, when installed,
  * against a real qemu-system-x86_64. */
 #include "controlplane/qmp.h"
+#include "controlplane/migrate.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -603,6 +604,79 @@ static void script_caps_error(struct peer *p)
 	peer_drain(p);
 }
 
+/* ---- what each side's migration settings send (ferry_migrate_set_caps) -- */
+
+/* Expect cmd whose "arguments" dump (sorted keys; "null": none) is want; reply {}. */
+static void peer_expect_args(struct peer *p, const char *cmd, const char *want)
+{
+	json_t *m = NULL;
+	int64_t id = peer_expect(p, cmd, &m);
+	json_t *args = json_object_get(m, "arguments");
+	char *got = args ? json_dumps(args, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+	if (m && strcmp(got ? got : "null", want) != 0)
+		peer_fail(p, "%s: arguments %s, want %s", cmd, got ? got : "null", want);
+	free(got);
+	json_decref(m);
+	peer_sendf(p, "{\"return\": {}, \"id\": %" PRId64 "}\n", id);
+}
+
+#define CAP(name, on) "{\"capability\":\"" name "\",\"state\":" on "}"
+static void script_migrate_caps(struct peer *p)
+{
+	peer_handshake(p);
+	/* The source: multifd, postcopy, its bandwidth. */
+	peer_expect_args(p, "migrate-set-capabilities",
+			 "{\"capabilities\":[" CAP("events", "true") "," CAP("multifd", "true") ","
+			 CAP("postcopy-ram", "true") "," CAP("postcopy-preempt", "true") "]}");
+	peer_expect_args(p, "migrate-set-parameters", "{\"max-bandwidth\":5000,\"multifd-channels\":2}");
+	/* The source without channels: multifd off, so no earlier setting lingers. */
+	peer_expect_args(p, "migrate-set-capabilities",
+			 "{\"capabilities\":[" CAP("events", "true") "," CAP("multifd", "false") "]}");
+	peer_expect_args(p, "migrate-set-parameters", "{\"max-bandwidth\":7000}");
+	/* The destination: multifd only when used, never max-bandwidth... */
+	peer_expect_args(p, "migrate-set-capabilities",
+			 "{\"capabilities\":[" CAP("events", "true") "," CAP("multifd", "true") "]}");
+	peer_expect_args(p, "migrate-set-parameters", "{\"multifd-channels\":3}");
+	/* ... and with neither, no migrate-set-parameters at all: the next
+	 * command is the test's own. */
+	peer_expect_args(p, "migrate-set-capabilities",
+			 "{\"capabilities\":[" CAP("events", "true") "," CAP("postcopy-ram", "true") "]}");
+	peer_expect_args(p, "query-name", "null");
+	peer_drain(p);
+}
+#undef CAP
+
+static void test_migrate_caps(void)
+{
+	struct ferry_err err = { 0 };
+	struct ferry_qmp *q = NULL;
+	int cfd, rc;
+	struct peer *p = peer_start(script_migrate_caps, &cfd);
+
+	if (!p) {
+		CHECK(false, "migrate caps: start peer");
+		return;
+	}
+	rc = ferry_qmp_open_fd(cfd, 5000, &q, &err);
+	CHECK(rc == 0, "migrate caps: open (rc=%d %s)", rc, err.msg);
+	if (rc == 0) {
+		const struct ferry_migrate_caps sides[] = {
+			{ .channels = 2, .multifd_always = true, .postcopy = true, .preempt = true, .max_bandwidth = 5000 },
+			{ .multifd_always = true, .max_bandwidth = 7000 },
+			{ .channels = 3 },
+			{ .postcopy = true },
+		};
+		for (size_t i = 0; i < sizeof(sides) / sizeof(sides[0]); i++) {
+			rc = ferry_migrate_set_caps(q, &sides[i], &err);
+			CHECK(rc == 0, "migrate caps: settings %zu sent (rc=%d %s)", i, rc, err.msg);
+		}
+		rc = ferry_qmp_execute(q, "query-name", NULL, NULL, &err);
+		CHECK(rc == 0, "migrate caps: the next command gets its own reply (rc=%d %s)", rc, err.msg);
+		ferry_qmp_close(q);
+	}
+	peer_finish(p, "migrate caps");
+}
+
 /* Open against a peer script and check the result of the handshake. */
 static void expect_open_fails(void (*script)(struct peer *), int timeout_ms, int want_rc,
 			      const char *want_msg, int64_t max_ms, const char *name)
@@ -1032,6 +1106,7 @@ int main(void)
 	expect_open_fails(script_caps_error, 5000, -EREMOTEIO,
 			  "qmp qmp_capabilities: CommandNotFound: nope", 3000,
 			  "handshake: qmp_capabilities rejected");
+	test_migrate_caps();
 	test_reply_timeout();
 	test_huge_stream();
 	test_event_flood();

@@ -626,8 +626,9 @@ static int fault_for(struct link *l, const char *spec, struct ferry_err *err)
 }
 
 /* a copies into its own slots and reads with ferry_rl_read; b keeps the
- * datagrams (rx_release) and receives zero-copy: both paths in every run. */
-static int net_setup(struct net *n, const struct net_params *p)
+ * datagrams (rx_release) and receives zero-copy: both paths in every run.
+ * A failure is a failed check named after label. */
+static int net_setup(struct net *n, const struct net_params *p, const char *label)
 {
 	struct ferry_err err = { 0 };
 	struct ferry_rl_config c;
@@ -641,7 +642,7 @@ static int net_setup(struct net *n, const struct net_params *p)
 		links[i]->qlimit = p->qlimit;
 	}
 	if (fault_for(&n->ab, p->fault_ab, &err) || fault_for(&n->ba, p->fault_ba, &err)) {
-		printf("# fault config: %s\n", err.msg);
+		CHECK(0, "%s: set up: fault config: %s", label, err.msg);
 		return -1;
 	}
 	struct side *sides[2] = { &n->a, &n->b };
@@ -661,7 +662,7 @@ static int net_setup(struct net *n, const struct net_params *p)
 			s->lend_every = 3;
 		}
 		if (ferry_rl_create(&c, n->now, &s->rl, &err)) {
-			printf("# rlane: %s\n", err.msg);
+			CHECK(0, "%s: set up: rlane: %s", label, err.msg);
 			return -1;
 		}
 	}
@@ -728,10 +729,8 @@ static void transfer(const char *name, const struct net_params *p, struct xfer_r
 	struct net n;
 	struct ferry_rl_stats sa, sb;
 	printf("# %s\n", name);
-	if (net_setup(&n, p)) {
-		CHECK(0, "%s: set up", name);
+	if (net_setup(&n, p, name))
 		return;
-	}
 	uint64_t t0 = n.now;
 	double w0 = wall(), c0 = cpu();
 	bool ok = net_run(&n, transfer_done, 600000 * MS);
@@ -872,10 +871,8 @@ static void test_aimd(void)
 	struct net_params p = { .dgram = JUMBO_DGRAM, .window = 2048, .ns_per_byte = 8.0, .latency = 50 * US,
 				.qlimit = 128 << 10, .bytes_ab = 48 * MIB / scale };
 	printf("# AIMD over a congested bottleneck\n");
-	if (net_setup(&n, &p)) {
-		CHECK(0, "aimd: set up");
+	if (net_setup(&n, &p, "aimd"))
 		return;
-	}
 	n.a.trace = true;
 	bool ok = net_run(&n, ab_done, 600000 * MS);
 	struct ferry_rl_stats st;
@@ -909,10 +906,8 @@ static void test_aimd(void)
 	 * the path's capacity (10 Gb/s, 100 us) keeps queues out of it. */
 	struct net_params q = { .dgram = 1472, .window = 64, .ns_per_byte = 0.8, .latency = 50 * US,
 				.bytes_ab = 48 * MIB };
-	if (net_setup(&n, &q)) {
-		CHECK(0, "aimd burst: set up");
+	if (net_setup(&n, &q, "aimd burst"))
 		return;
-	}
 	net_run(&n, NULL, 3 * MS);
 	struct ferry_rl_stats before, cut, after;
 	episode(&n, &n.ab.blackhole, 60 * US, 2 * MS, &before, &cut);
@@ -938,10 +933,8 @@ static void test_spurious_rto(void)
 	struct net_params p = { .dgram = JUMBO_DGRAM, .window = 256, .ns_per_byte = 0.1, .latency = 20 * US,
 				.bytes_ab = 256 * MIB / scale };
 	printf("# a receiver descheduled past the RTO\n");
-	if (net_setup(&n, &p)) {
-		CHECK(0, "spurious rto: set up");
+	if (net_setup(&n, &p, "spurious rto"))
 		return;
-	}
 	net_run(&n, NULL, 3 * MS);
 	struct ferry_rl_stats before, after, end;
 	episode(&n, &n.b.stalled, 8 * MS, 1 * MS, &before, &after);
@@ -971,10 +964,8 @@ static void test_reorder_adapts(void)
 	struct net_params p = { .dgram = JUMBO_DGRAM, .window = 256, .ns_per_byte = 0.1, .latency = 20 * US,
 				.fault_ab = "reorder=0.03,depth=64,hold_us=25,seed=11", .bytes_ab = 128 * MIB / scale };
 	printf("# reordering, no loss\n");
-	if (net_setup(&n, &p)) {
-		CHECK(0, "reorder: set up");
+	if (net_setup(&n, &p, "reorder"))
 		return;
-	}
 	bool ok = net_run(&n, ab_done, 60000 * MS);
 	struct ferry_rl_stats st;
 	ferry_rl_stats(n.a.rl, &st);
@@ -1002,10 +993,8 @@ static void test_pacing(void)
 				.bytes_ab = 16 * MIB, .pace_burst = 1 };
 	for (int paced = 1; paced >= 0; paced--) {
 		p.no_pacing = !paced;
-		if (net_setup(&n, &p)) {
-			CHECK(0, "pacing: set up");
+		if (net_setup(&n, &p, "pacing"))
 			return;
-		}
 		/* watch from the first RTT sample on (before it nothing paces) */
 		while (!n.a.fail_rc) {
 			struct ferry_rl_stats st;
@@ -1032,10 +1021,8 @@ static void test_pacing(void)
 	p.no_pacing = false;
 	p.max_rate = 200000000; /* 200 MB/s */
 	p.bytes_ab = 8 * MIB;
-	if (net_setup(&n, &p)) {
-		CHECK(0, "pacing: set up");
+	if (net_setup(&n, &p, "pacing"))
 		return;
-	}
 	n.a.watch = true;
 	n.a.w_rate = p.max_rate;
 	uint64_t t0 = n.now;
@@ -1057,10 +1044,8 @@ static void test_window(void)
 	const unsigned W = 64;
 	struct net_params p = { .dgram = 1472, .window = W, .ns_per_byte = 0.8, .latency = 20 * US,
 				.bytes_ab = 4 * MIB, .dead_ns = 50 * MS, .keepalive_ns = 10 * MS };
-	if (net_setup(&n, &p)) {
-		CHECK(0, "window: set up");
+	if (net_setup(&n, &p, "window"))
 		return;
-	}
 	size_t seg = ferry_rl_segment_max(n.a.rl);
 	ferry_rl_destroy(n.a.rl);
 	struct ferry_rl_config c;
@@ -1124,7 +1109,7 @@ static void test_dead_peer(void)
 				.dead_ns = dead, .keepalive_ns = 40 * MS, .rto_max_ns = 50 * MS };
 
 	/* busy: the peer vanishes mid-transfer */
-	if (net_setup(&n, &p))
+	if (net_setup(&n, &p, "dead busy peer"))
 		return;
 	net_run(&n, NULL, 5 * MS);
 	uint64_t died = n.now;
@@ -1146,7 +1131,7 @@ static void test_dead_peer(void)
 
 	/* idle: nothing to send, the keepalive notices */
 	p.bytes_ab = 0;
-	if (net_setup(&n, &p))
+	if (net_setup(&n, &p, "dead idle peer"))
 		return;
 	net_run(&n, NULL, 3 * MS);
 	died = n.now;
@@ -1159,7 +1144,7 @@ static void test_dead_peer(void)
 	net_free(&n);
 
 	/* idle but alive: keepalives keep it up for many dead times */
-	if (net_setup(&n, &p))
+	if (net_setup(&n, &p, "idle live peer"))
 		return;
 	net_run(&n, NULL, n.now + 10 * dead);
 	struct ferry_rl_stats st;
@@ -1541,7 +1526,7 @@ static void bench(uint64_t mib)
 		struct net_params p = { .dgram = sizes[i], .window = 1024, .ns_per_byte = 0, .latency = 10 * US,
 					.bytes_ab = mib * MIB };
 		struct net n;
-		if (net_setup(&n, &p))
+		if (net_setup(&n, &p, "bench"))
 			return;
 		double w0 = wall(), c0 = cpu();
 		bool ok = net_run(&n, ab_done, NEVER - 1);
@@ -1563,7 +1548,7 @@ static void bench(uint64_t mib)
 	struct net_params p = { .dgram = 1472, .window = 1024, .ns_per_byte = 0, .latency = 10 * US,
 				.bytes_ab = mib * MIB / 16 };
 	struct net n;
-	if (net_setup(&n, &p))
+	if (net_setup(&n, &p, "bench small"))
 		return;
 	double c0 = cpu();
 	bool ok = net_run(&n, ab_done, NEVER - 1);

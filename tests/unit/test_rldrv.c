@@ -214,6 +214,24 @@ static int lane_pair(struct ferry_device *a, struct ferry_device *b, unsigned in
 	return 0;
 }
 
+/* The tests' preamble: devices a and b with the same options (o1, o2 as for
+ * dev_open) and, when la is given, lane 0 between them (a -> b). Each step is
+ * a check; returns whether all is there. What opened is left in *a, *b, *la
+ * and *lb for the caller's cleanup (ops.close takes NULL). */
+static bool pair_up(const char *label, const char *o1, const char *o2, struct ferry_device **a,
+		    struct ferry_device **b, struct ferry_lane_drv **la, struct ferry_lane_drv **lb)
+{
+	struct ferry_err err = { 0 };
+	*a = *b = NULL;
+	bool ok = dev_open(a, o1, o2, NULL, &err) == 0 && dev_open(b, o1, o2, NULL, &err) == 0;
+	CHECK(ok, "%s: two devices open: %s", label, err.msg);
+	if (ok && la) {
+		ok = lane_pair(*a, *b, 0, la, lb, &err) == 0 && *la && *lb;
+		CHECK(ok, "%s: a lane with the HELLO handshake: %s", label, err.msg);
+	}
+	return ok;
+}
+
 /* ---- streams both ways on every lane -------------------------------------- */
 
 struct side {
@@ -385,11 +403,8 @@ static void streams(const char *label, const char *fault, const char *queues, si
 	struct ferry_err err = { 0 };
 	struct ferry_device *a = NULL, *b = NULL;
 	uint64_t kept = 0; /* datagrams the lanes kept in lent buffers */
-	int rc = dev_open(&a, fault, queues, NULL, &err);
-	if (!rc)
-		rc = dev_open(&b, fault, queues, NULL, &err);
-	CHECK(rc == 0, "%s: two udp devices open: %s", label, err.msg);
-	if (rc)
+	int rc;
+	if (!pair_up(label, fault, queues, &a, &b, NULL, NULL))
 		goto out;
 	struct ferry_lane_drv *la[NLANES] = { 0 }, *lb[NLANES] = { 0 };
 	for (unsigned i = 0; i < NLANES; i++) {
@@ -503,10 +518,10 @@ static void accepted_lane_wakes(void)
 {
 	struct ferry_err err = { 0 };
 	struct ferry_device *a = NULL, *b = NULL;
-	CHECK(dev_open(&a, "queues=1", NULL, NULL, &err) == 0 && dev_open(&b, "queues=1", NULL, NULL, &err) == 0,
-	      "open two devices: %s", err.msg);
-	char ep[FERRY_ENDPOINT_MAX];
 	struct ferry_lane_drv *la = NULL, *lb = NULL;
+	if (!pair_up("accepted lane", "queues=1", NULL, &a, &b, NULL, NULL))
+		goto out;
+	char ep[FERRY_ENDPOINT_MAX];
 	static const uint8_t token[16] = "0123456789abcdef";
 	CHECK(ops.local_endpoint(b, ep, sizeof(ep), &err) == 0 && ops.lane_connect(a, ep, 0, 1000, &la, &err) == 0 &&
 	      send_frame(la, FERRY_FT_HELLO, 0, 1, token, 16, NULL, &err) >= 0, "connect and send a HELLO: %s", err.msg);
@@ -534,6 +549,7 @@ static void accepted_lane_wakes(void)
 	}
 	if (la)
 		ops.lane_close(la);
+out:
 	ops.close(a);
 	ops.close(b);
 }
@@ -542,8 +558,9 @@ static void basics(void)
 {
 	struct ferry_err err = { 0 };
 	struct ferry_device *a = NULL, *b = NULL;
-	CHECK(dev_open(&a, "queues=2", NULL, NULL, &err) == 0 && dev_open(&b, "queues=2", NULL, NULL, &err) == 0,
-	      "open two devices: %s", err.msg);
+	struct ferry_lane_drv *la = NULL, *lb = NULL;
+	if (!pair_up("basics", "queues=2", NULL, &a, &b, NULL, NULL))
+		goto out;
 	char ep[FERRY_ENDPOINT_MAX];
 	CHECK(ops.local_endpoint(b, ep, sizeof(ep), &err) == 0 && strncmp(ep, "udp:127.0.0.1:", 14) == 0 &&
 	      strchr(ep + 14, '-'), "endpoint names the port range: %s", ep);
@@ -552,7 +569,6 @@ static void basics(void)
 	CHECK(ops.lane_connect(a, "tcp:127.0.0.1:1", 0, 100, &x, &err) == -EINVAL && strstr(err.msg, "udp"),
 	      "a foreign endpoint is refused: %s", err.msg);
 
-	struct ferry_lane_drv *la = NULL, *lb = NULL;
 	ferry_err_clear(&err);
 	CHECK(lane_pair(a, b, 0, &la, &lb, &err) == 0, "a lane with the HELLO handshake: %s", err.msg);
 	if (!la || !lb)
@@ -625,11 +641,8 @@ static void silent_peer(void)
 {
 	struct ferry_err err = { 0 };
 	struct ferry_device *a = NULL, *b = NULL;
-	CHECK(dev_open(&a, "rl_dead_ms=800", NULL, NULL, &err) == 0 && dev_open(&b, "rl_dead_ms=800", NULL, NULL, &err) == 0,
-	      "open two devices that give up after 800 ms: %s", err.msg);
 	struct ferry_lane_drv *la = NULL, *lb = NULL;
-	CHECK(lane_pair(a, b, 0, &la, &lb, &err) == 0, "a lane: %s", err.msg);
-	if (!la || !lb)
+	if (!pair_up("silent peer (rl_dead_ms=800)", "rl_dead_ms=800", NULL, &a, &b, &la, &lb))
 		goto out;
 	static uint8_t data[1 << 20];
 	CHECK(send_frame(la, FERRY_FT_DATA, 1, 0, data, sizeof(data), (void *)1, &err) >= 0, "queue 1 MiB; the peer never reads again");
@@ -688,11 +701,8 @@ static void busy_reader(void)
 {
 	struct ferry_err err = { 0 };
 	struct ferry_device *a = NULL, *b = NULL;
-	CHECK(dev_open(&a, "rl_dead_ms=500", NULL, NULL, &err) == 0 && dev_open(&b, "rl_dead_ms=500", NULL, NULL, &err) == 0,
-	      "open two devices that give up after 500 ms: %s", err.msg);
 	struct ferry_lane_drv *la = NULL, *lb = NULL;
-	CHECK(lane_pair(a, b, 0, &la, &lb, &err) == 0, "a lane: %s", err.msg);
-	if (!la || !lb)
+	if (!pair_up("busy reader (rl_dead_ms=500)", "rl_dead_ms=500", NULL, &a, &b, &la, &lb))
 		goto out;
 	enum { FRAMES = BR_FRAMES, FRAME = BR_FRAME };
 	static uint8_t data[FRAMES][FRAME], got[FRAMES][FRAME];

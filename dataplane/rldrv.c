@@ -70,7 +70,6 @@ struct ferry_device {
 	bool has_fault;
 	struct ferry_fault_config fault;
 	uint64_t poll_ns;
-	unsigned lanes_per_queue; /* a session's lanes one queue may carry (option, default 1) */
 	pthread_mutex_t lock;              /* lanes, accept, closed, queue lane counts */
 	struct ferry_lane_drv *lanes;
 	struct fifo accept;
@@ -1252,10 +1251,9 @@ static int periodic_timer(uint64_t ns, struct ferry_err *err)
 
 static int parse_options(struct ferry_device *dev, const struct ferry_driver_config *cfg, struct ferry_err *err)
 {
-	unsigned long window, dead_ms, rate, poll_us, lpq;
+	unsigned long window, dead_ms, rate, poll_us;
 	int rc;
-	if ((rc = ferry_dgram_opt_uint(cfg, "lanes_per_queue", 1, 1, 64, &lpq, err)) ||
-	    (rc = ferry_dgram_opt_uint(cfg, "rl_window", 512, 4, FERRY_RL_WINDOW_MAX, &window, err)) ||
+	if ((rc = ferry_dgram_opt_uint(cfg, "rl_window", 512, 4, FERRY_RL_WINDOW_MAX, &window, err)) ||
 	    (rc = ferry_dgram_opt_uint(cfg, "rl_dead_ms", 5000, 100, 3600000, &dead_ms, err)) ||
 	    (rc = ferry_dgram_opt_uint(cfg, "rl_rate", 0, 0, ~0ul, &rate, err)) ||
 	    (rc = ferry_dgram_opt_uint(cfg, "poll_us", DEFAULT_POLL_US, 10, 1000000, &poll_us, err)))
@@ -1276,7 +1274,6 @@ static int parse_options(struct ferry_device *dev, const struct ferry_driver_con
 		dev->rlcfg.user = dev;
 	}
 	dev->poll_ns = (uint64_t)poll_us * 1000ull;
-	dev->lanes_per_queue = (unsigned)lpq;
 	const char *spec = ferry_driver_option(cfg, "fault");
 	if (spec && *spec) {
 		if ((rc = ferry_fault_parse(spec, &dev->fault, err)))
@@ -1363,16 +1360,12 @@ static int rl_local_endpoint(struct ferry_device *dev, char *buf, size_t len, st
 static int rl_queue_counts(struct ferry_device *dev, const char *peer, unsigned *local, unsigned *peer_q,
 			   struct ferry_err *err)
 {
-	/* lanes_per_queue > 1 lets a session put that many lanes on a queue
-	 * again (the hand-over's cost accepted): a stop-gap for a port where
-	 * one lane per queue stalls (af_xdp on veth, performance.md). */
-	*local = dev->nq * dev->lanes_per_queue;
+	*local = dev->nq;
 	*peer_q = 0;
 	if (!peer)
 		return 0;
 	struct ferry_dgram_addr addr;
 	int rc = dev->b->resolve(dev->bd, peer, 0, &addr, peer_q, err);
-	*peer_q *= dev->lanes_per_queue;
 	return rc ? ferry_err_prefix(err, "%s driver", dev->b->name) : 0;
 }
 

@@ -337,13 +337,20 @@ static unsigned recv_queue(struct ferry_device *dev, unsigned qi, struct ferry_l
 	struct rq *q = &dev->q[qi];
 	if (pthread_mutex_trylock(&q->rx_lock))
 		return 0;
+	/* What the acceptor's sweep took off this queue for self (while self
+	 * did not receive) left it before anything still there: feed it first,
+	 * under the queue's lock, or the two arrive swapped and the peer takes
+	 * the late ones for lost (a resend and a window cut for nothing). */
+	unsigned got = 0;
+	if (self)
+		take_inbox(self, now, &got);
 	__atomic_store_n(&q->last_rx_ns, now, __ATOMIC_RELAXED);
 	struct ferry_dgram_buf bufs[BURST];
 	int n = dev->b->recv(dev->bd, qi, bufs, BURST, err);
 	if (n < 0) {
 		pthread_mutex_unlock(&q->rx_lock);
 		*fail = n;
-		return 0;
+		return got;
 	}
 	/* Self's datagrams may stay in the backend's buffers until consumed
 	 * (no copy into the rlane) while the backend has buffers to spare;
@@ -366,16 +373,16 @@ static unsigned recv_queue(struct ferry_device *dev, unsigned qi, struct ferry_l
 	if (back > 0)
 		dev->b->release(dev->bd, qi, bufs, back);
 	pthread_mutex_unlock(&q->rx_lock);
-	return (unsigned)n;
+	return got + (unsigned)n;
 }
 
 /* Everything that arrived for this lane so far; returns datagrams seen. */
 static unsigned pump(struct ferry_lane_drv *l, uint64_t now, int *fail, struct ferry_err *err)
 {
-	unsigned got = 0;
 	l->last_pump_ns = now;
+	unsigned got = recv_queue(l->dev, l->q, l, now, fail, err);
+	/* the queue was busy (the sweep at it): take what it handed over */
 	take_inbox(l, now, &got);
-	got += recv_queue(l->dev, l->q, l, now, fail, err);
 	return got;
 }
 

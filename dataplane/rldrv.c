@@ -70,7 +70,6 @@ struct ferry_device {
 	bool has_fault;
 	struct ferry_fault_config fault;
 	uint64_t poll_ns;
-	unsigned lanes_per_queue; /* a session's lanes one queue may carry (option, default 1) */
 	pthread_mutex_t lock;              /* lanes, accept, closed, queue lane counts */
 	struct ferry_lane_drv *lanes;
 	struct fifo accept;
@@ -338,13 +337,20 @@ static unsigned recv_queue(struct ferry_device *dev, unsigned qi, struct ferry_l
 	struct rq *q = &dev->q[qi];
 	if (pthread_mutex_trylock(&q->rx_lock))
 		return 0;
+	/* What the acceptor's sweep took off this queue for self (while self
+	 * did not receive) left it before anything still there: feed it first,
+	 * under the queue's lock, or the two arrive swapped and the peer takes
+	 * the late ones for lost (a resend and a window cut for nothing). */
+	unsigned got = 0;
+	if (self)
+		take_inbox(self, now, &got);
 	__atomic_store_n(&q->last_rx_ns, now, __ATOMIC_RELAXED);
 	struct ferry_dgram_buf bufs[BURST];
 	int n = dev->b->recv(dev->bd, qi, bufs, BURST, err);
 	if (n < 0) {
 		pthread_mutex_unlock(&q->rx_lock);
 		*fail = n;
-		return 0;
+		return got;
 	}
 	/* Self's datagrams may stay in the backend's buffers until consumed
 	 * (no copy into the rlane) while the backend has buffers to spare;
@@ -367,16 +373,16 @@ static unsigned recv_queue(struct ferry_device *dev, unsigned qi, struct ferry_l
 	if (back > 0)
 		dev->b->release(dev->bd, qi, bufs, back);
 	pthread_mutex_unlock(&q->rx_lock);
-	return (unsigned)n;
+	return got + (unsigned)n;
 }
 
 /* Everything that arrived for this lane so far; returns datagrams seen. */
 static unsigned pump(struct ferry_lane_drv *l, uint64_t now, int *fail, struct ferry_err *err)
 {
-	unsigned got = 0;
 	l->last_pump_ns = now;
+	unsigned got = recv_queue(l->dev, l->q, l, now, fail, err);
+	/* the queue was busy (the sweep at it): take what it handed over */
 	take_inbox(l, now, &got);
-	got += recv_queue(l->dev, l->q, l, now, fail, err);
 	return got;
 }
 
@@ -1252,10 +1258,9 @@ static int periodic_timer(uint64_t ns, struct ferry_err *err)
 
 static int parse_options(struct ferry_device *dev, const struct ferry_driver_config *cfg, struct ferry_err *err)
 {
-	unsigned long window, dead_ms, rate, poll_us, lpq;
+	unsigned long window, dead_ms, rate, poll_us;
 	int rc;
-	if ((rc = ferry_dgram_opt_uint(cfg, "lanes_per_queue", 1, 1, 64, &lpq, err)) ||
-	    (rc = ferry_dgram_opt_uint(cfg, "rl_window", 512, 4, FERRY_RL_WINDOW_MAX, &window, err)) ||
+	if ((rc = ferry_dgram_opt_uint(cfg, "rl_window", 512, 4, FERRY_RL_WINDOW_MAX, &window, err)) ||
 	    (rc = ferry_dgram_opt_uint(cfg, "rl_dead_ms", 5000, 100, 3600000, &dead_ms, err)) ||
 	    (rc = ferry_dgram_opt_uint(cfg, "rl_rate", 0, 0, ~0ul, &rate, err)) ||
 	    (rc = ferry_dgram_opt_uint(cfg, "poll_us", DEFAULT_POLL_US, 10, 1000000, &poll_us, err)))
@@ -1276,7 +1281,6 @@ static int parse_options(struct ferry_device *dev, const struct ferry_driver_con
 		dev->rlcfg.user = dev;
 	}
 	dev->poll_ns = (uint64_t)poll_us * 1000ull;
-	dev->lanes_per_queue = (unsigned)lpq;
 	const char *spec = ferry_driver_option(cfg, "fault");
 	if (spec && *spec) {
 		if ((rc = ferry_fault_parse(spec, &dev->fault, err)))
@@ -1363,16 +1367,12 @@ static int rl_local_endpoint(struct ferry_device *dev, char *buf, size_t len, st
 static int rl_queue_counts(struct ferry_device *dev, const char *peer, unsigned *local, unsigned *peer_q,
 			   struct ferry_err *err)
 {
-	/* lanes_per_queue > 1 lets a session put that many lanes on a queue
-	 * again (the hand-over's cost accepted): a stop-gap for a port where
-	 * one lane per queue stalls (af_xdp on veth, performance.md). */
-	*local = dev->nq * dev->lanes_per_queue;
+	*local = dev->nq;
 	*peer_q = 0;
 	if (!peer)
 		return 0;
 	struct ferry_dgram_addr addr;
 	int rc = dev->b->resolve(dev->bd, peer, 0, &addr, peer_q, err);
-	*peer_q *= dev->lanes_per_queue;
 	return rc ? ferry_err_prefix(err, "%s driver", dev->b->name) : 0;
 }
 

@@ -589,6 +589,11 @@ static int tcp_lane_detach_fd(struct ferry_lane_drv *lane, struct ferry_err *err
 	if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0)
 		return ferry_err_set(err, errno, "tcp lane: cannot make the socket blocking: %s", strerror(errno));
 	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &(int){ 0 }, sizeof(int));
+	/* Our HELLO exchange (data each way in quick succession) left the
+	 * socket in the kernel's interactive "pingpong" mode, which delays
+	 * ACKs; QEMU's one-way stream then ran 10-30 % slower than on a fresh
+	 * connection (perf/bench-migrate.sh, docs/performance.md). */
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &(int){ 1 }, sizeof(int));
 	free(lane);
 	return fd;
 }

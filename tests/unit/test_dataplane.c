@@ -12,6 +12,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -618,6 +620,12 @@ static void test_handoff(struct ferry_dp *sdp, struct ferry_dp *ddp)
 	int dfd = ferry_session_take_fd(d, 5000, &err);
 	CHECK(sfd >= 0 && dfd >= 0, "both ends take their connected socket (%s)", err.msg);
 	CHECK(ferry_session_take_fd(s, 100, &err) == -EALREADY, "a connection is handed over only once");
+	/* the HELLO exchange must not leave delayed ACKs on for QEMU's stream */
+	int qa[2] = { 0, 0 };
+	socklen_t ql = sizeof(int);
+	CHECK(getsockopt(sfd, IPPROTO_TCP, TCP_QUICKACK, &qa[0], &ql) == 0 &&
+	      getsockopt(dfd, IPPROTO_TCP, TCP_QUICKACK, &qa[1], &ql) == 0 && qa[0] == 1 && qa[1] == 1,
+	      "both handed-over sockets ACK at once, not in interactive mode (quickack %d / %d)", qa[0], qa[1]);
 	char msg[] = "QEMU-to-QEMU bytes, no ferry in between", got[64] = { 0 };
 	CHECK(write(sfd, msg, sizeof(msg)) == (ssize_t)sizeof(msg) &&
 	      recv(dfd, got, sizeof(msg), MSG_WAITALL) == (ssize_t)sizeof(msg) && memcmp(msg, got, sizeof(msg)) == 0,

@@ -21,8 +21,10 @@
 #   --runs N           runs per arm and multifd setting (default 5); median and
 #                      min-max reported; each round runs every arm once, the
 #                      arms' order rotated from round to round
-#   --arms LIST        comma list of direct,socat1m,socat8k,ferry,ferry-b,ferry-relay,ferry-dpdk,ferry-dpdk-b
-#                      (default: direct,socat1m,socat8k,ferry; ferry = the tcp
+#   --arms LIST        comma list of direct,direct-fd,socat1m,socat8k,ferry,ferry-b,ferry-relay,ferry-dpdk,ferry-dpdk-b
+#                      (default: direct,socat1m,socat8k,ferry; direct-fd = QEMU
+#                      over a loopback TCP pair handed to it as fd:, no ferry
+#                      (multifd off only); ferry = the tcp
 #                      driver on defaults (handoff: ferry out of QEMU's byte
 #                      path), ferry-b = the same with the binaries FERRYD_B and
 #                      FERRYCTL_B (paired A/B, e.g. an older build), ferry-relay = the same with --no-handoff (every
@@ -100,7 +102,7 @@ case $VERIFY in first | all | none) ;; *) die "bad --verify $VERIFY" ;; esac
 IFS=, read -r -a ARM_LIST <<<"$ARMS"
 IFS=, read -r -a MF_LIST <<<"$MULTIFD"
 for a in "${ARM_LIST[@]}"; do
-	case $a in direct | socat1m | socat8k | ferry | ferry-b | ferry-relay | ferry-dpdk | ferry-dpdk-b) ;; *) die "unknown arm '$a'" ;; esac
+	case $a in direct | direct-fd | socat1m | socat8k | ferry | ferry-b | ferry-relay | ferry-dpdk | ferry-dpdk-b) ;; *) die "unknown arm '$a'" ;; esac
 done
 for m in "${MF_LIST[@]}"; do
 	[[ $m =~ ^[0-9]+$ ]] && [ "$m" -le 64 ] || die "bad multifd channel count '$m'"
@@ -191,6 +193,13 @@ qemu_ready() { # ROLE PID
 
 arm_direct() {
 	MIG_ARGS=(--uri "tcp:127.0.0.1:$P_DST" --incoming "tcp:127.0.0.1:$P_DST")
+}
+# QEMU's fd: path over a connected loopback TCP pair made by qmp.py, no ferry:
+# what ferry's single-channel handoff gives QEMU, minus ferry. Single
+# channel only (QEMU 7.2's outgoing fd: has no multifd).
+arm_direct-fd() {
+	[ "$1" = 0 ] || { warn "direct-fd is single channel only"; return 1; }
+	MIG_ARGS=(--tcp-pair --uri fd:mig --incoming fd:mig)
 }
 
 socat_forwarder() { # BUFSIZE

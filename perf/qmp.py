@@ -157,7 +157,7 @@ class QMP:
                     n += 1
         return n
 
-    def execute(self, command, arguments=None, timeout=30.0):
+    def execute(self, command, arguments=None, timeout=30.0, fds=None):
         cid = self.next_id
         self.next_id += 1
         req = {"execute": command, "id": cid}
@@ -168,6 +168,9 @@ class QMP:
         self.sock.setblocking(True)
         try:
             self.sock.settimeout(timeout)
+            if fds:  # getfd: the descriptor rides on the command's own bytes
+                sent = socket.send_fds(self.sock, [data], fds)
+                data = data[sent:]
             self.sock.sendall(data)
         except OSError as e:
             raise QMPError("%s: cannot send %s: %s" % (self.name, command, e))
@@ -235,6 +238,21 @@ def configure(q, multifd, max_bw, set_params=True):
         q.execute("migrate-set-parameters", params)
 
 
+def hand_over_tcp_pair(src, dst):
+    """A loopback TCP connection made here, its ends given to the two QEMUs
+    as "fd:mig" (what ferry's single-channel handoff does, without ferry)."""
+    lst = socket.create_server(("127.0.0.1", 0))
+    c = socket.create_connection(lst.getsockname())
+    acc, _ = lst.accept()
+    lst.close()
+    try:
+        dst.execute("getfd", {"fdname": "mig"}, fds=[acc.fileno()])
+        src.execute("getfd", {"fdname": "mig"}, fds=[c.fileno()])
+    finally:
+        acc.close()
+        c.close()
+
+
 def migration_status(q):
     info = q.execute("query-migrate", timeout=10)
     return info.get("status", "none"), info
@@ -261,6 +279,8 @@ def cmd_migrate(a):
         # The clock starts where ferryctl's does: before the destination is
         # told to listen (ferry's Prepare does that inside its wall time).
         t0 = time.monotonic()
+        if a.tcp_pair:
+            hand_over_tcp_pair(src, dst)
         dst.execute("migrate-incoming", {"uri": a.incoming})
         t_incoming = time.monotonic()
         src.execute("migrate", {"uri": a.uri})
@@ -637,6 +657,8 @@ def main():
     p.add_argument("--dst", required=True)
     p.add_argument("--uri")
     p.add_argument("--incoming")
+    p.add_argument("--tcp-pair", action="store_true",
+                   help="make a loopback TCP connection and give its ends to both QEMUs as fd 'mig'")
     p.add_argument("--multifd", type=int, default=0)
     p.add_argument("--max-bandwidth", type=int, default=1 << 40)
     p.add_argument("--no-configure", dest="configure", action="store_false",

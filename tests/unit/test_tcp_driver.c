@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -187,6 +188,13 @@ int main(void)
 	}
 	CHECK(ok && got == total && memcmp(src, dst, total) == 0, "3 MiB spliced through the lane arrive intact (%zu bytes)", got);
 
+	/* b answers right away, as credits do: the kernel now delays b's ACKs
+	 * (interactive "pingpong" mode) unless the receive path undoes it */
+	f.cookie = (void *)0x5678;
+	CHECK(ops->tx_burst(b, &f, 1, &err) == 1 && flush_all(b, &err) == 0 && ops->poll_completions(b, done, 4) == 1 &&
+	      recv_one(a, &r, &err) == 1 && r.hdr.type == FERRY_FT_RESET, "a frame back from b");
+	ops->rx_release(a, &r, 1);
+
 	/* copied payload via rx_payload (the region path) */
 	struct iovec piov[2] = { { src, 1000 }, { src + 1000, 24 } };
 	struct ferry_tx_frame rf = { .hdr = { .type = FERRY_FT_REGION_WRITE, .session = 7, .stream = 0, .seq = 4096,
@@ -204,6 +212,11 @@ int main(void)
 			usleep(100);
 	}
 	CHECK(pgot == 1024 && memcmp(dst, src, 1024) == 0, "rx_payload copies exactly the frame's payload");
+	short bev;
+	int qa = 0;
+	socklen_t ql = sizeof(qa);
+	CHECK(getsockopt(ops->wakeup_fd(b, &bev, false), IPPROTO_TCP, TCP_QUICKACK, &qa, &ql) == 0 && qa == 1,
+	      "after payload, the receiver ACKs at once, not delayed (quickack %d)", qa);
 
 	/* back-pressure: the peer never reads; tx_burst eventually takes nothing */
 	int taken_total = 0, refused = 0;

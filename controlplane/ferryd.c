@@ -226,8 +226,10 @@ int main(int argc, char **argv)
 	} else {
 		snprintf(bindopt, sizeof(bindopt), "bind=%s", data);
 	}
-	dopts[ndopts++] = bindopt;
+	static const char *defaults[2];
+	defaults[0] = bindopt;
 	cfg.dp.driver_options = dopts;
+	cfg.dp.driver_defaults = defaults;
 
 	struct sigaction sa = { .sa_handler = on_signal };
 	sigemptyset(&sa.sa_mask);

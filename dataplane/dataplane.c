@@ -1815,9 +1815,29 @@ int ferry_dp_open(const struct ferry_dp_config *cfg, struct ferry_dp **out, stru
 	dp->peek = !dp->splice && ops->rx_peek && ops->rx_consume && !cfg->no_rx_peek;
 	dp->window = cfg->window ? cfg->window : DEFAULT_WINDOW;
 	pthread_mutex_init(&dp->lock, NULL);
-	struct ferry_driver_config dcfg = { .options = cfg->driver_options };
+	/* The user's options first (the first match wins), then the daemon's. */
+	const char *opts[65];
+	unsigned nuser = 0, n = 0;
+	for (const char *const *o = cfg->driver_options; o && *o; o++, nuser++)
+		if (nuser < 64)
+			opts[n++] = *o;
+	for (const char *const *o = cfg->driver_defaults; o && *o && n < 64; o++)
+		opts[n++] = *o;
+	opts[n] = NULL;
+	if (nuser > 64) {
+		free(dp);
+		return ferry_err_set(err, EINVAL, "too many driver options (%u, at most 64)", nuser);
+	}
+	unsigned long long seen = 0;
+	struct ferry_driver_config dcfg = { .options = opts, .seen = &seen };
 	int rc = backend ? ferry_rldrv_open(backend, &dcfg, &dp->dev, err) : ops->open(&dcfg, &dp->dev, err);
 	if (rc) {
+		free(dp);
+		return rc;
+	}
+	/* Checked after open: the driver's reads are the list of its options. */
+	if ((rc = ferry_driver_options_check(&dcfg, nuser, name, err))) {
+		ops->close(dp->dev);
 		free(dp);
 		return rc;
 	}

@@ -33,7 +33,9 @@ enum ferry_poll_mode {
 
 struct ferry_dp_config {
 	const char *driver;                 /* "tcp" */
-	const char *const *driver_options;  /* NULL-terminated "key=value" */
+	const char *const *driver_options;  /* NULL-terminated "key=value"; a key the driver does not read is refused */
+	const char *const *driver_defaults; /* the daemon's own (bind= from --listen): used where driver_options
+					     * gives no value, never refused (not every driver binds) */
 	enum ferry_poll_mode poll_mode;
 	unsigned spin_us;                   /* adaptive spin budget; 0 = default 50 us */
 	bool no_splice;                     /* force the copy path even where the driver splices */

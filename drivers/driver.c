@@ -1,5 +1,6 @@
 #include "driver.h"
 
+#include <errno.h>
 #include <string.h>
 
 #include "tcp/tcp.h"
@@ -44,8 +45,31 @@ const char *ferry_driver_option(const struct ferry_driver_config *cfg, const cha
 	size_t klen = strlen(key);
 	if (!cfg || !cfg->options)
 		return NULL;
-	for (const char *const *o = cfg->options; *o; o++)
-		if (strncmp(*o, key, klen) == 0 && (*o)[klen] == '=')
-			return *o + klen + 1;
+	for (unsigned i = 0; cfg->options[i]; i++) {
+		const char *o = cfg->options[i];
+		if (strncmp(o, key, klen) == 0 && o[klen] == '=') {
+			if (cfg->seen && i < 64)
+				*cfg->seen |= 1ull << i;
+			return o + klen + 1;
+		}
+	}
 	return NULL;
+}
+
+int ferry_driver_options_check(const struct ferry_driver_config *cfg, unsigned n, const char *driver,
+			       struct ferry_err *err)
+{
+	if (!cfg || !cfg->options || !cfg->seen)
+		return 0;
+	for (unsigned i = 0; i < n && cfg->options[i]; i++) {
+		const char *o = cfg->options[i], *eq = strchr(o, '=');
+		if (i >= 64)
+			return ferry_err_set(err, EINVAL, "too many driver options (at most 64)");
+		if (!eq || eq == o)
+			return ferry_err_set(err, EINVAL, "driver option '%s' is not KEY=VALUE", o);
+		if (!(*cfg->seen & (1ull << i)))
+			return ferry_err_set(err, EINVAL, "driver option '%s': the %s driver has no option '%.*s'", o,
+					     driver, (int)(eq - o), o);
+	}
+	return 0;
 }

@@ -45,6 +45,9 @@ struct ferry_mr {
 /* A key=value option list from the daemon's config (e.g. "bind=127.0.0.1:7471"). */
 struct ferry_driver_config {
 	const char *const *options;   /* NULL-terminated "key=value" strings */
+	/* Optional: bit i is set when a driver looked options[i] up, so that a
+	 * key no driver asked for (a typo) can be refused after open. */
+	unsigned long long *seen;
 };
 
 /* A frame to send: header fields (the driver encodes them) and payload. The
@@ -171,5 +174,10 @@ const char *const *ferry_driver_names(void);
 
 /* Option list helper for drivers: value of "key=..." or NULL. */
 const char *ferry_driver_option(const struct ferry_driver_config *cfg, const char *key);
+/* After open with cfg->seen: 0, or -EINVAL naming the first of the first n
+ * options that is not "key=value" or that the driver (named for the
+ * message) never read. */
+int ferry_driver_options_check(const struct ferry_driver_config *cfg, unsigned n, const char *driver,
+			       struct ferry_err *err);
 
 #endif

@@ -227,6 +227,9 @@ A=(--admin "${FERRY_ADMIN[a]}")
 expect f-unknown-command 2 "unknown command 'frobnicate'" "$FERRYCTL" "${A[@]}" frobnicate
 expect f-no-command 2 'usage' "$FERRYCTL" "${A[@]}"
 expect f-unknown-option 2 "unknown option '--bogus'" "$FERRYCTL" --bogus ping
+# a mistyped driver option stops the daemon by name, not silently ignored
+expect f-ferryd-driver-opt 1 "the tcp driver has no option 'queus'" "$FERRYD" --admin "$QEMU_DIR/typo.sock" \
+	--listen 127.0.0.1:0 --insecure-no-tls --driver tcp --driver-opt queus=4
 expect f-migrate-no-to 2 'and --to' "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST"
 expect f-migrate-nothing 2 'needs VM' "$FERRYCTL" "${A[@]}" migrate
 expect f-migrate-extra-arg 2 'not both' "$FERRYCTL" "${A[@]}" migrate --src-qmp "$SRC" --dst-qmp "$DST" --to "$TO" extra

@@ -38,6 +38,34 @@ static struct ferry_dp *open_dp_drv(const char *driver, bool no_splice, bool no_
 	return dp;
 }
 
+/* A driver option no driver reads (a typo) or one that is not KEY=VALUE is
+ * refused by name, not ignored; a datagram driver's options are its
+ * backend's and the reliable shim's together. */
+static void test_unknown_options(void)
+{
+	const struct {
+		const char *driver, *opts[3], *want;
+	} cases[] = {
+		{ "tcp", { "bind=127.0.0.1:0", "queus=4", NULL }, "the tcp driver has no option 'queus'" },
+		{ "udp", { "bind=127.0.0.1:0", "rl_windw=64", NULL }, "the udp driver has no option 'rl_windw'" },
+		{ "tcp", { "=1", NULL }, "'=1' is not KEY=VALUE" },
+	};
+	for (unsigned i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct ferry_dp_config cfg = { .driver = cases[i].driver, .driver_options = cases[i].opts };
+		struct ferry_dp *dp = NULL;
+		struct ferry_err err = { 0 };
+		CHECK(ferry_dp_open(&cfg, &dp, &err) == -EINVAL && !dp, "%s with %s is refused", cases[i].driver,
+		      cases[i].opts[1] ? cases[i].opts[1] : cases[i].opts[0]);
+		CHECK_MSG(err, cases[i].want, "message: %s", err.msg);
+	}
+	const char *good[] = { "bind=127.0.0.1:0", "queues=2", "rl_window=64", "poll_us=100", NULL };
+	struct ferry_dp_config cfg = { .driver = "udp", .driver_options = good };
+	struct ferry_dp *dp = NULL;
+	struct ferry_err err = { 0 };
+	CHECK(ferry_dp_open(&cfg, &dp, &err) == 0, "backend and shim options together are taken (%s)", err.msg);
+	ferry_dp_close(dp);
+}
+
 static struct ferry_dp *open_dp(bool no_splice, size_t window)
 {
 	return open_dp_drv("tcp", no_splice, false, window);
@@ -678,6 +706,7 @@ int main(void)
 	test_hostile(sdp, ddp);
 	test_peer_vanishes(sdp, ddp);
 	test_handoff(sdp, ddp);
+	test_unknown_options();
 	ferry_dp_close(sdp);
 	ferry_dp_close(ddp);
 	char cmd[128];

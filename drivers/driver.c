@@ -67,9 +67,17 @@ int ferry_driver_options_check(const struct ferry_driver_config *cfg, unsigned n
 			return ferry_err_set(err, EINVAL, "too many driver options (at most 64)");
 		if (!eq || eq == o)
 			return ferry_err_set(err, EINVAL, "driver option '%s' is not KEY=VALUE", o);
-		if (!(*cfg->seen & (1ull << i)))
-			return ferry_err_set(err, EINVAL, "driver option '%s': the %s driver has no option '%.*s'", o,
-					     driver, (int)(eq - o), o);
+		if (*cfg->seen & (1ull << i))
+			continue;
+		/* Unread because an earlier one of the same key won (the first
+		 * match does): say so, not "no such option". */
+		size_t klen = (size_t)(eq - o);
+		for (unsigned j = 0; j < i; j++)
+			if (strncmp(cfg->options[j], o, klen + 1) == 0)
+				return ferry_err_set(err, EINVAL, "driver option '%s': '%.*s' is given more than once",
+						     o, (int)klen, o);
+		return ferry_err_set(err, EINVAL, "driver option '%s': the %s driver has no option '%.*s'", o, driver,
+				     (int)klen, o);
 	}
 	return 0;
 }

@@ -49,6 +49,7 @@ static void test_unknown_options(void)
 		{ "tcp", { "bind=127.0.0.1:0", "queus=4", NULL }, "the tcp driver has no option 'queus'" },
 		{ "udp", { "bind=127.0.0.1:0", "rl_windw=64", NULL }, "the udp driver has no option 'rl_windw'" },
 		{ "tcp", { "=1", NULL }, "'=1' is not KEY=VALUE" },
+		{ "tcp", { "bind=127.0.0.1:0", "bind=127.0.0.1:1", NULL }, "'bind' is given more than once" },
 	};
 	for (unsigned i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		struct ferry_dp_config cfg = { .driver = cases[i].driver, .driver_options = cases[i].opts };
